@@ -1,0 +1,44 @@
+"""Installs the zoo package.
+
+A plain ``pip install -e .`` never compiles anything: the selective-scan kernels in ``csrc/`` are
+built just in time on first use (see ``zoo/ops``). Set ``ZOO_BUILD_EXT=1`` to build them ahead of
+time instead (needs a C++ compiler, and nvcc for the CUDA kernels).
+"""
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules = []
+cmdclass = {}
+if os.environ.get("ZOO_BUILD_EXT", "0") == "1":
+    from zoo_build import ahead_of_time_extensions  # noqa: E402  (needs torch at build time)
+
+    ext_modules, cmdclass = ahead_of_time_extensions()
+
+setup(
+    name="zoo",
+    version="0.1.0",
+    description="Vision backbones (Vim, MSVMamba, ConvLLaVA, timm families) as first-class timm models",
+    packages=find_packages(include=["zoo", "zoo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "timm>=1.0.31",
+        "einops",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "scikit-learn",
+            "scikit-image",
+            "transformers>=5",
+            "open_clip_torch",
+            "ninja",
+        ],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
