@@ -10,6 +10,7 @@ from .selective_scan import (
     selective_scan_bidirectional,
     validate_scan_inputs,
 )
+from . import compiled  # noqa: E402  (registers the compiled backend; kernels build on first use)
 
 __all__ = [
     "selective_scan",

@@ -1,0 +1,400 @@
+// Selective scan on the CPU: the CPU kernels of the zoo_scan ops.
+//
+// Work is split over (batch x channel) in the forward and over (batch x group) in the backward, so
+// that every gradient of a group-shared B/C is owned by exactly one task: no atomics, and the
+// result does not depend on the thread count. The inner loops run over the state dimension on
+// contiguous buffers so that the compiler vectorises them (the exp below is branch-free for that).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace zoo_scan {
+namespace {
+
+// exp for float, written so that GCC/Clang vectorise loops calling it: Cody-Waite range reduction
+// to |r| <= ln2/2 and a degree-6 Taylor polynomial (relative error ~2e-7, i.e. about 1 ulp).
+inline float exp_vec(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_vec(double x) { return std::exp(x); }
+
+template <typename acc_t>
+inline acc_t softplus(acc_t x) {
+  return x <= acc_t(20) ? std::log1p(std::exp(x)) : x;
+}
+template <typename acc_t>
+inline acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+}
+
+// Everything a kernel needs, already converted: per-channel rows in the input dtype, weights and
+// the (time-major) B/C in the accumulation dtype.
+template <typename in_t, typename acc_t>
+struct ScanArgs {
+  int64_t batch, dim, L, N, groups;
+  bool varB, varC, softplus, reverse;
+  const in_t* u;
+  const in_t* delta;
+  const in_t* z;  // may be null
+  const acc_t* A;  // (dim, N)
+  const acc_t* B;  // varB: (batch, G, L, N) time-major; else (dim, N)
+  const acc_t* C;
+  const acc_t* D;     // may be null
+  const acc_t* bias;  // may be null
+};
+
+template <typename acc_t>
+inline const acc_t* state_row(const acc_t* M, bool var, int64_t b, int64_t g, int64_t d, int64_t t,
+                              int64_t G, int64_t L, int64_t N) {
+  return var ? M + ((b * G + g) * L + t) * N : M + d * N;
+}
+
+template <typename in_t, typename acc_t>
+void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
+  const int64_t L = a.L, N = a.N, dg = a.dim / a.groups;
+  at::parallel_for(0, a.batch * a.dim, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> h(N), Al(N);
+    for (int64_t bd = begin; bd < end; ++bd) {
+      const int64_t b = bd / a.dim, d = bd % a.dim, g = d / dg;
+      const int64_t row = bd * L;
+      std::fill(h.begin(), h.end(), acc_t(0));
+      for (int64_t n = 0; n < N; ++n) Al[n] = a.A[d * N + n];
+      const acc_t Dd = a.D ? a.D[d] : acc_t(0);
+      const acc_t bias = a.bias ? a.bias[d] : acc_t(0);
+      for (int64_t s = 0; s < L; ++s) {
+        const int64_t t = a.reverse ? L - 1 - s : s;
+        acc_t dt = static_cast<acc_t>(a.delta[row + t]) + bias;
+        if (a.softplus) dt = softplus(dt);
+        const acc_t uu = static_cast<acc_t>(a.u[row + t]);
+        const acc_t dtu = dt * uu;
+        const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, a.groups, L, N);
+        const acc_t* Ct = state_row(a.C, a.varC, b, g, d, t, a.groups, L, N);
+        acc_t* hp = h.data();
+        const acc_t* Ap = Al.data();
+        acc_t y = 0;
+#pragma omp simd reduction(+ : y)
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t hn = exp_vec(dt * Ap[n]) * hp[n] + dtu * Bt[n];
+          hp[n] = hn;
+          y += hn * Ct[n];
+        }
+        y += Dd * uu;
+        if (a.z) {
+          const acc_t zz = static_cast<acc_t>(a.z[row + t]);
+          y *= zz * sigmoid(zz);
+        }
+        out[row + t] = static_cast<in_t>(y);
+      }
+      std::copy(h.begin(), h.end(), last + bd * N);
+    }
+  });
+}
+
+// Gradients. Outputs that are shared across tasks are written as per-batch partials (summed by the
+// caller in a fixed order), the group-shared B/C gradients by the single task owning (batch, group).
+template <typename in_t, typename acc_t>
+struct GradOut {
+  in_t* du;
+  in_t* ddelta;
+  in_t* dz;           // may be null
+  acc_t* dA_part;     // (batch, dim, N)
+  acc_t* dB;          // varB: (batch, G, L, N) time-major; else partial (batch, dim, N)
+  acc_t* dC;
+  acc_t* dD_part;     // (batch, dim) or null
+  acc_t* dbias_part;  // (batch, dim) or null
+};
+
+template <typename in_t, typename acc_t>
+void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
+                  const GradOut<in_t, acc_t>& o) {
+  const int64_t L = a.L, N = a.N, G = a.groups, dg = a.dim / G;
+  const int64_t chunk = 64;
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  at::parallel_for(0, a.batch * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> ckpt(nchunks * N), hs(chunk * N), dts(chunk), carry(N), Al(N), dA(N), dBf(N), dCf(N),
+        h(N);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, g = bg % G;
+      for (int64_t d = g * dg; d < (g + 1) * dg; ++d) {
+        const int64_t bd = b * a.dim + d, row = bd * L;
+        for (int64_t n = 0; n < N; ++n) Al[n] = a.A[d * N + n];
+        const acc_t Dd = a.D ? a.D[d] : acc_t(0);
+        const acc_t bias = a.bias ? a.bias[d] : acc_t(0);
+        auto delta_at = [&](int64_t t) {
+          acc_t dt = static_cast<acc_t>(a.delta[row + t]) + bias;
+          return a.softplus ? softplus(dt) : dt;
+        };
+        // pass 1: the state entering each chunk (logical time order)
+        std::fill(h.begin(), h.end(), acc_t(0));
+        for (int64_t s = 0; s < L; ++s) {
+          if (s % chunk == 0) std::copy(h.begin(), h.end(), ckpt.begin() + (s / chunk) * N);
+          const int64_t t = a.reverse ? L - 1 - s : s;
+          const acc_t dt = delta_at(t), dtu = dt * static_cast<acc_t>(a.u[row + t]);
+          const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, G, L, N);
+          acc_t* hp = h.data();
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) hp[n] = exp_vec(dt * Al[n]) * hp[n] + dtu * Bt[n];
+        }
+        // pass 2: chunks in reverse; recompute the chunk's states, then run the adjoint recurrence
+        for (int64_t n = 0; n < N; ++n) carry[n] = dlast ? dlast[bd * N + n] : acc_t(0);
+        std::fill(dA.begin(), dA.end(), acc_t(0));
+        std::fill(dBf.begin(), dBf.end(), acc_t(0));
+        std::fill(dCf.begin(), dCf.end(), acc_t(0));
+        acc_t dD = 0, dbias = 0;
+        for (int64_t c = nchunks - 1; c >= 0; --c) {
+          const int64_t s0 = c * chunk, len = std::min(chunk, L - s0);
+          const acc_t* h0 = ckpt.data() + c * N;
+          for (int64_t i = 0; i < len; ++i) {
+            const int64_t s = s0 + i, t = a.reverse ? L - 1 - s : s;
+            const acc_t dt = delta_at(t), dtu = dt * static_cast<acc_t>(a.u[row + t]);
+            dts[i] = dt;
+            const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, G, L, N);
+            const acc_t* prev = i ? hs.data() + (i - 1) * N : h0;
+            acc_t* cur = hs.data() + i * N;
+#pragma omp simd
+            for (int64_t n = 0; n < N; ++n) cur[n] = exp_vec(dt * Al[n]) * prev[n] + dtu * Bt[n];
+          }
+          for (int64_t i = len - 1; i >= 0; --i) {
+            const int64_t s = s0 + i, t = a.reverse ? L - 1 - s : s;
+            const acc_t dt = dts[i], uu = static_cast<acc_t>(a.u[row + t]);
+            const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, G, L, N);
+            const acc_t* Ct = state_row(a.C, a.varC, b, g, d, t, G, L, N);
+            const acc_t* cur = hs.data() + i * N;
+            const acc_t* prev = i ? hs.data() + (i - 1) * N : h0;
+            acc_t dy = static_cast<acc_t>(dout[row + t]);
+            if (a.z) {
+              acc_t y = Dd * uu;
+              for (int64_t n = 0; n < N; ++n) y += cur[n] * Ct[n];
+              const acc_t zz = static_cast<acc_t>(a.z[row + t]), sz = sigmoid(zz);
+              o.dz[row + t] = static_cast<in_t>(dy * y * sz * (acc_t(1) + zz * (acc_t(1) - sz)));
+              dy *= zz * sz;
+            }
+            acc_t ddt = 0, duu = dy * Dd;
+            acc_t* dBt = a.varB ? o.dB + ((b * G + g) * L + t) * N : dBf.data();
+            acc_t* dCt = a.varC ? o.dC + ((b * G + g) * L + t) * N : dCf.data();
+            acc_t* cp = carry.data();
+            acc_t* dAp = dA.data();
+#pragma omp simd reduction(+ : ddt, duu)
+            for (int64_t n = 0; n < N; ++n) {
+              const acc_t gn = cp[n] + Ct[n] * dy;
+              const acc_t decay = exp_vec(dt * Al[n]);
+              const acc_t dgate = gn * prev[n] * decay;  // d(loss)/d(dt * A)
+              dCt[n] += dy * cur[n];
+              dBt[n] += gn * dt * uu;
+              dAp[n] += dgate * dt;
+              ddt += dgate * Al[n] + gn * Bt[n] * uu;
+              duu += gn * dt * Bt[n];
+              cp[n] = decay * gn;
+            }
+            dD += dy * uu;
+            if (a.softplus) ddt *= sigmoid(static_cast<acc_t>(a.delta[row + t]) + bias);
+            dbias += ddt;
+            o.du[row + t] = static_cast<in_t>(duu);
+            o.ddelta[row + t] = static_cast<in_t>(ddt);
+          }
+        }
+        std::copy(dA.begin(), dA.end(), o.dA_part + bd * N);
+        if (!a.varB) std::copy(dBf.begin(), dBf.end(), o.dB + bd * N);
+        if (!a.varC) std::copy(dCf.begin(), dCf.end(), o.dC + bd * N);
+        if (o.dD_part) o.dD_part[bd] = dD;
+        if (o.dbias_part) o.dbias_part[bd] = dbias;
+      }
+    }
+  });
+}
+
+// ---- tensor-level wrappers ----
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const std::optional<at::Tensor>& z) {
+  TORCH_CHECK(u.dim() == 3, "zoo_scan: u must be (batch, dim, L), got ", u.sizes());
+  TORCH_CHECK(delta.sizes() == u.sizes(), "zoo_scan: delta must have u's shape ", u.sizes(), ", got ",
+              delta.sizes());
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1), "zoo_scan: A must be (dim, N), got ", A.sizes());
+  for (const at::Tensor* M : {&B, &C}) {
+    TORCH_CHECK(M->dim() == 2 || M->dim() == 4, "zoo_scan: B/C must be (dim, N) or (batch, groups, N, L)");
+    if (M->dim() == 4) {
+      TORCH_CHECK(M->size(0) == u.size(0) && M->size(2) == A.size(1) && M->size(3) == u.size(2) &&
+                      u.size(1) % M->size(1) == 0,
+                  "zoo_scan: variable B/C must be (batch, groups, N, L) with groups dividing dim, got ",
+                  M->sizes());
+    } else {
+      TORCH_CHECK(M->sizes() == A.sizes(), "zoo_scan: fixed B/C must be (dim, N) like A, got ", M->sizes());
+    }
+  }
+  if (B.dim() == 4 && C.dim() == 4)
+    TORCH_CHECK(B.size(1) == C.size(1), "zoo_scan: B and C must have the same number of groups");
+  if (z) TORCH_CHECK(z->sizes() == u.sizes(), "zoo_scan: z must have u's shape");
+}
+
+int64_t num_groups(const at::Tensor& B, const at::Tensor& C) {
+  if (B.dim() == 4) return B.size(1);
+  if (C.dim() == 4) return C.size(1);
+  return 1;
+}
+
+// time-major (batch, G, L, N) copy of a variable B/C, or the fixed (dim, N) matrix, in acc dtype
+at::Tensor state_operand(const at::Tensor& M, at::ScalarType acc) {
+  if (M.dim() == 4) return M.to(acc).transpose(2, 3).contiguous();
+  return M.to(acc).contiguous();
+}
+
+template <typename in_t, typename acc_t>
+ScanArgs<in_t, acc_t> make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                const at::Tensor& Bt, const at::Tensor& Ct, const at::Tensor* D,
+                                const at::Tensor* z, const at::Tensor* bias, int64_t groups, bool varB,
+                                bool varC, bool softplus, bool reverse) {
+  ScanArgs<in_t, acc_t> a;
+  a.batch = u.size(0);
+  a.dim = u.size(1);
+  a.L = u.size(2);
+  a.N = A.size(1);
+  a.groups = groups;
+  a.varB = varB;
+  a.varC = varC;
+  a.softplus = softplus;
+  a.reverse = reverse;
+  a.u = u.data_ptr<in_t>();
+  a.delta = delta.data_ptr<in_t>();
+  a.z = z ? z->data_ptr<in_t>() : nullptr;
+  a.A = A.data_ptr<acc_t>();
+  a.B = Bt.data_ptr<acc_t>();
+  a.C = Ct.data_ptr<acc_t>();
+  a.D = D ? D->data_ptr<acc_t>() : nullptr;
+  a.bias = bias ? bias->data_ptr<acc_t>() : nullptr;
+  return a;
+}
+
+#define ZOO_DISPATCH_IN_TYPES(TYPE, NAME, ...)                                                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                       \
+                                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)                  \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                \
+                                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+struct Prepared {
+  at::Tensor u, delta, z, A, B, C, D, bias;
+  bool has_z, has_D, has_bias;
+  int64_t groups;
+  at::ScalarType acc;
+};
+
+Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                 const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                 const std::optional<at::Tensor>& delta_bias) {
+  check_inputs(u, delta, A, B, C, z);
+  Prepared p;
+  p.acc = acc_type(u.scalar_type());
+  p.u = u.contiguous();
+  p.delta = delta.to(u.scalar_type()).contiguous();
+  p.has_z = z.has_value();
+  p.z = p.has_z ? z->to(u.scalar_type()).contiguous() : at::Tensor();
+  p.A = A.to(p.acc).contiguous();
+  p.B = state_operand(B, p.acc);
+  p.C = state_operand(C, p.acc);
+  p.has_D = D.has_value();
+  p.D = p.has_D ? D->to(p.acc).contiguous() : at::Tensor();
+  p.has_bias = delta_bias.has_value();
+  p.bias = p.has_bias ? delta_bias->to(p.acc).contiguous() : at::Tensor();
+  p.groups = num_groups(B, C);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> scan_fwd_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                const at::Tensor& B, const at::Tensor& C,
+                                                const std::optional<at::Tensor>& D,
+                                                const std::optional<at::Tensor>& z,
+                                                const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                                bool reverse) {
+  Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
+  auto out = at::empty_like(p.u);
+  auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(p.acc));
+  ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_fwd_cpu", [&] {
+    using in_t = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+    auto a = make_args<in_t, acc_t>(p.u, p.delta, p.A, p.B, p.C, p.has_D ? &p.D : nullptr,
+                                    p.has_z ? &p.z : nullptr, p.has_bias ? &p.bias : nullptr, p.groups,
+                                    B.dim() == 4, C.dim() == 4, delta_softplus, reverse);
+    forward_cpu<in_t, acc_t>(a, out.data_ptr<in_t>(), last.data_ptr<acc_t>());
+  });
+  return {out, last};
+}
+
+using GradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor>;
+
+GradTuple scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlast, const at::Tensor& u,
+                       const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                       const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                       const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool reverse) {
+  Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
+  TORCH_CHECK(dout.sizes() == u.sizes(), "zoo_scan: dout must have u's shape");
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1), G = p.groups;
+  auto dout_c = dout.to(u.scalar_type()).contiguous();
+  at::Tensor dlast_c;
+  if (dlast) dlast_c = dlast->to(p.acc).contiguous();
+  auto fopt = u.options().dtype(p.acc);
+  auto du = at::empty_like(p.u), ddelta = at::empty_like(p.u);
+  auto dz = p.has_z ? at::empty_like(p.u) : at::empty({0}, u.options());
+  auto dA_part = at::empty({batch, dim, N}, fopt);
+  const bool varB = B.dim() == 4, varC = C.dim() == 4;
+  auto dB = varB ? at::zeros({batch, G, L, N}, fopt) : at::empty({batch, dim, N}, fopt);
+  auto dC = varC ? at::zeros({batch, G, L, N}, fopt) : at::empty({batch, dim, N}, fopt);
+  auto dD_part = p.has_D ? at::empty({batch, dim}, fopt) : at::Tensor();
+  auto dbias_part = p.has_bias ? at::empty({batch, dim}, fopt) : at::Tensor();
+  ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_bwd_cpu", [&] {
+    using in_t = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+    auto a = make_args<in_t, acc_t>(p.u, p.delta, p.A, p.B, p.C, p.has_D ? &p.D : nullptr,
+                                    p.has_z ? &p.z : nullptr, p.has_bias ? &p.bias : nullptr, G, varB, varC,
+                                    delta_softplus, reverse);
+    GradOut<in_t, acc_t> o;
+    o.du = du.data_ptr<in_t>();
+    o.ddelta = ddelta.data_ptr<in_t>();
+    o.dz = p.has_z ? dz.data_ptr<in_t>() : nullptr;
+    o.dA_part = dA_part.data_ptr<acc_t>();
+    o.dB = dB.data_ptr<acc_t>();
+    o.dC = dC.data_ptr<acc_t>();
+    o.dD_part = p.has_D ? dD_part.data_ptr<acc_t>() : nullptr;
+    o.dbias_part = p.has_bias ? dbias_part.data_ptr<acc_t>() : nullptr;
+    backward_cpu<in_t, acc_t>(a, dout_c.data_ptr<in_t>(), dlast ? dlast_c.data_ptr<acc_t>() : nullptr, o);
+  });
+  auto empty = at::empty({0}, fopt);
+  at::Tensor dA = dA_part.sum(0).to(A.scalar_type());
+  at::Tensor dBo = varB ? dB.transpose(2, 3).contiguous().to(B.scalar_type()) : dB.sum(0).to(B.scalar_type());
+  at::Tensor dCo = varC ? dC.transpose(2, 3).contiguous().to(C.scalar_type()) : dC.sum(0).to(C.scalar_type());
+  at::Tensor dD = p.has_D ? dD_part.sum(0).to(D->scalar_type()) : empty;
+  at::Tensor dbias = p.has_bias ? dbias_part.sum(0).to(delta_bias->scalar_type()) : empty;
+  return {du, ddelta, dA, dBo, dCo, dD, p.has_z ? dz : empty, dbias};
+}
+
+}  // namespace
+
+// The op schemas are defined in Python (zoo/ops/compiled.py) so that their fake implementations and
+// autograd formulas exist whether or not this library could be built.
+TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
+  m.impl("scan_fwd", &scan_fwd_cpu);
+  m.impl("scan_bwd", &scan_bwd_cpu);
+}
+
+}  // namespace zoo_scan
