@@ -1,1 +1,689 @@
-"""(in progress)"""
+"""MSVMamba (Multi-Scale VMamba, Shi et al. 2024, arXiv:2405.14174) as timm models.
+
+Numerically equivalent to the official ``VSSM`` with the released ``multiscale_4scan_12`` flag set
+(YuHengsss/MSVMamba), checked against fixtures produced by the official code. What a block computes:
+
+* ``x + SS2D(LN(x))`` then ``x + ConvFFN(LN(x))``, channels-last (B, H, W, C), LayerNorm eps 1e-5.
+* SS2D: ``in_proj`` splits into ``x`` and the gate ``z`` (SiLU). Both branches start from ``x``:
+  full resolution: 3x3 depthwise conv, SiLU, one row-major scan (parameter slot 1);
+  low resolution: 7x7 stride-2 depthwise conv, SiLU, then the three directions reversed row-major,
+  column-major, reversed column-major scanned as ONE concatenated sequence, the state carried across
+  the direction boundaries (parameter slot 0). Every output token goes through the shared LayerNorm;
+  the three low-res maps are put back on their pixels and summed, bilinearly upsampled
+  (align_corners=False) and added to the full-res map; then squeeze-excitation (reduction 8), times
+  the gate, ``out_proj``.
+* ConvFFN: 1x1 conv (2x), plus a 3x3 depthwise residual, exact GELU, 1x1 conv.
+* Stem: 4x4 stride-4 conv + LN. Downsampling: Swin PatchMerging (pads odd maps). Head: LN per token,
+  average pool, Linear. ``dt_rank = ceil(C / 16)`` of the stage width C.
+
+The scans go through :func:`zoo.ops.selective_scan` and :func:`zoo.ops.multi_direction.
+selective_scan_multi_direction`, so compiled kernels speed the model up without changes here.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from functools import partial
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from timm.models.swin_transformer import PatchMerging
+
+from ..checkpoint import extract_state_dict, load_checkpoint_file
+from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS, selective_scan_multi_direction
+from ..ops.selective_scan import selective_scan
+
+__all__ = [
+    "MSVMamba",
+    "MSVMambaBlock",
+    "MultiScaleSS2D",
+    "checkpoint_filter_fn",
+    "from_official_kwargs",
+    "official_kwargs_to_model_args",
+]
+
+# the stacked SSM parameters hold one slot per branch, in the official order
+LOW_RES_SLOT = 0
+FULL_RES_SLOT = 1
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate on a channels-last map: mean over pixels -> Linear -> ReLU -> Linear -> sigmoid."""
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(f"SqueezeExcite: channels={channels} // reduction={reduction} leaves no hidden units")
+        self.fc1 = nn.Linear(channels, hidden, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden, channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.fc2(self.act(self.fc1(x.mean(dim=(1, 2), keepdim=True))))
+        return x * torch.sigmoid(gate)
+
+
+class MultiScaleSS2D(nn.Module):
+    """The multi-scale 2-D selective-scan mixer (official ``SS2D`` with ``multiscale_4scan_12``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 1,
+        ssm_ratio: float = 2.0,
+        dt_rank: Union[int, str] = "auto",
+        conv_kernel: int = 3,
+        conv_bias: bool = True,
+        low_res_kernel: int = 7,
+        low_res_orders: Sequence[str] = MSVMAMBA_LOW_RES_ORDERS,
+        se_reduction: int = 8,
+        proj_drop: float = 0.0,
+        norm_eps: float = 1e-5,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        if conv_kernel < 2 or conv_kernel % 2 == 0:
+            raise ValueError(f"MultiScaleSS2D: conv_kernel must be odd and >= 3, got {conv_kernel}")
+        bad = [o for o in low_res_orders if o not in SCAN_ORDERS]
+        if not low_res_orders or bad:
+            raise ValueError(f"MultiScaleSS2D: low_res_orders {tuple(low_res_orders)} must be names from {SCAN_ORDERS}")
+        self.d_inner = d_inner = int(ssm_ratio * dim)
+        self.d_state = d_state
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
+        self.low_res_orders = tuple(low_res_orders)
+        num_slots = 2
+
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.act = nn.SiLU()
+        self.conv_full = nn.Conv2d(
+            d_inner, d_inner, conv_kernel, padding=(conv_kernel - 1) // 2, groups=d_inner, bias=conv_bias
+        )
+        self.conv_low = nn.Conv2d(
+            d_inner, d_inner, low_res_kernel, stride=2, padding=(low_res_kernel - 1) // 2, groups=d_inner,
+            bias=conv_bias,
+        )
+        # per slot: token -> (dt_rank + 2 * d_state) projection, dt_rank -> d_inner, and A, D, dt bias
+        self.x_proj_weight = nn.Parameter(torch.empty(num_slots, self.dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(num_slots, d_inner, self.dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(num_slots, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(num_slots * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(num_slots * d_inner))
+        self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps)
+        self.se = SqueezeExcite(d_inner, se_reduction) if se_reduction else nn.Identity()
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self._dt_init = (dt_min, dt_max, dt_init_floor)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba's initialisation: S4D-real A, D = 1, dt bias = softplus^-1(LogUniform[dt_min, dt_max])."""
+        dt_min, dt_max, floor = self._dt_init
+        nn.init.uniform_(self.x_proj_weight, -self.d_inner ** -0.5, self.d_inner ** -0.5)
+        nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        log_dt = torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = log_dt.exp().clamp(min=floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(A.log().expand_as(self.A_logs))
+        self.Ds.fill_(1.0)
+
+    def _scan_inputs(self, x: torch.Tensor, slot: int):
+        """delta, A, B, C, D, delta_bias of one slot for tokens x (B, d_inner, L)."""
+        proj = torch.einsum("bdl,cd->bcl", x, self.x_proj_weight[slot])
+        dt, B, C = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.einsum("brl,dr->bdl", dt, self.dt_projs_weight[slot])
+        rows = slice(slot * self.d_inner, (slot + 1) * self.d_inner)
+        A = -torch.exp(self.A_logs[rows].float())
+        D = self.Ds[rows].float()
+        delta_bias = self.dt_projs_bias[slot].float()
+        return delta, A, B.unsqueeze(1).contiguous(), C.unsqueeze(1).contiguous(), D, delta_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        batch, height, width, _ = x.shape
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        z = self.act(z)
+        x = x.permute(0, 3, 1, 2)  # both branches start from x, before any conv
+
+        x_full = self.act(self.conv_full(x)).flatten(2)  # (B, D, H * W), row-major
+        delta, A, B, C, D, delta_bias = self._scan_inputs(x_full, FULL_RES_SLOT)
+        y_full = selective_scan(x_full, delta, A, B, C, D, None, delta_bias, delta_softplus=True)
+
+        x_low = self.act(self.conv_low(x))
+        low_h, low_w = x_low.shape[-2:]
+        x_low = x_low.flatten(2)
+        delta, A, B, C, D, delta_bias = self._scan_inputs(x_low, LOW_RES_SLOT)
+        y_low = selective_scan_multi_direction(
+            x_low, delta, A, B, C, D, delta_bias, height=low_h, width=low_w, orders=self.low_res_orders,
+            delta_softplus=True,
+        )  # (B, n_orders, D, h * w), every direction already back in row-major pixel order
+
+        # shared per-token LayerNorm, then merge
+        y_full = self.out_norm(y_full.transpose(1, 2)).view(batch, height, width, self.d_inner)
+        y_low = self.out_norm(y_low.transpose(-1, -2)).sum(dim=1)  # (B, h * w, D)
+        y_low = y_low.transpose(1, 2).reshape(batch, self.d_inner, low_h, low_w)
+        y_low = F.interpolate(y_low, size=(height, width), mode="bilinear", align_corners=False)
+        y = y_full + y_low.permute(0, 2, 3, 1)
+        y = self.se(y) * z
+        return self.proj_drop(self.out_proj(y))
+
+
+class ConvFFN(nn.Module):
+    """1x1 conv -> (+ 3x3 depthwise residual) -> GELU -> 1x1 conv, on (B, C, H, W)."""
+
+    def __init__(self, dim: int, expansion: int = 2, drop: float = 0.0):
+        super().__init__()
+        hidden = dim * expansion
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.drop1 = nn.Dropout(drop)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.fc1(x))
+        x = self.act(x + self.dwconv(x))
+        return self.drop2(self.fc2(x))
+
+
+class MSVMambaBlock(nn.Module):
+    """``x + SS2D(LN(x))`` then ``x + ConvFFN(LN(x))`` on (B, H, W, C)."""
+
+    def __init__(
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        ffn_expansion: int = 2,
+        ffn_drop: float = 0.0,
+        norm_eps: float = 1e-5,
+        **ssm_kwargs: Any,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mixer = MultiScaleSS2D(dim, norm_eps=norm_eps, **ssm_kwargs)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.ffn = ConvFFN(dim, ffn_expansion, ffn_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.mixer(self.norm1(x)))
+        ffn_out = self.ffn(self.norm2(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.drop_path(ffn_out)
+
+
+class MSVMambaStage(nn.Module):
+    """Optional PatchMerging (stride 2) followed by blocks; channels-last in and out."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_path: Sequence[float],
+                 norm_eps: float = 1e-5, **block_kwargs: Any):
+        super().__init__()
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        self.downsample = PatchMerging(in_dim, dim, norm_layer=norm_layer) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            MSVMambaBlock(dim, drop_path=drop_path[i], norm_eps=norm_eps, **block_kwargs) for i in range(depth)
+        ])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` conv, then LayerNorm; returns channels-last (B, H/4, W/4, C)."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int = 4, norm_eps: float = 1e-5, patch_norm: bool = True):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if patch_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class MSVMamba(nn.Module):
+    """Multi-Scale VMamba classifier / backbone (4 stages at strides 4, 8, 16, 32).
+
+    Args:
+        depths: blocks per stage. dims: width of stage 0 (doubled per stage) or one width per stage.
+        d_state, ssm_ratio, dt_rank: SSM state size, inner expansion, delta rank ('auto' = ceil(C/16)).
+        conv_kernel: full-resolution depthwise kernel. se_reduction: 0 disables the SE gate.
+        low_res_orders: traversal orders of the low-resolution branch (default: the official three).
+        ffn_expansion, ffn_drop_rate: ConvFFN width ratio and dropout.
+        proj_drop_rate: dropout after the mixer's out_proj. drop_rate: before the classifier.
+        drop_path_rate: stochastic depth, linearly increasing over all blocks.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        depths: Sequence[int] = (1, 2, 9, 2),
+        dims: Union[int, Sequence[int]] = 96,
+        patch_size: int = 4,
+        patch_norm: bool = True,
+        d_state: int = 1,
+        ssm_ratio: float = 2.0,
+        dt_rank: Union[int, str] = "auto",
+        conv_kernel: int = 3,
+        conv_bias: bool = True,
+        se_reduction: int = 8,
+        low_res_orders: Sequence[str] = MSVMAMBA_LOW_RES_ORDERS,
+        ffn_expansion: int = 2,
+        ffn_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        if isinstance(dims, int):
+            dims = [dims * 2 ** i for i in range(num_stages)]
+        dims = [int(d) for d in dims]
+        if len(dims) != num_stages:
+            raise ValueError(f"MSVMamba: got {len(dims)} dims for {num_stages} stages (depths={tuple(depths)})")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.dims = dims
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.output_fmt = "NHWC"
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(in_chans, dims[0], patch_size, norm_eps, patch_norm)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, self.feature_info = [], []
+        stride = patch_size
+        for i, depth in enumerate(depths):
+            if i > 0:
+                stride *= 2
+            stages.append(MSVMambaStage(
+                in_dim=dims[max(i - 1, 0)], dim=dims[i], depth=depth, downsample=i > 0,
+                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_eps=norm_eps,
+                ffn_expansion=ffn_expansion, ffn_drop=ffn_drop_rate, d_state=d_state, ssm_ratio=ssm_ratio,
+                dt_rank=dt_rank, conv_kernel=conv_kernel, conv_bias=conv_bias, low_res_orders=low_res_orders,
+                se_reduction=se_reduction, proj_drop=proj_drop_rate,
+            ))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features, eps=norm_eps)
+        self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, input_fmt="NHWC")
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # --- timm model API ---------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """SSM A (log) and D parameters are not decayed (as in Mamba/VMamba)."""
+        return {n for n, _ in self.named_parameters() if n.endswith((".A_logs", ".Ds"))}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> normed channels-last features (B, H/32, W/32, num_features)."""
+        x = self.patch_embed(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (after each stage's blocks, before the next downsample) and the final features.
+
+        Args:
+            indices: stages to return (int: the last n; None: all). norm: apply the final norm to the
+                last stage's output. output_fmt: 'NCHW' or 'NHWC'.
+
+        Returns:
+            The intermediates, or (final normed NHWC features, intermediates).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if (torch.jit.is_scripting() or not stop_early) else self.stages[:max_index + 1]
+        intermediates = []
+        x = self.patch_embed(x)
+        last = len(self.stages) - 1
+        i = -1
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if (norm and i == last) else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drops the stages after the last wanted one (and optionally the norm/head)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: Union[str, os.PathLike], strict: bool = True) -> None:
+        """Loads an official or zoo checkpoint file safely (see :mod:`zoo.checkpoint`).
+
+        Classifier weights are skipped when their shape does not fit this model's head (other
+        ``num_classes``, or no head), as timm does for pretrained weights.
+        """
+        state_dict = checkpoint_filter_fn(load_checkpoint_file(checkpoint_path), self)
+        own = self.state_dict()
+        for key in [k for k in state_dict if k.startswith("head.fc.")]:
+            if key not in own or own[key].shape != state_dict[key].shape:
+                del state_dict[key]
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.startswith("head.fc.")]
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"checkpoint {os.fspath(checkpoint_path)!r} does not fit this model: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+
+
+# --- official checkpoints and constructor kwargs ---------------------------------------------------
+
+_BLOCK_RENAMES = (
+    ("norm.", "norm1."),
+    ("op.conv2d_b1.", "mixer.conv_low."),
+    ("op.conv2d.", "mixer.conv_full."),
+    ("op.se.fc.0.", "mixer.se.fc1."),
+    ("op.se.fc.2.", "mixer.se.fc2."),
+    ("op.", "mixer."),
+    ("convFFN.linear1.", "ffn.fc1."),
+    ("convFFN.linear2.", "ffn.fc2."),
+    ("convFFN.dwc.", "ffn.dwconv."),
+    ("norm2.", "norm2."),
+)
+# names used by older VMamba training code, renamed by the official loader too
+_LEGACY_RENAMES = (
+    (re.compile(r"^patch_embed\.proj\."), "patch_embed.0."),
+    (re.compile(r"^patch_embed\.norm\."), "patch_embed.2."),
+    (re.compile(r"^(layers\.\d+\.blocks\.\d+\.)ln_1\."), r"\1norm."),
+    (re.compile(r"^(layers\.\d+\.blocks\.\d+\.)self_attention\."), r"\1op."),
+    (re.compile(r"^norm\."), "classifier.norm."),
+    (re.compile(r"^head\."), "classifier.head."),
+)
+_BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.*)$")
+_DOWNSAMPLE_KEY = re.compile(r"^layers\.(\d+)\.downsample\.(.*)$")
+
+
+def _map_official_key(key: str) -> str:
+    """One official ``VSSM`` state-dict key -> this module's name (unknown keys are returned unchanged)."""
+    for pattern, repl in _LEGACY_RENAMES:
+        key = pattern.sub(repl, key)
+    if key.startswith("patch_embed.0."):
+        return "patch_embed.proj." + key[len("patch_embed.0."):]
+    if key.startswith("patch_embed.2."):
+        return "patch_embed.norm." + key[len("patch_embed.2."):]
+    if key.startswith("classifier.norm."):
+        return "norm." + key[len("classifier.norm."):]
+    if key.startswith("classifier.head."):
+        return "head.fc." + key[len("classifier.head."):]
+    m = _DOWNSAMPLE_KEY.match(key)
+    if m:  # the official stage i ends with the merge that our stage i + 1 starts with
+        return f"stages.{int(m.group(1)) + 1}.downsample.{m.group(2)}"
+    m = _BLOCK_KEY.match(key)
+    if m:
+        rest = m.group(3)
+        for old, new in _BLOCK_RENAMES:
+            if rest.startswith(old):
+                rest = new + rest[len(old):]
+                break
+        return f"stages.{m.group(1)}.blocks.{m.group(2)}.{rest}"
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """Converts an official MSVMamba checkpoint (or its ``model`` entry) to this module's names.
+
+    Accepts the whole official checkpoint dict (weights under ``model``), a bare official state dict,
+    or a zoo state dict (returned as is). Non-tensor entries are dropped.
+    """
+    state_dict = extract_state_dict(state_dict)
+    if any(k.startswith("stages.") for k in state_dict):
+        return dict(state_dict)
+    return {_map_official_key(k): v for k, v in state_dict.items()}
+
+
+# official VSSM kwargs whose values this implementation reproduces; anything else is refused
+_OFFICIAL_FIXED = {
+    "ssm_act_layer": ("silu",),
+    "forward_type": ("v2", "v1"),
+    "mlp_ratio": (0, 0.0),
+    "norm_layer": ("ln", "LN"),
+    "downsample_version": ("v1",),
+    "patchembed_version": ("v1",),
+    "sscore_type": ("multiscale_4scan_12",),
+    "recurrent": (False,),
+    "inter_block_ssm": (False,),
+    "grid_size": (0,),
+    "multiscale_ratio": ([],),
+    "multiscale_ksize": ([],),
+    "continous_patch": (False,),
+    "adaptive_merge": (False,),
+    "add_conv": (True,),
+    "b1_seq": (False,),
+    "ms_fusion": (None,),
+    "up_sample": ("interpolate",),
+    "convFFN": (True,),
+    "lpu": (False,),
+    "sep_norm": (False,),
+    "ms_split": ([1, 3],),
+}
+# accepted and without effect on the forward pass (initialisation / training-only switches)
+_OFFICIAL_IGNORED = ("ssm_simple_init", "mlp_act_layer", "mlp_drop_rate", "b1_ratio", "use_checkpoint")
+
+
+def official_kwargs_to_model_args(**kwargs: Any) -> Dict[str, Any]:
+    """Maps the official ``VSSM(**kwargs)`` arguments to :class:`MSVMamba` arguments.
+
+    Raises a ValueError naming every flag whose value selects behaviour this implementation does not
+    reproduce (other scan types, MLP instead of ConvFFN, separate norms, ...), and unknown kwargs.
+    """
+    kwargs = dict(kwargs)
+    args: Dict[str, Any] = {}
+    problems = []
+    for name, accepted in _OFFICIAL_FIXED.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            value = list(value) if isinstance(value, tuple) else value
+            if value not in accepted:
+                problems.append(f"{name}={value!r} (accepted: {', '.join(repr(a) for a in accepted)})")
+    for name in _OFFICIAL_IGNORED:
+        kwargs.pop(name, None)
+
+    depths = list(kwargs.pop("depths", [2, 2, 9, 2]))
+    ms_stage = kwargs.pop("ms_stage", None)
+    if ms_stage is None or sorted(ms_stage) != list(range(len(depths))):
+        problems.append(f"ms_stage={ms_stage!r} (every stage must be multi-scale: {list(range(len(depths)))})")
+    ssm_ratio = float(kwargs.pop("ssm_ratio", 2.0))
+    rank_ratio = float(kwargs.pop("ssm_rank_ratio", 2.0))
+    if 0 < rank_ratio < ssm_ratio:
+        problems.append(f"ssm_rank_ratio={rank_ratio} < ssm_ratio={ssm_ratio} (low-rank SSM is not supported)")
+    ssm_conv = int(kwargs.pop("ssm_conv", 3))
+    if ssm_conv < 2:
+        problems.append(f"ssm_conv={ssm_conv} (the conv-free variant is not supported; accepted: odd >= 3)")
+    if not kwargs.pop("patch_norm", True) is True:
+        args["patch_norm"] = False
+    args.update(
+        depths=tuple(depths),
+        dims=kwargs.pop("dims", [96, 192, 384, 768]),
+        patch_size=int(kwargs.pop("patch_size", 4)),
+        in_chans=int(kwargs.pop("in_chans", 3)),
+        num_classes=int(kwargs.pop("num_classes", 1000)),
+        d_state=kwargs.pop("ssm_d_state", 16),
+        ssm_ratio=ssm_ratio,
+        dt_rank=kwargs.pop("ssm_dt_rank", "auto"),
+        conv_kernel=ssm_conv,
+        conv_bias=bool(kwargs.pop("ssm_conv_bias", True)),
+        proj_drop_rate=float(kwargs.pop("ssm_drop_rate", 0.0)),
+        drop_path_rate=float(kwargs.pop("drop_path_rate", 0.1)),
+        ffn_drop_rate=float(kwargs.pop("ffn_dropout", 0.2)),
+        se_reduction=8 if kwargs.pop("add_se", False) else 0,
+    )
+    if args["d_state"] == "auto":
+        problems.append("ssm_d_state='auto' (give the state size as an int)")
+    if kwargs:
+        problems.append(f"unknown kwargs {sorted(kwargs)}")
+    if problems:
+        raise ValueError("official MSVMamba kwargs not supported: " + "; ".join(problems))
+    return args
+
+
+def from_official_kwargs(**kwargs: Any) -> MSVMamba:
+    """Builds :class:`MSVMamba` from the official ``VSSM`` constructor kwargs (as recorded in fixtures).
+
+    Load official weights with ``model.load_state_dict(checkpoint_filter_fn(sd, model))``.
+    """
+    return MSVMamba(**official_kwargs_to_model_args(**kwargs))
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+
+def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> MSVMamba:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        MSVMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head.fc",
+        # the official .pth files pickle a yacs config: load them through model.load_pretrained
+        "custom_load": True,
+        "license": "mit",
+        "paper_ids": "arXiv:2405.14174",
+        "paper_name": "Multi-Scale VMamba: Hierarchy in Hierarchy Visual State Space Model",
+        "origin_url": "https://github.com/YuHengsss/MSVMamba",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    # released on Google Drive only (no direct URL): pass the downloaded file with
+    # pretrained_cfg_overlay=dict(file='vssm_nano_ms_e300.pth')
+    "msvmamba_nano.in1k": _cfg(),
+    "msvmamba_micro.in1k": _cfg(),
+    "msvmamba_tiny.in1k": _cfg(),
+    "test_msvmamba.untrained": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), custom_load=False),
+})
+
+
+@register_model
+def msvmamba_nano(pretrained: bool = False, **kwargs: Any) -> MSVMamba:
+    """MSVMamba-Nano: 6.9M params, 0.88 GFLOPs, 77.3% ImageNet-1k top-1."""
+    args = dict(depths=(1, 2, 5, 2), dims=48, d_state=1, ssm_ratio=2.0)
+    return _create_msvmamba("msvmamba_nano", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def msvmamba_micro(pretrained: bool = False, **kwargs: Any) -> MSVMamba:
+    """MSVMamba-Micro: 11.9M params, 1.53 GFLOPs, 79.8% ImageNet-1k top-1."""
+    args = dict(depths=(1, 2, 5, 2), dims=64, d_state=1, ssm_ratio=2.0)
+    return _create_msvmamba("msvmamba_micro", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def msvmamba_tiny(pretrained: bool = False, **kwargs: Any) -> MSVMamba:
+    """MSVMamba-Tiny: 33.0M params, 4.61 GFLOPs, 82.8% ImageNet-1k top-1."""
+    args = dict(depths=(1, 2, 9, 2), dims=96, d_state=1, ssm_ratio=2.0)
+    return _create_msvmamba("msvmamba_tiny", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def test_msvmamba(pretrained: bool = False, **kwargs: Any) -> MSVMamba:
+    """Test-sized MSVMamba: 4 stages of 1 block, widths 8..64, 32 px default input."""
+    args = dict(depths=(1, 1, 1, 1), dims=8, d_state=2, ssm_ratio=2.0)
+    return _create_msvmamba("test_msvmamba", pretrained, **dict(args, **kwargs))
