@@ -58,6 +58,11 @@ def _class_token_index(num_patches: int, position: str) -> int:
     return num_patches // 2 if position == "middle" else 0
 
 
+def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    """SSM parameters enter the scan in fp32 (as officially), or fp64 for float64 checks."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class FP32RMSNorm(nn.Module):
     """Weight-only RMSNorm computed in fp32 whatever the input dtype (or autocast) is.
 
@@ -72,9 +77,9 @@ class FP32RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf = x.float()
+            xf = _fp32_or_wider(x)
             xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (xf * self.weight.float()).to(self.weight.dtype)
+            return (xf * _fp32_or_wider(self.weight)).to(self.weight.dtype)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -152,7 +157,7 @@ class ScanDirection(nn.Module):
         delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes to the scan (delta_bias)
         b = b.transpose(1, 2).unsqueeze(1)  # (B, 1, N, L)
         c = c.transpose(1, 2).unsqueeze(1)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_fp32_or_wider(self.A_log))
         return u, delta, A, b, c
 
 
@@ -176,8 +181,8 @@ class BiMambaMixer(nn.Module):
         u, delta, A, b, c = self.fwd(x)
         u_r, delta_r, A_r, b_r, c_r = self.bwd(x)
         y = selective_scan_bidirectional(
-            u, delta, A, b, c, self.fwd.D.float(), self.fwd.dt_proj.bias.float(),
-            u_r, delta_r, A_r, b_r, c_r, self.bwd.D.float(), self.bwd.dt_proj.bias.float(),
+            u, delta, A, b, c, _fp32_or_wider(self.fwd.D), _fp32_or_wider(self.fwd.dt_proj.bias),
+            u_r, delta_r, A_r, b_r, c_r, _fp32_or_wider(self.bwd.D), _fp32_or_wider(self.bwd.dt_proj.bias),
             z=z, delta_softplus=True, scale=self.out_scale,
         )
         return self.out_proj(y.transpose(1, 2))
@@ -195,7 +200,8 @@ class VimBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() + self.drop_path(self.mixer(self.norm(x))).float()
+        x = _fp32_or_wider(x)
+        return x + self.drop_path(self.mixer(self.norm(x))).to(x.dtype)
 
 
 def resample_vim_pos_embed(
@@ -313,7 +319,8 @@ class Vim(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        # python floats (not torch.linspace) so that building on the meta device works
+        dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.Sequential(*[
             VimBlock(embed_dim, d_state, d_conv, expand, dt_rank, divide_out, drop_path=dpr[i], norm_eps=norm_eps)
             for i in range(depth)
@@ -403,7 +410,7 @@ class Vim(nn.Module):
             cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :i], cls, x[:, i:]], dim=1)
         # the residual stream is fp32 (also under autocast / a half-precision model)
-        x = x.float() + self._pos_embed_for(grid).float()
+        x = _fp32_or_wider(x) + _fp32_or_wider(self._pos_embed_for(grid))
         return self.pos_drop(x), grid
 
     def _shuffle_probability(self, index: int) -> float:
