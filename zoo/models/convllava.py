@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -138,9 +138,20 @@ class ConvLLaVAConvNeXt(ConvNeXt):
         self._check_input(x)
         return super().forward_features(x)
 
-    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ConvNeXt ``forward_intermediates`` over all stages (index 4 is the token map)."""
         self._check_input(x)
-        return super().forward_intermediates(x, *args, **kwargs)
+        return super().forward_intermediates(
+            x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+            intermediates_only=intermediates_only)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """ConvLLaVA's visual tokens: the final map flattened row-major to (B, H*W, C)."""
@@ -288,7 +299,11 @@ def from_official_kwargs(**official_kwargs: Any) -> ConvLLaVAConvNeXt:
     )
     variant = "convllava_large" if model_args["dims"] == (192, 384, 768, 1536, 3072) else "test_convllava"
     # the variant only picks preprocessing metadata; the architecture comes from model_args
-    return _create_convllava(variant, **model_args)
+    overlay = {}
+    resolution = official_kwargs.get("mm_vision_resolution") or official_kwargs.get("image_size")
+    if resolution:
+        overlay["input_size"] = (model_args["in_chans"], int(resolution), int(resolution))
+    return _create_convllava(variant, pretrained_cfg_overlay=overlay or None, **model_args)
 
 
 @register_model
