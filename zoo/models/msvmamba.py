@@ -308,7 +308,8 @@ class MSVMamba(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(in_chans, dims[0], patch_size, norm_eps, patch_norm)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear, 0 -> rate
         stages, self.feature_info = [], []
         stride = patch_size
         for i, depth in enumerate(depths):
@@ -618,6 +619,11 @@ def from_official_kwargs(**kwargs: Any) -> MSVMamba:
 
 def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> MSVMamba:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay and overlay.get("file") and "custom_load" not in overlay:
+        # a local file (official .pth with its pickled config, or zoo weights) goes through the safe
+        # loader in MSVMamba.load_pretrained rather than timm's weights_only torch.load
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=True)
     return build_model_with_cfg(
         MSVMamba,
         variant,
