@@ -50,9 +50,14 @@ def create_backbone(
 
     def build(**kw):
         if meta:
-            with torch.device("meta"):
-                return timm.create_model(model_name, pretrained=False, **kw)
-        return timm.create_model(model_name, pretrained=pretrained, **kw)
+            try:
+                with torch.device("meta"):
+                    return timm.create_model(model_name, pretrained=False, **kw)
+            except (NotImplementedError, RuntimeError) as err:
+                if "meta" not in str(err):
+                    raise
+                # the constructor reads tensor data (some init schemes do): build for real, without weights
+        return timm.create_model(model_name, pretrained=pretrained and not meta, **kw)
 
     try:
         return build(**kwargs)
@@ -66,9 +71,12 @@ def create_backbone(
 def probe_grid(model: nn.Module, image_size: int, position: int, layout: FeatureLayout) -> Tuple[int, int]:
     """Patch grid of one layer at ``image_size``, found by a shape-only (meta tensor) forward pass.
 
-    Strided convolutions round differently per family (floor or ceil), so the grid is measured rather than
-    derived from the stride. Falls back to ``image_size // stride`` if the model cannot run on meta tensors.
+    Strided convolutions round differently per family (floor or ceil), so for sizes that are not a multiple
+    of the stride the grid is measured rather than derived. Falls back to ``image_size // stride`` if the model cannot run on meta tensors.
     """
+    stride = layout.reductions[position]
+    if image_size % stride == 0:  # every floor/ceil rounding agrees on exact multiples: no probe needed
+        return image_size // stride, image_size // stride
     wrapper = _LayerProbe(model, position, layout)
     state = {
         name: torch.empty_like(t, device="meta")

@@ -145,9 +145,8 @@ class ImageProcessor:
             return self.pad_to_square(image).resize((s, s), resample)
         if self.mode == "resize":
             return image.resize((s, s), resample)
-        w, h = image.size  # crop: short side to s, then centre crop
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        w, h = image.size  # crop: short side to s (long side floored, as torchvision), then centre crop
+        nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
         image = image.resize((nw, nh), resample)
         left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
         return image.crop((left, top, left + s, top + s))
