@@ -163,3 +163,12 @@ def test_drop_path_spans_all_five_stages():
     assert len(rates) == 6
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
     assert rates == sorted(rates)
+
+
+def test_official_kwargs_without_fifth_stage_is_a_stride_32_trunk():
+    model = from_official_kwargs(hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], vision_add_five_stage=0).eval()
+    assert len(model.stages) == 4 and model.feature_info[-1]["reduction"] == 32
+    with torch.no_grad():
+        tokens = model.forward_tokens(torch.randn(1, 3, 96, 160))
+    assert token_grid(96, 160, num_stages=4) == (3, 5)
+    assert tokens.shape == (1, 15, 16)

@@ -101,3 +101,11 @@ def test_create_model_guards_fixed_input_size():
     # timm.create_model on the zoo's own test variant is guarded too
     with pytest.raises(ValueError, match="64x96"):
         timm.create_model("test_vitamin")(torch.randn(1, 3, 64, 96))
+
+
+def test_every_landed_family_has_its_test_variant():
+    """A family with models but no test variant would silently escape the conformance suite."""
+    for family in registry.FAMILIES:
+        if registry.list_models(family=family.name):
+            assert family.test_model in registry.list_test_models(), family.name
+            assert family.test_model in registry.list_models(family=family.name), family.name
