@@ -106,6 +106,34 @@ def test_official_checkpoint_wrapped_and_resized():
     torch.testing.assert_close(big_model.pos_embed[0, (grid * grid) // 2], state_dict["pos_embed"][0, old_mid])
 
 
+@pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
+def test_official_pth_through_timm_pretrained_and_zoo_checkpoint(tmp_path):
+    """An official-style .pth ({'model': ..., 'args': Namespace}) loads through zoo.checkpoint, and a plain
+    {'model': ...} file through timm's pretrained path (build_model_with_cfg + checkpoint_filter_fn)."""
+    import argparse
+
+    from zoo.checkpoint import load_state_dict_file
+
+    meta, tensors, state_dict = _load_fixture(FIXTURES[0])
+    kw = meta["official_kwargs"]
+    x = tensors["input"]
+    with_args = tmp_path / "official_with_args.pth"
+    torch.save({"model": state_dict, "epoch": 299, "args": argparse.Namespace(model="vim")}, with_args)
+    m = from_official_kwargs(**kw)
+    m.load_state_dict(checkpoint_filter_fn(load_state_dict_file(with_args), m), strict=True)
+    plain = tmp_path / "official_plain.pth"
+    torch.save({"model": state_dict}, plain)
+    timm_model = timm.create_model(
+        "vim_tiny_patch16_224", pretrained=True, img_size=kw["img_size"], patch_size=kw["patch_size"],
+        stride=kw["stride"], embed_dim=kw["embed_dim"], depth=kw["depth"], num_classes=kw["num_classes"],
+        pretrained_cfg_overlay=dict(file=str(plain), num_classes=kw["num_classes"]),
+    )
+    tol = dict(atol=meta["atol"], rtol=meta["rtol"])
+    with torch.no_grad():
+        for model in (m.eval(), timm_model.eval()):
+            torch.testing.assert_close(model(x), tensors["logits"], **tol)
+
+
 @pytest.mark.skipif(not MANIFESTS, reason=NO_FIXTURES)
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.stem.split("_bimamba")[0])
 def test_official_manifest_loads_strictly(manifest: Path):
@@ -403,13 +431,14 @@ def test_layer_shuffle_changes_training_output_only():
 
 
 # --- mixed precision ------------------------------------------------------------------------------
-def test_autocast_bf16_keeps_residual_fp32_and_finite():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_residual_fp32_and_finite(dtype):
     m = _small(seed=2)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = m.eval()(x)
     m.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         _, inter = m.forward_intermediates(x, output_fmt="NLC")
         out = m(x)
     assert all(t.dtype == torch.float32 for t in inter)

@@ -689,7 +689,8 @@ def from_official_kwargs(**kwargs: Any) -> Vim:
 
 # --- registration ---------------------------------------------------------------------------------
 def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vim:
-    out_indices = kwargs.pop("out_indices", 3)
+    # features_only default: the last 3 blocks (all of them for shallower models)
+    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", 24)))
     return build_model_with_cfg(
         Vim,
         variant,
