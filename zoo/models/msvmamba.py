@@ -579,8 +579,7 @@ def official_kwargs_to_model_args(**kwargs: Any) -> Dict[str, Any]:
     ssm_conv = int(kwargs.pop("ssm_conv", 3))
     if ssm_conv < 2:
         problems.append(f"ssm_conv={ssm_conv} (the conv-free variant is not supported; accepted: odd >= 3)")
-    if not kwargs.pop("patch_norm", True) is True:
-        args["patch_norm"] = False
+    args["patch_norm"] = bool(kwargs.pop("patch_norm", True))
     args.update(
         depths=tuple(depths),
         dims=kwargs.pop("dims", [96, 192, 384, 768]),
