@@ -195,6 +195,13 @@ def test_mixer_matches_flip_based_official_formulation(length):
     torch.testing.assert_close(mixer(x), _official_style_mixer(mixer, x), atol=1e-10, rtol=1e-10)
 
 
+def test_mixer_gradcheck_float64():
+    torch.manual_seed(1)
+    mixer = vim_mod.BiMambaMixer(4, d_state=2, expand=1, d_conv=2).double()
+    x = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mixer, (x,), eps=1e-6, atol=1e-6)
+
+
 def test_mixer_calls_the_bidirectional_op(monkeypatch):
     calls = []
     real = vim_mod.selective_scan_bidirectional

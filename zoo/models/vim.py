@@ -125,8 +125,8 @@ class ScanDirection(nn.Module):
 
     ``reverse=True`` means the direction reads the sequence from the last token to the first; its
     depthwise conv is then applied anti-causally. ``conv1d.weight`` keeps the official layout (tap k
-    multiplies the token k - (K-1) steps *behind in that direction's reading order*), so official
-    weights load unchanged.
+    multiplies the token K-1-k steps earlier in that direction's reading order), so official weights
+    load unchanged.
     """
 
     def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, reverse: bool):
