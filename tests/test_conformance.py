@@ -6,8 +6,6 @@ Tiny models, small inputs, CPU only.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import timm
 import torch
@@ -204,4 +202,4 @@ def test_backward_finite_grads(name):
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not bad, f"non-finite gradients in {bad}"
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert math.isfinite(float(out.sum()))
+    assert torch.isfinite(out).all()
