@@ -166,7 +166,7 @@ class ZooVisionModel(PreTrainedModel):
         selected = layers[enc.position]
         pooled = selected[:, 0] if enc.layout.has_class_token else selected.mean(dim=1)
         hidden_states = HiddenStates([None] + layers)
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if not return_dict:
             return (selected, pooled, hidden_states)
         return BaseModelOutputWithPooling(last_hidden_state=selected, pooler_output=pooled,
