@@ -326,5 +326,7 @@ def test_from_official_kwargs_refuses_unsupported_flags():
                              sep_norm=True, bogus=1)
     with pytest.raises(ValueError, match=r"ms_stage=\[0, 1\].*every stage"):
         from_official_kwargs(depths=[1, 1, 1, 1], dims=8, ms_stage=[0, 1], ssm_d_state=1)
+    auto = from_official_kwargs(depths=[1, 1, 1, 1], dims=12, ms_stage=[0, 1, 2, 3], ssm_d_state="auto")
+    assert [s.blocks[0].mixer.d_state for s in auto.stages] == [2, 4, 8, 16]  # ceil(C / 6) per stage
     with pytest.raises(RuntimeError, match="No pretrained weights exist"):
         timm.create_model("test_msvmamba", pretrained=True)

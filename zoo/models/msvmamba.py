@@ -261,7 +261,8 @@ class MSVMamba(nn.Module):
 
     Args:
         depths: blocks per stage. dims: width of stage 0 (doubled per stage) or one width per stage.
-        d_state, ssm_ratio, dt_rank: SSM state size, inner expansion, delta rank ('auto' = ceil(C/16)).
+        d_state, ssm_ratio, dt_rank: SSM state size ('auto' = ceil(C/6) per stage, as the official
+            code), inner expansion, delta rank ('auto' = ceil(C/16)).
         conv_kernel: full-resolution depthwise kernel. se_reduction: 0 disables the SE gate.
         low_res_orders: traversal orders of the low-resolution branch (default: the official three).
         ffn_expansion, ffn_drop_rate: ConvFFN width ratio and dropout.
@@ -278,7 +279,7 @@ class MSVMamba(nn.Module):
         dims: Union[int, Sequence[int]] = 96,
         patch_size: int = 4,
         patch_norm: bool = True,
-        d_state: int = 1,
+        d_state: Union[int, str] = 1,
         ssm_ratio: float = 2.0,
         dt_rank: Union[int, str] = "auto",
         conv_kernel: int = 3,
@@ -318,7 +319,8 @@ class MSVMamba(nn.Module):
             stages.append(MSVMambaStage(
                 in_dim=dims[max(i - 1, 0)], dim=dims[i], depth=depth, downsample=i > 0,
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_eps=norm_eps,
-                ffn_expansion=ffn_expansion, ffn_drop=ffn_drop_rate, d_state=d_state, ssm_ratio=ssm_ratio,
+                ffn_expansion=ffn_expansion, ffn_drop=ffn_drop_rate, ssm_ratio=ssm_ratio,
+                d_state=math.ceil(dims[i] / 6) if d_state == "auto" else int(d_state),
                 dt_rank=dt_rank, conv_kernel=conv_kernel, conv_bias=conv_bias, low_res_orders=low_res_orders,
                 se_reduction=se_reduction, proj_drop=proj_drop_rate,
             ))
@@ -596,8 +598,6 @@ def official_kwargs_to_model_args(**kwargs: Any) -> Dict[str, Any]:
         ffn_drop_rate=float(kwargs.pop("ffn_dropout", 0.2)),
         se_reduction=8 if kwargs.pop("add_se", False) else 0,
     )
-    if args["d_state"] == "auto":
-        problems.append("ssm_d_state='auto' (give the state size as an int)")
     if kwargs:
         problems.append(f"unknown kwargs {sorted(kwargs)}")
     if problems:
