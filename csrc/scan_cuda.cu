@@ -1,0 +1,692 @@
+// Selective scan on CUDA: forward, backward and the fused two-direction (Vim) forward/backward.
+//
+// Layout: one thread owns KS consecutive states of one (batch, channel) and walks the whole sequence;
+// TPC = ceil(N / KS) threads (a power of two, inside one warp) share a channel and combine their
+// partial outputs with warp shuffles. KS = 16 (Vim's d_state 16: one thread per channel, no shuffles),
+// KS = 1 (MSVMamba's d_state 1) and KS = 8 (anything up to 256). A block holds CPB channels of one
+// batch element and one B/C group, so the group-shared, time-varying B and C are staged through
+// shared memory once per block and tile, read with coalesced loads along time.
+//
+// Backward: a first pass stores the state entering every TB-step chunk; chunks are then visited in
+// reverse, the chunk's states recomputed into registers and the adjoint recurrence run through
+// them. Gradients of group-shared B/C are summed over the block's channels in shared memory in a
+// fixed order and written as per-block partials, which the host sums: no atomics, so the backward
+// is deterministic. Every offset that can exceed 2^31 (batch * dim * L, ...) is 64-bit.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace zoo_scan {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kThreads = 64;  // threads per block, forward and backward
+
+__device__ __forceinline__ float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float softplus_f(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// One scan direction: its inputs, parameters and outputs.
+struct Dir {
+  const void* u;
+  const void* delta;
+  const float* A;
+  const void* B;  // variable: (batch, G, N, L) in the input dtype; fixed: (dim, N) fp32
+  const void* C;
+  const float* D;
+  const float* bias;
+  bool reverse;
+  void* out;      // forward, when not accumulating
+  float* last;    // (batch, dim, N)
+  void* du;       // backward
+  void* ddelta;
+  float* dz;      // fp32 (batch, dim, L), per direction
+  float* dA_part;  // (batch, dim, N)
+  float* dB_part;  // variable: (parts, batch, G, N, L); fixed: (batch, dim, N)
+  float* dC_part;
+  float* dD_part;     // (batch, dim)
+  float* dbias_part;  // (batch, dim)
+  float* ckpt;        // (batch, dim, nchunks, N)
+  const float* dlast;
+};
+
+struct Params {
+  int batch, dim, N, groups, dg;
+  int64_t L;
+  bool varB, varC, softplus, accumulate;
+  const void* z;
+  const void* dout;
+  float scale;
+  float* out_acc;  // fp32 (batch, dim, L) when accumulating both directions
+  int tpc, cpb, T, parts;
+  int64_t nchunks;
+  Dir dir[2];
+};
+
+template <int KS>
+__device__ __forceinline__ bool state_ok(int n, int N) {
+  return (KS == 1 || KS == 16) ? true : n < N;  // KS 1 and 16 are only used when KS * TPC == N
+}
+
+template <typename in_t, int KS>
+__global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
+  const Dir& q = p.dir[blockIdx.z];
+  extern __shared__ float smem[];
+  const int N = p.N, NP = N + 1;
+  float* sB = smem;                // (T, N + 1): variable B tile, time-major
+  float* sC = sB + p.T * NP;       // (T, N + 1)
+  float* sBf = sC + p.T * NP;      // (cpb, N): fixed B rows of the block's channels
+  float* sCf = sBf + p.cpb * N;
+  const int tid = threadIdx.x, c = tid / p.tpc, slice = tid % p.tpc, n0 = slice * KS;
+  const int b = blockIdx.y, d = blockIdx.x * p.cpb + c, g = d / p.dg;
+  const int64_t L = p.L;
+  const int64_t row = ((int64_t)b * p.dim + d) * L;
+  const int64_t bc = ((int64_t)b * p.groups + g) * N * L;
+  const in_t* u = static_cast<const in_t*>(q.u) + row;
+  const in_t* delta = static_cast<const in_t*>(q.delta) + row;
+  const in_t* z = p.z ? static_cast<const in_t*>(p.z) + row : nullptr;
+  const in_t* Bv = static_cast<const in_t*>(q.B) + bc;
+  const in_t* Cv = static_cast<const in_t*>(q.C) + bc;
+  const unsigned mask = blockDim.x >= 32 ? 0xffffffffu : ((1u << blockDim.x) - 1u);
+
+  if (!p.varB || !p.varC) {
+    for (int idx = tid; idx < p.cpb * N; idx += blockDim.x) {
+      const int64_t off = (int64_t)(blockIdx.x * p.cpb) * N + idx;
+      if (!p.varB) sBf[idx] = static_cast<const float*>(q.B)[off];
+      if (!p.varC) sCf[idx] = static_cast<const float*>(q.C)[off];
+    }
+  }
+  float Al2[KS], h[KS];
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+    const int n = n0 + k;
+    Al2[k] = state_ok<KS>(n, N) ? q.A[(int64_t)d * N + n] * kLog2e : 0.f;
+    h[k] = 0.f;
+  }
+  const float Dv = q.D ? q.D[d] : 0.f;
+  const float bias = q.bias ? q.bias[d] : 0.f;
+
+  for (int64_t t0 = 0; t0 < L; t0 += p.T) {
+    const int nT = (int)min((int64_t)p.T, L - t0);
+    __syncthreads();
+    if (p.varB || p.varC) {
+      for (int idx = tid; idx < N * nT; idx += blockDim.x) {
+        const int n = idx / nT, i = idx - n * nT;
+        const int64_t tp = q.reverse ? L - 1 - (t0 + i) : t0 + i;
+        if (p.varB) sB[i * NP + n] = to_f(Bv[(int64_t)n * L + tp]);
+        if (p.varC) sC[i * NP + n] = to_f(Cv[(int64_t)n * L + tp]);
+      }
+    }
+    __syncthreads();
+    const float* Bt = p.varB ? sB : sBf + c * N;
+    const float* Ct = p.varC ? sC : sCf + c * N;
+    const int bstride = p.varB ? NP : 0, cstride = p.varC ? NP : 0;
+    for (int i = 0; i < nT; ++i) {
+      const int64_t t = q.reverse ? L - 1 - (t0 + i) : t0 + i;
+      float dt = to_f(delta[t]) + bias;
+      if (p.softplus) dt = softplus_f(dt);
+      const float uu = to_f(u[t]);
+      const float dtu = dt * uu;
+      float y = 0.f;
+#pragma unroll
+      for (int k = 0; k < KS; ++k) {
+        const int n = n0 + k;
+        if (state_ok<KS>(n, N)) {
+          h[k] = exp2_fast(dt * Al2[k]) * h[k] + dtu * Bt[i * bstride + n];
+          y += h[k] * Ct[i * cstride + n];
+        }
+      }
+      for (int off = 1; off < p.tpc; off <<= 1) y += __shfl_xor_sync(mask, y, off);
+      if (slice == 0) {
+        y += Dv * uu;
+        if (z) {
+          const float zz = to_f(z[t]);
+          y *= zz * sigmoid_f(zz);
+        }
+        y *= p.scale;
+        if (p.accumulate)
+          atomicAdd(p.out_acc + row + t, y);  // exactly two addends onto zero: order-independent
+        else
+          static_cast<in_t*>(q.out)[row + t] = from_f<in_t>(y);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+    const int n = n0 + k;
+    if (state_ok<KS>(n, N)) q.last[((int64_t)b * p.dim + d) * N + n] = h[k];
+  }
+}
+
+template <typename in_t, int KS, int TB>
+__global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
+  const Dir& q = p.dir[blockIdx.z];
+  extern __shared__ float smem[];
+  const int N = p.N, NP = N + 1, CP = p.cpb + 1;
+  float* sB = smem;                  // (TB, N + 1)
+  float* sC = sB + TB * NP;          // (TB, N + 1)
+  float* sdB = sC + TB * NP;         // (N, TB, cpb + 1): per-channel dB of the tile
+  float* sdC = sdB + N * TB * CP;
+  float* sBf = sdC + N * TB * CP;    // (cpb, N) fixed B / C rows and their gradient accumulators
+  float* sCf = sBf + p.cpb * N;
+  float* sdBf = sCf + p.cpb * N;
+  float* sdCf = sdBf + p.cpb * N;
+  const int tid = threadIdx.x, c = tid / p.tpc, slice = tid % p.tpc, n0 = slice * KS;
+  const int b = blockIdx.y, d = blockIdx.x * p.cpb + c, g = d / p.dg;
+  const int64_t L = p.L;
+  const int64_t bd = (int64_t)b * p.dim + d;
+  const int64_t row = bd * L;
+  const int64_t bc = ((int64_t)b * p.groups + g) * N * L;
+  const in_t* u = static_cast<const in_t*>(q.u) + row;
+  const in_t* delta = static_cast<const in_t*>(q.delta) + row;
+  const in_t* z = p.z ? static_cast<const in_t*>(p.z) + row : nullptr;
+  const in_t* dout = static_cast<const in_t*>(p.dout) + row;
+  const in_t* Bv = static_cast<const in_t*>(q.B) + bc;
+  const in_t* Cv = static_cast<const in_t*>(q.C) + bc;
+  float* ckpt = q.ckpt + bd * p.nchunks * N;
+  const unsigned mask = blockDim.x >= 32 ? 0xffffffffu : ((1u << blockDim.x) - 1u);
+  const int part = (d % p.dg) / p.cpb;
+
+  for (int idx = tid; idx < p.cpb * N; idx += blockDim.x) {
+    const int64_t off = (int64_t)(blockIdx.x * p.cpb) * N + idx;
+    if (!p.varB) sBf[idx] = static_cast<const float*>(q.B)[off];
+    if (!p.varC) sCf[idx] = static_cast<const float*>(q.C)[off];
+    sdBf[idx] = 0.f;
+    sdCf[idx] = 0.f;
+  }
+  __syncthreads();
+  float Al2[KS], h[KS];
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+    const int n = n0 + k;
+    Al2[k] = state_ok<KS>(n, N) ? q.A[(int64_t)d * N + n] * kLog2e : 0.f;
+    h[k] = 0.f;
+  }
+  const float Dv = q.D ? q.D[d] : 0.f;
+  const float bias = q.bias ? q.bias[d] : 0.f;
+
+  // pass 1: the state entering each chunk (B read straight from global memory, L1-cached)
+  for (int64_t ch = 0; ch < p.nchunks; ++ch) {
+#pragma unroll
+    for (int k = 0; k < KS; ++k)
+      if (state_ok<KS>(n0 + k, N)) ckpt[ch * N + n0 + k] = h[k];
+    const int64_t t0 = ch * TB;
+    const int nT = (int)min((int64_t)TB, L - t0);
+    for (int i = 0; i < nT; ++i) {
+      const int64_t t = q.reverse ? L - 1 - (t0 + i) : t0 + i;
+      float dt = to_f(delta[t]) + bias;
+      if (p.softplus) dt = softplus_f(dt);
+      const float dtu = dt * to_f(u[t]);
+#pragma unroll
+      for (int k = 0; k < KS; ++k) {
+        const int n = n0 + k;
+        if (state_ok<KS>(n, N)) {
+          const float bk = p.varB ? to_f(Bv[(int64_t)n * L + t]) : sBf[c * N + n];
+          h[k] = exp2_fast(dt * Al2[k]) * h[k] + dtu * bk;
+        }
+      }
+    }
+  }
+
+  // pass 2: chunks in reverse
+  float gc[KS], dA[KS];
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+    const int n = n0 + k;
+    gc[k] = (q.dlast && state_ok<KS>(n, N)) ? q.dlast[bd * N + n] : 0.f;
+    dA[k] = 0.f;
+  }
+  float dD = 0.f, dbias = 0.f;
+  for (int64_t ch = p.nchunks - 1; ch >= 0; --ch) {
+    const int64_t t0 = ch * TB;
+    const int nT = (int)min((int64_t)TB, L - t0);
+    __syncthreads();
+    if (p.varB || p.varC) {
+      for (int idx = tid; idx < N * nT; idx += blockDim.x) {
+        const int n = idx / nT, i = idx - n * nT;
+        const int64_t tp = q.reverse ? L - 1 - (t0 + i) : t0 + i;
+        if (p.varB) sB[i * NP + n] = to_f(Bv[(int64_t)n * L + tp]);
+        if (p.varC) sC[i * NP + n] = to_f(Cv[(int64_t)n * L + tp]);
+      }
+    }
+    __syncthreads();
+    const float* Bt = p.varB ? sB : sBf + c * N;
+    const float* Ct = p.varC ? sC : sCf + c * N;
+    const int bstride = p.varB ? NP : 0, cstride = p.varC ? NP : 0;
+    float h0[KS], hs[TB][KS], dts[TB], us[TB], raws[TB];
+#pragma unroll
+    for (int k = 0; k < KS; ++k) h0[k] = state_ok<KS>(n0 + k, N) ? ckpt[ch * N + n0 + k] : 0.f;
+#pragma unroll
+    for (int i = 0; i < TB; ++i) {
+      if (i < nT) {
+        const int64_t t = q.reverse ? L - 1 - (t0 + i) : t0 + i;
+        raws[i] = to_f(delta[t]) + bias;
+        dts[i] = p.softplus ? softplus_f(raws[i]) : raws[i];
+        us[i] = to_f(u[t]);
+        const float dtu = dts[i] * us[i];
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+          const int n = n0 + k;
+          const float prev = i ? hs[i - 1][k] : h0[k];
+          hs[i][k] = state_ok<KS>(n, N) ? exp2_fast(dts[i] * Al2[k]) * prev + dtu * Bt[i * bstride + n] : 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int i = TB - 1; i >= 0; --i) {
+      if (i < nT) {
+        const int64_t t = q.reverse ? L - 1 - (t0 + i) : t0 + i;
+        const float go = to_f(dout[t]) * p.scale;
+        float dy = go;
+        if (z) {
+          float y = 0.f;
+#pragma unroll
+          for (int k = 0; k < KS; ++k)
+            if (state_ok<KS>(n0 + k, N)) y += hs[i][k] * Ct[i * cstride + n0 + k];
+          for (int off = 1; off < p.tpc; off <<= 1) y += __shfl_xor_sync(mask, y, off);
+          y += Dv * us[i];
+          const float zz = to_f(z[t]), sz = sigmoid_f(zz);
+          if (slice == 0) q.dz[row + t] = go * y * sz * (1.f + zz * (1.f - sz));
+          dy = go * zz * sz;
+        }
+        float ddt = 0.f, duu = 0.f;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+          const int n = n0 + k;
+          if (state_ok<KS>(n, N)) {
+            const float bk = Bt[i * bstride + n], ck = Ct[i * cstride + n];
+            const float gk = gc[k] + ck * dy;
+            const float a = exp2_fast(dts[i] * Al2[k]);
+            const float prev = i ? hs[i - 1][k] : h0[k];
+            const float dgate = gk * prev * a;  // d loss / d (dt * A)
+            const float dBv = gk * dts[i] * us[i], dCv = dy * hs[i][k];
+            if (p.varB) sdB[(n * TB + i) * CP + c] = dBv; else sdBf[c * N + n] += dBv;
+            if (p.varC) sdC[(n * TB + i) * CP + c] = dCv; else sdCf[c * N + n] += dCv;
+            dA[k] += dgate * dts[i];
+            ddt += dgate * Al2[k] * kLn2 + gk * bk * us[i];
+            duu += gk * dts[i] * bk;
+            gc[k] = a * gk;
+          }
+        }
+        for (int off = 1; off < p.tpc; off <<= 1) {
+          ddt += __shfl_xor_sync(mask, ddt, off);
+          duu += __shfl_xor_sync(mask, duu, off);
+        }
+        if (slice == 0) {
+          duu += dy * Dv;
+          dD += dy * us[i];
+          if (p.softplus) ddt *= sigmoid_f(raws[i]);
+          dbias += ddt;
+          static_cast<in_t*>(q.du)[row + t] = from_f<in_t>(duu);
+          static_cast<in_t*>(q.ddelta)[row + t] = from_f<in_t>(ddt);
+        }
+      }
+    }
+    if (p.varB || p.varC) {
+      __syncthreads();
+      // sum the tile's dB/dC over the block's channels (fixed order) into this block's partial
+      const int64_t pbase = (((int64_t)part * p.batch + b) * p.groups + g) * N * L;
+      for (int idx = tid; idx < N * nT; idx += blockDim.x) {
+        const int n = idx / nT, i = idx - n * nT;
+        const int64_t tp = q.reverse ? L - 1 - (t0 + i) : t0 + i;
+        const float* rb = sdB + (n * TB + i) * CP;
+        const float* rc = sdC + (n * TB + i) * CP;
+        float sb = 0.f, sc = 0.f;
+        for (int cc = 0; cc < p.cpb; ++cc) {
+          sb += rb[cc];
+          sc += rc[cc];
+        }
+        if (p.varB) q.dB_part[pbase + (int64_t)n * L + tp] = sb;
+        if (p.varC) q.dC_part[pbase + (int64_t)n * L + tp] = sc;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+    const int n = n0 + k;
+    if (state_ok<KS>(n, N)) {
+      q.dA_part[bd * N + n] = dA[k];
+      if (!p.varB) q.dB_part[bd * N + n] = sdBf[c * N + n];
+      if (!p.varC) q.dC_part[bd * N + n] = sdCf[c * N + n];
+    }
+  }
+  if (slice == 0) {
+    if (q.dD_part) q.dD_part[bd] = dD;
+    if (q.dbias_part) q.dbias_part[bd] = dbias;
+  }
+}
+
+// ---- host side ----
+
+int states_per_thread(int N) { return N == 1 ? 1 : (N == 16 ? 16 : 8); }
+int bwd_tile(int ks) { return ks == 1 ? 16 : 4; }
+int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+struct Prepared {
+  at::Tensor u, delta, A, B, C, D, bias;
+  int groups;
+};
+
+void check_common(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C) {
+  TORCH_CHECK(u.is_cuda(), "zoo_scan (CUDA): u must be a CUDA tensor");
+  const auto dt = u.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "zoo_scan (CUDA): u must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(u.dim() == 3, "zoo_scan: u must be (batch, dim, L), got ", u.sizes());
+  TORCH_CHECK(delta.sizes() == u.sizes(), "zoo_scan: delta must have u's shape ", u.sizes(), ", got ",
+              delta.sizes());
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1), "zoo_scan: A must be (dim, N), got ", A.sizes());
+  TORCH_CHECK(A.size(1) >= 1 && A.size(1) <= 256, "zoo_scan (CUDA): d_state must be in 1..256, got ", A.size(1));
+  for (const at::Tensor* M : {&B, &C}) {
+    TORCH_CHECK(M->is_cuda() && M->device() == u.device(), "zoo_scan: B/C must be on u's device");
+    if (M->dim() == 4) {
+      TORCH_CHECK(M->size(0) == u.size(0) && M->size(2) == A.size(1) && M->size(3) == u.size(2) &&
+                      u.size(1) % M->size(1) == 0,
+                  "zoo_scan: variable B/C must be (batch, groups, N, L) with groups dividing dim, got ",
+                  M->sizes());
+    } else {
+      TORCH_CHECK(M->dim() == 2 && M->sizes() == A.sizes(), "zoo_scan: B/C must be (dim, N) or (batch, groups, N, L)");
+    }
+  }
+  if (B.dim() == 4 && C.dim() == 4) TORCH_CHECK(B.size(1) == C.size(1), "zoo_scan: B and C groups differ");
+  TORCH_CHECK(u.size(0) <= 65535, "zoo_scan (CUDA): batch must be <= 65535");
+}
+
+Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                 const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& bias) {
+  check_common(u, delta, A, B, C);
+  Prepared p;
+  p.u = u.contiguous();
+  p.delta = delta.to(u.scalar_type()).contiguous();
+  p.A = A.to(at::kFloat).contiguous();
+  p.B = B.dim() == 4 ? B.to(u.scalar_type()).contiguous() : B.to(at::kFloat).contiguous();
+  p.C = C.dim() == 4 ? C.to(u.scalar_type()).contiguous() : C.to(at::kFloat).contiguous();
+  p.D = D ? D->to(at::kFloat).contiguous() : at::Tensor();
+  p.bias = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  p.groups = B.dim() == 4 ? (int)B.size(1) : (C.dim() == 4 ? (int)C.size(1) : 1);
+  return p;
+}
+
+Dir make_dir(const Prepared& pr, bool reverse) {
+  Dir q{};
+  q.u = pr.u.data_ptr();
+  q.delta = pr.delta.data_ptr();
+  q.A = pr.A.data_ptr<float>();
+  q.B = pr.B.data_ptr();
+  q.C = pr.C.data_ptr();
+  q.D = pr.D.defined() ? pr.D.data_ptr<float>() : nullptr;
+  q.bias = pr.bias.defined() ? pr.bias.data_ptr<float>() : nullptr;
+  q.reverse = reverse;
+  return q;
+}
+
+Params make_params(const Prepared& pr, bool softplus) {
+  Params p{};
+  p.batch = (int)pr.u.size(0);
+  p.dim = (int)pr.u.size(1);
+  p.L = pr.u.size(2);
+  p.N = (int)pr.A.size(1);
+  p.groups = pr.groups;
+  p.dg = p.dim / p.groups;
+  p.varB = pr.B.dim() == 4;
+  p.varC = pr.C.dim() == 4;
+  p.softplus = softplus;
+  p.scale = 1.f;
+  const int ks = states_per_thread(p.N);
+  p.tpc = next_pow2((p.N + ks - 1) / ks);
+  // channels per block: a power of two dividing the group size, so a block never straddles groups
+  int cpb = kThreads / p.tpc;
+  while (cpb > 1 && p.dg % cpb != 0) cpb >>= 1;
+  p.cpb = cpb;
+  p.parts = p.dg / cpb;
+  return p;
+}
+
+template <typename in_t>
+void launch_fwd(Params& p, int ndir) {
+  const int ks = states_per_thread(p.N);
+  p.T = std::max(1, std::min(64, 4096 / (p.N + 1)));
+  const size_t smem = (size_t)(2 * p.T * (p.N + 1) + 2 * p.cpb * p.N) * sizeof(float);
+  dim3 grid(p.dim / p.cpb, p.batch, ndir), block(p.cpb * p.tpc);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  switch (ks) {
+    case 1: scan_fwd_kernel<in_t, 1><<<grid, block, smem, stream>>>(p); break;
+    case 16: scan_fwd_kernel<in_t, 16><<<grid, block, smem, stream>>>(p); break;
+    default: scan_fwd_kernel<in_t, 8><<<grid, block, smem, stream>>>(p); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename in_t>
+void launch_bwd(Params& p, int ndir) {
+  const int ks = states_per_thread(p.N), tb = bwd_tile(ks);
+  const size_t smem =
+      (size_t)(2 * tb * (p.N + 1) + 2 * p.N * tb * (p.cpb + 1) + 4 * p.cpb * p.N) * sizeof(float);
+  TORCH_CHECK(smem <= 48 * 1024, "zoo_scan (CUDA): backward needs ", smem, " bytes of shared memory");
+  dim3 grid(p.dim / p.cpb, p.batch, ndir), block(p.cpb * p.tpc);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  switch (ks) {
+    case 1: scan_bwd_kernel<in_t, 1, 16><<<grid, block, smem, stream>>>(p); break;
+    case 16: scan_bwd_kernel<in_t, 16, 4><<<grid, block, smem, stream>>>(p); break;
+    default: scan_bwd_kernel<in_t, 8, 4><<<grid, block, smem, stream>>>(p); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#ifdef ZOO_SCAN_CI_FLOAT_ONLY  // compile check in CI: one dtype keeps nvcc's time down
+#define ZOO_CUDA_DISPATCH(DTYPE, FN, ...)                                       \
+  switch (DTYPE) {                                                             \
+    case at::kFloat: FN<float>(__VA_ARGS__); break;                            \
+    default: TORCH_CHECK(false, "zoo_scan (CUDA): unsupported dtype ", DTYPE); \
+  }
+#else
+#define ZOO_CUDA_DISPATCH(DTYPE, FN, ...)                                       \
+  switch (DTYPE) {                                                             \
+    case at::kFloat: FN<float>(__VA_ARGS__); break;                            \
+    case at::kHalf: FN<__half>(__VA_ARGS__); break;                            \
+    case at::kBFloat16: FN<__nv_bfloat16>(__VA_ARGS__); break;                 \
+    default: TORCH_CHECK(false, "zoo_scan (CUDA): unsupported dtype ", DTYPE); \
+  }
+#endif
+
+std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                 const at::Tensor& B, const at::Tensor& C,
+                                                 const std::optional<at::Tensor>& D,
+                                                 const std::optional<at::Tensor>& z,
+                                                 const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                                 bool reverse) {
+  c10::cuda::CUDAGuard guard(u.device());
+  Prepared pr = prepare(u, delta, A, B, C, D, delta_bias);
+  at::Tensor zc;
+  if (z) {
+    TORCH_CHECK(z->sizes() == u.sizes(), "zoo_scan: z must have u's shape");
+    zc = z->to(u.scalar_type()).contiguous();
+  }
+  auto out = at::empty_like(pr.u);
+  auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(at::kFloat));
+  Params p = make_params(pr, delta_softplus);
+  p.z = z ? zc.data_ptr() : nullptr;
+  p.dir[0] = make_dir(pr, reverse);
+  p.dir[0].out = out.data_ptr();
+  p.dir[0].last = last.data_ptr<float>();
+  ZOO_CUDA_DISPATCH(u.scalar_type(), launch_fwd, p, 1);
+  return {out, last};
+}
+
+struct BwdBuffers {
+  at::Tensor du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, ckpt;
+};
+
+BwdBuffers alloc_bwd(const Prepared& pr, Params& p, Dir& q, bool has_z, int64_t nchunks) {
+  BwdBuffers bb;
+  auto f = pr.u.options().dtype(at::kFloat);
+  const int64_t batch = p.batch, dim = p.dim, N = p.N, L = p.L;
+  bb.du = at::empty_like(pr.u);
+  bb.ddelta = at::empty_like(pr.u);
+  bb.dz = has_z ? at::empty({batch, dim, L}, f) : at::Tensor();
+  bb.dA_part = at::empty({batch, dim, N}, f);
+  bb.dB_part = p.varB ? at::empty({p.parts, batch, p.groups, N, L}, f) : at::empty({batch, dim, N}, f);
+  bb.dC_part = p.varC ? at::empty({p.parts, batch, p.groups, N, L}, f) : at::empty({batch, dim, N}, f);
+  bb.dD_part = pr.D.defined() ? at::empty({batch, dim}, f) : at::Tensor();
+  bb.dbias_part = pr.bias.defined() ? at::empty({batch, dim}, f) : at::Tensor();
+  bb.ckpt = at::empty({batch, dim, nchunks, N}, f);
+  q.du = bb.du.data_ptr();
+  q.ddelta = bb.ddelta.data_ptr();
+  q.dz = has_z ? bb.dz.data_ptr<float>() : nullptr;
+  q.dA_part = bb.dA_part.data_ptr<float>();
+  q.dB_part = bb.dB_part.data_ptr<float>();
+  q.dC_part = bb.dC_part.data_ptr<float>();
+  q.dD_part = pr.D.defined() ? bb.dD_part.data_ptr<float>() : nullptr;
+  q.dbias_part = pr.bias.defined() ? bb.dbias_part.data_ptr<float>() : nullptr;
+  q.ckpt = bb.ckpt.data_ptr<float>();
+  return bb;
+}
+
+// (du, ddelta, dA, dB, dC, dD, dbias) in the callers' dtypes; dz is handled by the caller
+std::vector<at::Tensor> finish_bwd(const BwdBuffers& bb, const at::Tensor& A, const at::Tensor& B,
+                                   const at::Tensor& C, const std::optional<at::Tensor>& D,
+                                   const std::optional<at::Tensor>& bias) {
+  auto empty = at::empty({0}, bb.du.options().dtype(at::kFloat));
+  return {bb.du,
+          bb.ddelta,
+          bb.dA_part.sum(0).to(A.scalar_type()),
+          bb.dB_part.sum(0).to(B.scalar_type()),
+          bb.dC_part.sum(0).to(C.scalar_type()),
+          D ? bb.dD_part.sum(0).to(D->scalar_type()) : empty,
+          bias ? bb.dbias_part.sum(0).to(bias->scalar_type()) : empty};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlast, const at::Tensor& u,
+              const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+              const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+              const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool reverse) {
+  c10::cuda::CUDAGuard guard(u.device());
+  Prepared pr = prepare(u, delta, A, B, C, D, delta_bias);
+  TORCH_CHECK(dout.sizes() == u.sizes(), "zoo_scan: dout must have u's shape");
+  auto dout_c = dout.to(u.scalar_type()).contiguous();
+  at::Tensor zc, dlast_c;
+  if (z) zc = z->to(u.scalar_type()).contiguous();
+  if (dlast) dlast_c = dlast->to(at::kFloat).contiguous();
+  Params p = make_params(pr, delta_softplus);
+  const int tb = bwd_tile(states_per_thread(p.N));
+  p.nchunks = (p.L + tb - 1) / tb;
+  p.z = z ? zc.data_ptr() : nullptr;
+  p.dout = dout_c.data_ptr();
+  p.dir[0] = make_dir(pr, reverse);
+  p.dir[0].dlast = dlast ? dlast_c.data_ptr<float>() : nullptr;
+  BwdBuffers bb = alloc_bwd(pr, p, p.dir[0], z.has_value(), p.nchunks);
+  ZOO_CUDA_DISPATCH(u.scalar_type(), launch_bwd, p, 1);
+  auto g = finish_bwd(bb, A, B, C, D, delta_bias);
+  at::Tensor dz = z ? bb.dz.to(u.scalar_type()) : at::empty({0}, u.options().dtype(at::kFloat));
+  return {g[0], g[1], g[2], g[3], g[4], g[5], dz, g[6]};
+}
+
+void check_pair(const Prepared& a, const Prepared& b) {
+  TORCH_CHECK(a.u.sizes() == b.u.sizes() && a.A.sizes() == b.A.sizes() && a.B.sizes() == b.B.sizes() &&
+                  a.C.sizes() == b.C.sizes() && a.D.defined() == b.D.defined() &&
+                  a.bias.defined() == b.bias.defined() && a.u.scalar_type() == b.u.scalar_type(),
+              "zoo_scan.bidir: both directions must have the same shapes, dtypes and optional inputs");
+}
+
+at::Tensor bidir_fwd_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& C, const std::optional<at::Tensor>& D,
+                          const std::optional<at::Tensor>& delta_bias, const at::Tensor& u_r,
+                          const at::Tensor& delta_r, const at::Tensor& A_r, const at::Tensor& B_r,
+                          const at::Tensor& C_r, const std::optional<at::Tensor>& D_r,
+                          const std::optional<at::Tensor>& delta_bias_r, const std::optional<at::Tensor>& z,
+                          bool delta_softplus, double scale) {
+  c10::cuda::CUDAGuard guard(u.device());
+  Prepared pf = prepare(u, delta, A, B, C, D, delta_bias);
+  Prepared pb = prepare(u_r, delta_r, A_r, B_r, C_r, D_r, delta_bias_r);
+  check_pair(pf, pb);
+  at::Tensor zc;
+  if (z) zc = z->to(u.scalar_type()).contiguous();
+  auto acc = at::zeros(u.sizes(), u.options().dtype(at::kFloat));
+  auto last = at::empty({2, u.size(0), u.size(1), A.size(1)}, acc.options());
+  Params p = make_params(pf, delta_softplus);
+  p.z = z ? zc.data_ptr() : nullptr;
+  p.scale = (float)scale;
+  p.accumulate = true;
+  p.out_acc = acc.data_ptr<float>();
+  p.dir[0] = make_dir(pf, false);
+  p.dir[1] = make_dir(pb, true);
+  p.dir[0].last = last[0].data_ptr<float>();
+  p.dir[1].last = last[1].data_ptr<float>();
+  ZOO_CUDA_DISPATCH(u.scalar_type(), launch_fwd, p, 2);
+  return u.scalar_type() == at::kFloat ? acc : acc.to(u.scalar_type());
+}
+
+std::vector<at::Tensor> bidir_bwd_cuda(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
+                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                       const std::optional<at::Tensor>& D,
+                                       const std::optional<at::Tensor>& delta_bias, const at::Tensor& u_r,
+                                       const at::Tensor& delta_r, const at::Tensor& A_r, const at::Tensor& B_r,
+                                       const at::Tensor& C_r, const std::optional<at::Tensor>& D_r,
+                                       const std::optional<at::Tensor>& delta_bias_r,
+                                       const std::optional<at::Tensor>& z, bool delta_softplus, double scale) {
+  c10::cuda::CUDAGuard guard(u.device());
+  Prepared pf = prepare(u, delta, A, B, C, D, delta_bias);
+  Prepared pb = prepare(u_r, delta_r, A_r, B_r, C_r, D_r, delta_bias_r);
+  check_pair(pf, pb);
+  auto dout_c = dout.to(u.scalar_type()).contiguous();
+  at::Tensor zc;
+  if (z) zc = z->to(u.scalar_type()).contiguous();
+  Params p = make_params(pf, delta_softplus);
+  const int tb = bwd_tile(states_per_thread(p.N));
+  p.nchunks = (p.L + tb - 1) / tb;
+  p.z = z ? zc.data_ptr() : nullptr;
+  p.dout = dout_c.data_ptr();
+  p.scale = (float)scale;
+  p.dir[0] = make_dir(pf, false);
+  p.dir[1] = make_dir(pb, true);
+  BwdBuffers bf = alloc_bwd(pf, p, p.dir[0], z.has_value(), p.nchunks);
+  BwdBuffers bb = alloc_bwd(pb, p, p.dir[1], z.has_value(), p.nchunks);
+  ZOO_CUDA_DISPATCH(u.scalar_type(), launch_bwd, p, 2);
+  auto gf = finish_bwd(bf, A, B, C, D, delta_bias);
+  auto gb = finish_bwd(bb, A_r, B_r, C_r, D_r, delta_bias_r);
+  std::vector<at::Tensor> out(gf.begin(), gf.end());
+  out.insert(out.end(), gb.begin(), gb.end());
+  out.push_back(z ? (bf.dz + bb.dz).to(u.scalar_type()) : at::empty({0}, u.options().dtype(at::kFloat)));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zoo_scan, CUDA, m) {
+  m.impl("scan_fwd", &scan_fwd_cuda);
+  m.impl("scan_bwd", &scan_bwd_cuda);
+  m.impl("bidir_fwd", &bidir_fwd_cuda);
+  m.impl("bidir_bwd", &bidir_bwd_cuda);
+}
+
+}  // namespace zoo_scan

@@ -1,0 +1,178 @@
+"""CUDA selective-scan kernels: forward/backward vs the reference on random shapes (needs a GPU), and
+a compile check of the .cu sources with the local nvcc against the installed torch (runs in CI)."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoo.ops import selective_scan, selective_scan_bidirectional
+from zoo.ops.reference import selective_scan_reference
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)).item()
+
+
+def _inputs(batch, dim, L, N, groups, dtype, var_b=True, var_c=True, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    return dict(
+        u=r(batch, dim, L).to(dtype), delta=(0.5 * r(batch, dim, L) - 1).to(dtype),
+        A=-(torch.rand(dim, N, device="cuda", generator=g) + 0.5),
+        B=r(batch, groups, N, L).to(dtype) if var_b else r(dim, N),
+        C=r(batch, groups, N, L).to(dtype) if var_c else r(dim, N),
+        D=r(dim), z=r(batch, dim, L).to(dtype), bias=0.3 * r(dim),
+    )
+
+
+def _cases(count, seed):
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        groups = rng.choice([1, 2, 4])
+        cases.append(dict(
+            batch=rng.choice([1, 2, 3]), dim=groups * rng.choice([3, 8, 64]), L=[1, 7, 64, 197, 1031][i % 5],
+            N=rng.choice([1, 16, 16, 4, 23, 64, 256]), groups=groups, dtype=rng.choice(["float32", "bfloat16", "float16"]),
+            var_b=rng.random() < 0.8, var_c=rng.random() < 0.8, with_z=rng.random() < 0.6,
+            reverse=rng.random() < 0.4, softplus=rng.random() < 0.7,
+        ))
+    return cases
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("case", _cases(24, seed=5), ids=lambda c: "L{L}-N{N}-G{groups}-{dtype}".format(**c))
+def test_cuda_matches_reference(case):
+    dtype = getattr(torch, case["dtype"])
+    t = _inputs(case["batch"], case["dim"], case["L"], case["N"], case["groups"], dtype, case["var_b"], case["var_c"],
+                seed=case["L"] + case["N"])
+    z = t["z"] if case["with_z"] else None
+    names = ["u", "delta", "A", "B", "C", "D", "bias"]
+    ours = {k: t[k].clone().requires_grad_(True) for k in names}
+    ref = {k: t[k].detach().double().requires_grad_(True) for k in names}
+    zo = z.clone().requires_grad_(True) if z is not None else None
+    zr = z.detach().double().requires_grad_(True) if z is not None else None
+    kw = dict(delta_softplus=case["softplus"], return_last_state=True, reverse=case["reverse"])
+    out, last = selective_scan(ours["u"], ours["delta"], ours["A"], ours["B"], ours["C"], ours["D"], zo, ours["bias"],
+                               backend="compiled", **kw)
+    rout, rlast = selective_scan_reference(ref["u"], ref["delta"], ref["A"], ref["B"], ref["C"], ref["D"], zr,
+                                           ref["bias"], **kw)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert _rel(out, rout) < tol, _rel(out, rout)
+    assert _rel(last, rlast) < max(tol, 1e-3)
+    w = torch.randn_like(rout)
+    (out.float() * w.float()).sum().backward()
+    (rout * w).sum().backward()
+    gtol = 1e-3 if dtype == torch.float32 else 3e-2
+    for k in names:
+        assert _rel(ours[k].grad, ref[k].grad) < gtol, (k, _rel(ours[k].grad, ref[k].grad))
+    if z is not None:
+        assert _rel(zo.grad, zr.grad) < gtol
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_bidirectional_fused_matches_reference(dtype):
+    f, r = _inputs(2, 64, 197, 16, 1, dtype, seed=1), _inputs(2, 64, 197, 16, 1, dtype, seed=2)
+    names = ["u", "delta", "A", "B", "C", "D", "bias"]
+    leaves_f = {k: f[k].clone().requires_grad_(True) for k in names}
+    leaves_r = {k: r[k].clone().requires_grad_(True) for k in names}
+    z = f["z"].clone().requires_grad_(True)
+    args = lambda d: [d[k] for k in ("u", "delta", "A", "B", "C", "D", "bias")]  # noqa: E731
+    out = selective_scan_bidirectional(*args(leaves_f), *args(leaves_r), z=z, backend="compiled")
+    rf = {k: f[k].detach().double().requires_grad_(True) for k in names}
+    rr = {k: r[k].detach().double().requires_grad_(True) for k in names}
+    zr = f["z"].detach().double().requires_grad_(True)
+    y = selective_scan_reference(rf["u"], rf["delta"], rf["A"], rf["B"], rf["C"], rf["D"], None, rf["bias"], True)
+    y2 = selective_scan_reference(rr["u"], rr["delta"], rr["A"], rr["B"], rr["C"], rr["D"], None, rr["bias"], True,
+                                  reverse=True)
+    ref = 0.5 * (y + y2) * torch.nn.functional.silu(zr)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert _rel(out, ref) < tol
+    w = torch.randn_like(ref)
+    (out.float() * w.float()).sum().backward()
+    (ref * w).sum().backward()
+    gtol = 1e-3 if dtype == torch.float32 else 3e-2
+    for k in names:
+        assert _rel(leaves_f[k].grad, rf[k].grad) < gtol, ("fwd", k)
+        assert _rel(leaves_r[k].grad, rr[k].grad) < gtol, ("rev", k)
+    assert _rel(z.grad, zr.grad) < gtol
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_backward_is_deterministic_and_compiles():
+    t = _inputs(4, 128, 300, 16, 2, torch.bfloat16)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "bias"]
+    grads = []
+    for _ in range(2):
+        leaves = [t[k].clone().requires_grad_(True) for k in names]
+        selective_scan(*leaves[:6], leaves[6], leaves[7], True, backend="compiled").float().square().sum().backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    f = torch.compile(lambda u: selective_scan(u, t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["bias"], True),
+                      fullgraph=True)
+    assert _rel(f(t["u"]), selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["bias"], True)) < 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_int64_indexing_beyond_2_31():
+    # batch * dim * L > 2^31 elements: a 32-bit offset would wrap and corrupt the last channels
+    batch, dim, L = 1, (1 << 21) + 64, 1024  # 2^31 + 65536 elements, 4 GiB per bf16 tensor
+    if torch.cuda.mem_get_info()[0] < 24 * (1 << 30):
+        pytest.skip("needs ~24 GiB of free GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u = torch.randn(batch, dim, L, device="cuda", generator=g).to(torch.bfloat16)
+    delta = torch.randn(batch, dim, L, device="cuda", generator=g).to(torch.bfloat16)
+    A = -torch.rand(dim, 1, device="cuda", generator=g) - 0.5
+    B = torch.randn(batch, 1, 1, L, device="cuda", generator=g).to(torch.bfloat16)
+    C = torch.randn(batch, 1, 1, L, device="cuda", generator=g).to(torch.bfloat16)
+    D = torch.randn(dim, device="cuda", generator=g)
+    out = selective_scan(u, delta, A, B, C, D, None, None, True, backend="compiled")
+    tail = slice(dim - 3, dim)  # the channels whose offsets lie beyond 2^31
+    ref = selective_scan_reference(u[:, tail], delta[:, tail], A[tail], B, C, D[tail], None, None, True)
+    assert _rel(out[:, tail], ref) < 1e-2
+    del u, delta, out
+
+
+def _nvcc():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    cand = Path(CUDA_HOME) / "bin" / "nvcc" if CUDA_HOME else None
+    if cand is not None and cand.exists():
+        return str(cand)
+    return shutil.which("nvcc")
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="no nvcc on this machine")
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch was built without CUDA")
+def test_cuda_sources_compile_for_sm90():
+    """Compiles csrc/*.cu for sm_90 against the installed torch headers (no GPU needed).
+
+    Only the float32 instantiations are generated (ZOO_SCAN_CI_FLOAT_ONLY) to stay within the CI budget;
+    the half/bfloat16 variants differ only in their load/store conversions.
+    """
+    from torch.utils.cpp_extension import include_paths
+
+    incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{REPO / 'csrc'}"]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    for src in sorted((REPO / "csrc").glob("*.cu")):
+        cmd = [_nvcc(), "-c", str(src), "-o", os.devnull, "-std=c++20", "-O1", "--expt-relaxed-constexpr",
+               "-gencode=arch=compute_90,code=sm_90", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DZOO_SCAN_CI_FLOAT_ONLY",
+               "-Xcompiler", "-fPIC", *incs]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"nvcc failed on {src.name}:\n{res.stderr[-4000:]}"
