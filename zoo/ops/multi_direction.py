@@ -112,10 +112,10 @@ def selective_scan_multi_direction_reference(
 ) -> torch.Tensor:
     """Gathers each order's copy, scans the concatenation once, and scatters each part back."""
     L = height * width
-    index = torch.cat([scan_order_index(o, height, width, u.device) for o in orders])  # (n * L,)
+    gather, scatter = _gather_scatter_index(orders, height, width, u.device)
 
     def along_time(t: torch.Tensor) -> torch.Tensor:
-        return t.index_select(-1, index)
+        return t.index_select(-1, gather)
 
     B_seq = along_time(B) if B.dim() == 4 else B
     C_seq = along_time(C) if C.dim() == 4 else C
@@ -123,12 +123,22 @@ def selective_scan_multi_direction_reference(
         along_time(u), along_time(delta), A, B_seq, C_seq, D, None, delta_bias, delta_softplus,
         backend=scan_backend,
     )  # (batch, dim, n * L) in traversal order
-    outs = []
-    for k, order in enumerate(orders):
-        # the inverse permutation puts step t of this direction back on its pixel
-        inverse = torch.argsort(scan_order_index(order, height, width, u.device))
-        outs.append(y[..., k * L:(k + 1) * L].index_select(-1, inverse))
-    return torch.stack(outs, dim=1)
+    # (batch, dim, n * L) -> each direction's steps back on their pixels -> (batch, n, dim, L)
+    y = y.index_select(-1, scatter).view(y.shape[0], y.shape[1], len(orders), L)
+    return y.transpose(1, 2).contiguous()
+
+
+@lru_cache(maxsize=128)
+def _gather_scatter_index(
+    orders: Tuple[str, ...], height: int, width: int, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices into row-major tokens laying out all orders, and into the scan output undoing them."""
+    L = height * width
+    perms = [_order_index_cpu(o, height, width) for o in orders]
+    gather = torch.cat(perms)
+    # output pixel p of direction k was step inverse_k[p] of that direction
+    scatter = torch.cat([k * L + torch.argsort(perm) for k, perm in enumerate(perms)])
+    return gather.to(device), scatter.to(device)
 
 
 @dataclass
