@@ -4,7 +4,7 @@
 """
 from . import ops
 from . import models  # noqa: F401  (registers the model families with timm)
-from .registry import create_model, list_models
+from .registry import create_model, list_families, list_models, model_info
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "ops", "__version__"]
+__all__ = ["create_model", "list_families", "list_models", "model_info", "ops", "__version__"]
