@@ -67,6 +67,7 @@ def _official_like_checkpoint(tmp_path, payload_module):
     )
     config = UntrustedConfig(MODEL=OrderedDict(NAME="vssm_nano"), DATA={"IMG_SIZE": 224})
     config.frozen = True  # instance state, so the pickle carries a BUILD (__setstate__) step
+    config.deprecated_keys = {"OLD_KEY"}  # a set pickles as protocol-2 '__builtin__.set'
     path = tmp_path / "official_like.pth"
     torch.save({"model": weights, "config": config, "hook": ReduceToCall(), "epoch": 299}, path)
     return path, weights
@@ -94,7 +95,7 @@ def test_pickled_classes_become_inert_placeholders(tmp_path, payload_module):
     assert isinstance(cfg, PickledPlaceholder) and not isinstance(cfg, dict)
     assert cfg.pickled_global == f"{PAYLOAD_MODULE}.UntrustedConfig"
     assert cfg.items["DATA"] == {"IMG_SIZE": 224}  # the raw data is still inspectable
-    assert cfg.state == {"frozen": True}
+    assert cfg.state == {"frozen": True, "deprecated_keys": {"OLD_KEY"}}  # safe builtins are rebuilt
     hook = loaded["hook"]
     assert isinstance(hook, PickledPlaceholder)
     assert hook.pickled_global == f"{PAYLOAD_MODULE}._record_call" and hook.args == ("reduce",)

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import os
 import pickle
@@ -115,6 +116,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if _RestrictedUnpickler._allowed is None:
             _RestrictedUnpickler._allowed = _allowed_globals()
+        # protocol-2 pickles (torch.save's default) name Python 2 modules, e.g. '__builtin__.set'
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         obj = _RestrictedUnpickler._allowed.get(f"{module}.{name}")
         if obj is not None:
             return obj
