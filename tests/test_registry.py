@@ -12,7 +12,8 @@ EXPECTED_FAMILIES = ["vim", "msvmamba", "convllava", "efficientvim", "shvit", "v
 
 
 def test_families_and_their_models():
-    assert registry.list_families() == EXPECTED_FAMILIES
+    assert zoo.list_families() == registry.list_families() == EXPECTED_FAMILIES
+    assert zoo.model_info is registry.model_info and zoo.create_model is registry.create_model
     # families reused from timm list timm's own models plus the zoo's test variant
     for family, released in [("efficientvim", "efficientvim_m1"), ("shvit", "shvit_s1"),
                              ("vitamin", "vitamin_small_224"), ("convnext", "convnext_tiny"),
