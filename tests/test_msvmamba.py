@@ -330,3 +330,17 @@ def test_from_official_kwargs_refuses_unsupported_flags():
     assert [s.blocks[0].mixer.d_state for s in auto.stages] == [2, 4, 8, 16]  # ceil(C / 6) per stage
     with pytest.raises(RuntimeError, match="No pretrained weights exist"):
         timm.create_model("test_msvmamba", pretrained=True)
+
+
+def test_load_pretrained_zoo_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    source = timm.create_model("test_msvmamba", num_classes=4)
+    path = tmp_path / "test_msvmamba.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    target = timm.create_model("test_msvmamba", num_classes=4)
+    target.load_pretrained(path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    with pytest.raises(RuntimeError, match=r"does not fit this model: .*shape mismatch .*patch_embed\.norm\.bias: \(8,\) vs \(16,\)"):
+        timm.create_model("test_msvmamba", dims=16).load_pretrained(path)

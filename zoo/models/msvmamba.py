@@ -449,13 +449,21 @@ class MSVMamba(nn.Module):
         for key in [k for k in state_dict if k.startswith("head.fc.")]:
             if key not in own or own[key].shape != state_dict[key].shape:
                 del state_dict[key]
-        missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if not k.startswith("head.fc.")]
-        if strict and (missing or unexpected):
+        missing = [k for k in own if k not in state_dict and not k.startswith("head.fc.")]
+        unexpected = [k for k in state_dict if k not in own]
+        mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                      if k in own and v.shape != own[k].shape]
+        if strict and (missing or unexpected or mismatched):
+            def some(keys: List[str]) -> str:
+                return f"{len(keys)} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+
             raise RuntimeError(
-                f"checkpoint {os.fspath(checkpoint_path)!r} does not fit this model: missing {missing}, "
-                f"unexpected {unexpected}"
+                f"checkpoint {os.fspath(checkpoint_path)!r} does not fit this model: missing {some(missing)}, "
+                f"unexpected {some(unexpected)}, shape mismatch (checkpoint vs model) {some(mismatched)}"
             )
+        for key in mismatched:
+            del state_dict[key.split(":")[0]]
+        self.load_state_dict(state_dict, strict=False)
 
 
 # --- official checkpoints and constructor kwargs ---------------------------------------------------
