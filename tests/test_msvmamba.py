@@ -342,5 +342,6 @@ def test_load_pretrained_zoo_safetensors(tmp_path):
     target.load_pretrained(path)
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
-    with pytest.raises(RuntimeError, match=r"does not fit this model: .*shape mismatch .*patch_embed\.norm\.bias: \(8,\) vs \(16,\)"):
+    mismatch = r"does not fit this model: .*shape mismatch .*patch_embed\.norm\.bias: \(8,\) vs \(16,\)"
+    with pytest.raises(RuntimeError, match=mismatch):
         timm.create_model("test_msvmamba", dims=16).load_pretrained(path)
