@@ -67,8 +67,17 @@ def _load_fixture(path: Path):
 
 # --- official parity ------------------------------------------------------------------------------
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.stem)
-def test_official_parity(fixture: Path):
+def test_official_parity(fixture: Path, backend: str, monkeypatch):
+    """Through the pure-PyTorch reference scan, and through the best backend (compiled kernels) if
+    that is a different one."""
+    if backend == "reference":
+        monkeypatch.setenv("ZOO_SCAN_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("ZOO_SCAN_BACKEND", raising=False)
+        if zoo.ops.resolve_backend("cpu").name == "reference":
+            pytest.skip("the best CPU backend here is the reference scan (covered by the reference case)")
     meta, tensors, state_dict = _load_fixture(fixture)
     m = from_official_kwargs(**meta["official_kwargs"])
     m.load_state_dict(checkpoint_filter_fn(state_dict, m), strict=True)
@@ -77,6 +86,8 @@ def test_official_parity(fixture: Path):
     with torch.no_grad():
         logits = m(x)
         pre_logits = m.forward_head(m.forward_features(x), pre_logits=True)
+    if backend == "reference":
+        assert zoo.ops.last_backend().name == "reference"
     tol = dict(atol=meta["atol"], rtol=meta["rtol"])
     torch.testing.assert_close(logits, tensors["logits"], **tol)
     torch.testing.assert_close(pre_logits, tensors["pre_logits"], **tol)
