@@ -206,6 +206,58 @@ def test_mixer_matches_flip_based_official_formulation(length):
     torch.testing.assert_close(mixer(x), _official_style_mixer(mixer, x), atol=1e-10, rtol=1e-10)
 
 
+def _official_style_model(m: Vim, x: torch.Tensor, cls_mode: str, pool: str) -> torch.Tensor:
+    """The official VisionMamba forward structure (fused add+norm layout: the residual is added before
+    each norm), written independently of zoo's wiring; returns pre_logits."""
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    proj = m.patch_embed.proj
+    tokens = F.conv2d(x, proj.weight, proj.bias, stride=proj.stride).flatten(2).transpose(1, 2)
+    n = tokens.shape[1]
+    cls = None if cls_mode == "none" else m.cls_token.expand(x.shape[0], -1, -1)
+    index = n // 2 if cls_mode == "middle" else 0
+    if cls_mode == "middle":
+        tokens = torch.cat([tokens[:, :index], cls, tokens[:, index:]], dim=1)
+    elif cls_mode == "first":
+        tokens = torch.cat([cls, tokens], dim=1)
+    hidden, residual = tokens + m.pos_embed, None
+    for block in m.blocks:
+        residual = hidden if residual is None else residual + hidden
+        hidden = _official_style_mixer(block.mixer, rms(residual, block.norm.weight))
+    out = rms(residual + hidden, m.norm.weight)
+    if cls is not None:
+        return out[:, index]
+    return out.mean(1) if pool == "mean" else out[:, -1]
+
+
+@pytest.mark.parametrize(
+    "flags, cls_mode, pool",
+    [
+        (dict(), "middle", ""),
+        (dict(use_middle_cls_token=False, if_divide_out=False), "first", ""),
+        (dict(if_cls_token=False, final_pool_type="mean"), "none", "mean"),
+        (dict(if_cls_token=False, final_pool_type="none", stride=4), "none", "last"),
+    ],
+    ids=["middle_cls", "first_cls_sum", "no_cls_mean", "no_cls_last_stride4"],
+)
+def test_official_flag_variants_match_official_structure(flags, cls_mode, pool):
+    kw = dict(img_size=16, patch_size=8, stride=8, embed_dim=8, depth=2, d_state=4, num_classes=3,
+              drop_path_rate=0.0)
+    kw.update(flags)
+    torch.manual_seed(0)
+    m = from_official_kwargs(**kw).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():  # move every tensor off its init so that all of them matter
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        pre = m.forward_head(m.forward_features(x), pre_logits=True)
+        expected = _official_style_model(m, x, cls_mode, pool)
+        torch.testing.assert_close(pre, expected, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(m(x), m.head(expected), atol=1e-10, rtol=1e-10)
+
+
 def test_mixer_gradcheck_float64():
     torch.manual_seed(1)
     mixer = vim_mod.BiMambaMixer(4, d_state=2, expand=1, d_conv=2).double()
