@@ -299,3 +299,28 @@ def test_clear_errors():
     tower = tower_for("test_vit")
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         tower.encoder(torch.randn(3, 64, 64))
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_vim"])
+def test_checkpoint_at_low_resolution_loads_at_high_resolution(name, tmp_path):
+    """A local checkpoint saved at 64 px loads into a 128 px tower: position embedding resized by the family's
+    checkpoint filter, every other weight unchanged, 4x the tokens."""
+    if not timm.is_model(name):
+        pytest.skip(f"{name} is not registered (its family has not landed)")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    low = timm.create_model(name, img_size=64, num_classes=0)
+    path = tmp_path / "weights.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in low.state_dict().items()}, str(path))
+    tower = ZooVisionTower(name, image_size=128, checkpoint_path=str(path))
+    loaded, saved = tower.vision_tower.state_dict(), low.state_dict()
+    resized = [k for k in saved if loaded[k].shape != saved[k].shape]
+    assert resized == ["pos_embed"]
+    for k in saved:
+        if k not in resized:
+            assert torch.equal(loaded[k], saved[k]), k
+    stride = low.feature_info[-1]["reduction"]
+    side_low, side_high = 64 // stride, 128 // stride
+    grid_tokens = loaded["pos_embed"].shape[1] - (saved["pos_embed"].shape[1] - side_low ** 2)
+    assert grid_tokens == side_high ** 2
+    assert tower(torch.randn(1, 3, 128, 128)).shape == (1, side_high ** 2, tower.hidden_size)

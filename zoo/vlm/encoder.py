@@ -199,9 +199,10 @@ class VisionEncoder(nn.Module):
         return keep_top_tokens(patches, scores, self.keep)[0]
 
     def forward(self, pixel_values: torch.Tensor, with_prefix: bool = False) -> torch.Tensor:
-        """(B, num_patches [+ prefix tokens, class first], hidden_size) features of the selected layer."""
+        """(B, [1 +] num_patches, hidden_size) features of the selected layer; ``with_prefix`` puts the class
+        token (if the model has one) first. Register tokens are never returned."""
         (feats,), attn_scores = self.forward_layers(pixel_values, [self.position])
         tokens = self.reduce(feats, attn_scores)
-        if with_prefix and feats.prefix is not None:
-            tokens = torch.cat([feats.prefix, tokens], dim=1)
+        if with_prefix and self.layout.has_class_token and feats.prefix is not None:
+            tokens = torch.cat([feats.prefix[:, :1], tokens], dim=1)  # the class token only, no registers
         return tokens

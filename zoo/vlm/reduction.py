@@ -80,7 +80,8 @@ class CLSAttentionProbe:
     """Recomputes the [CLS] row of an attention layer's softmax from the layer's input (via a pre-hook).
 
     timm attention runs fused SDPA, which never materialises the weights; only the class query's row is needed,
-    so it is recomputed from the same qkv projection (and q/k norms), costing O(N) instead of O(N^2).
+    so it is recomputed from the layer's own qkv projection (class query and keys only) and q/k norms: one
+    extra key projection and an N-long softmax per head, no N x N matrix.
     """
 
     def __init__(self, attn: nn.Module, cls_index: int = 0):
@@ -101,15 +102,21 @@ class CLSAttentionProbe:
 
     def _hook(self, module: nn.Module, args) -> None:
         x = args[0]
-        b, n, _ = x.shape
+        b, n, c = x.shape
         heads = module.num_heads
-        qkv = module.qkv(x).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0], qkv[1]
+        dim = module.qkv.out_features // 3
+        weight, bias = module.qkv.weight, module.qkv.bias
+        q_bias = bias[:dim] if bias is not None else None
+        k_bias = bias[dim:2 * dim] if bias is not None else None
+        # only the class query and the keys: a third of the qkv projection, no N x N matrix
+        q = F.linear(x[:, self.cls_index : self.cls_index + 1], weight[:dim], q_bias)
+        k = F.linear(x, weight[dim:2 * dim], k_bias)
+        q = q.reshape(b, 1, heads, -1).transpose(1, 2)
+        k = k.reshape(b, n, heads, -1).transpose(1, 2)
         if hasattr(module, "q_norm"):
             q, k = module.q_norm(q), module.k_norm(k)
         scale = getattr(module, "scale", q.shape[-1] ** -0.5)
-        cls_q = q[:, :, self.cls_index : self.cls_index + 1].float()
-        logits = (cls_q * scale) @ k.float().transpose(-2, -1)  # (B, heads, 1, N)
+        logits = (q.float() * scale) @ k.float().transpose(-2, -1)  # (B, heads, 1, N)
         self.scores = logits.softmax(dim=-1).mean(dim=1).squeeze(1)  # (B, N), heads averaged
 
 
