@@ -156,9 +156,9 @@ def test_keep_tokens_exact_count_original_order(name):
         assert set(idx.tolist()) == set(scores.topk(keep).indices.tolist())
 
 
-def naive_cls_attention(model, x):
-    """[CLS]-row attention of the last block, from the materialised softmax (fused SDPA switched off)."""
-    attn = model.blocks[-1].attn
+def naive_cls_attention(model, x, block):
+    """Attention weights of one block, from the materialised softmax (fused SDPA switched off)."""
+    attn = model.blocks[block].attn
     captured = {}
     old = attn.fused_attn
     attn.fused_attn = False
@@ -172,23 +172,29 @@ def naive_cls_attention(model, x):
     return captured["attn"]  # (B, heads, N, N)
 
 
-def test_fastervlm_rule_matches_materialised_attention():
+@pytest.mark.parametrize("select_layer", [-2, -1])
+def test_fastervlm_rule_matches_materialised_attention(select_layer):
+    """FasterVLM: [CLS]->patch attention of the selected block (its attentions[select_layer]), heads averaged,
+    top-k kept in original order, taken from that block's output."""
     name = "test_vit"
     full = tower_for(name)
     model = full.vision_tower
     x = images(name, seed=2)
     keep = 5
-    reduced = tower_for(name, keep_tokens=keep)
+    reduced = tower_for(name, keep_tokens=keep, select_layer=select_layer)
     reduced.vision_tower.load_state_dict(model.state_dict())
     out = reduced(x)
 
-    attn = naive_cls_attention(model, x)
+    block = len(model.blocks) + select_layer
+    attn = naive_cls_attention(model, x, block)
     p = model.num_prefix_tokens
     scores = attn[:, :, 0, p:].mean(dim=1)  # CLS query -> patch keys, heads averaged
-    penultimate = hooked_layer_output(model, x, "blocks.%d" % (len(model.blocks) - 2))[:, p:]
+    selected = hooked_layer_output(model, x, "blocks.%d" % block)[:, p:]
     for b in range(x.shape[0]):
         order = sorted(scores[b].topk(keep).indices.tolist())
-        torch.testing.assert_close(out[b], penultimate[b, order], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[b], selected[b, order], rtol=1e-4, atol=1e-5)
+    if select_layer != -2:
+        return
     # ratio form and cls_patch: class token first, then the same kept patches
     by_ratio = tower_for(name, keep_ratio=keep / full.num_patches, select_feature="cls_patch")
     by_ratio.vision_tower.load_state_dict(model.state_dict())

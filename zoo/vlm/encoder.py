@@ -139,7 +139,13 @@ class VisionEncoder(nn.Module):
         self.keep = resolve_keep(self.grid[0] * self.grid[1], keep_tokens, keep_ratio)
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; accepted: {', '.join(REDUCTIONS)}")
-        self.attention = find_last_attention(model) if self.layout.has_class_token else None
+        # FasterVLM reads the [CLS] attention of the layer whose output is selected (LLaVA: the penultimate block),
+        # i.e. the last attention layer the selected features went through
+        self.attention = None
+        if self.layout.has_class_token:
+            layer_name = model.feature_info[self.position].get("module")
+            layer = model.get_submodule(layer_name) if layer_name else None
+            self.attention = find_last_attention(layer) if layer is not None else None
         if reduction == "auto":
             reduction = default_reduction(self.layout.has_class_token, self.attention is not None)
         if reduction == "cls_attention" and (self.attention is None or not self.layout.has_class_token):
@@ -173,7 +179,7 @@ class VisionEncoder(nn.Module):
         self.check_input(pixel_values)
         if self.keep is not None and self.reduction == "cls_attention":
             with CLSAttentionProbe(self.attention, cls_index=0) as probe:
-                feats = extract_tokens(self.model, pixel_values, list(positions), self.layout, run_all_layers=True)
+                feats = extract_tokens(self.model, pixel_values, list(positions), self.layout)
             return feats, probe.scores[:, self.layout.num_prefix_tokens :]
         return extract_tokens(self.model, pixel_values, list(positions), self.layout), None
 

@@ -116,7 +116,7 @@ def extract_tokens(
 ) -> List[TokenFeatures]:
     """Runs the backbone once and returns the features of the given 0-based layer positions.
 
-    ``run_all_layers`` keeps every block running (needed when a hook reads the last attention layer).
+    ``run_all_layers`` keeps every block running (for hooks on blocks after the last selected one).
     """
     layout = layout or describe_backbone(model)
     fi = model.forward_intermediates

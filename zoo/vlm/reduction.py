@@ -3,8 +3,10 @@
 Rules (``reduction=``), picked per family by ``'auto'``:
 
 * ``'cls_attention'`` (FasterVLM): models with a class token and softmax attention (ViT, CLIP ViTs). Score of
-  a patch token = the [CLS] query's attention to it in the encoder's LAST attention layer, averaged over
-  heads. Keep the top-k patches, in their original raster order.
+  a patch token = the [CLS] query's attention to it in the last attention layer the selected features pass
+  through (the selected block's attention: with LLaVA's select_layer=-2 the penultimate block, as FasterVLM's
+  ``attentions[select_layer]``; with -1 the encoder's final attention layer), averaged over heads. Keep the
+  top-k patches, in their original raster order.
 * ``'cls_similarity'``: models with a class token but no attention (Vim). Score = cosine similarity between
   the class token and the patch token at the selected layer: the class token is what the model trained to
   summarise the image, so patches it resembles are the ones it relies on.
@@ -59,7 +61,7 @@ def resolve_keep(num_patches: int, keep_tokens: Optional[int], keep_ratio: Optio
 
 
 def find_last_attention(model: nn.Module) -> Optional[nn.Module]:
-    """The last self-attention module with a fused qkv projection (timm's Attention and relatives)."""
+    """The last self-attention module with a fused qkv projection (timm's Attention and relatives) in ``model``."""
     last = None
     for module in model.modules():
         qkv = getattr(module, "qkv", None)
