@@ -253,6 +253,7 @@ def test_delay_load_knows_shapes_without_weights():
     lazy = ZooVisionTower("test_vit", SimpleNamespace(mm_vision_select_layer=-2, image_size=96, keep_tokens=7),
                           delay_load=True)
     assert not lazy.is_loaded and lazy.device.type == "meta"
+    assert lazy.image_processor.image_size == 96  # preprocessing is known before the weights
     with pytest.raises(RuntimeError, match="load_model"):
         lazy(torch.randn(1, 3, 96, 96))
     hidden, patches = lazy.hidden_size, lazy.num_patches

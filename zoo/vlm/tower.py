@@ -117,6 +117,8 @@ class ZooVisionTower(nn.Module):
         else:
             # like LLaVA's cfg_only: shapes known, no weights allocated (meta tensors)
             object.__setattr__(self, "_spec", self._make_encoder(meta=True))
+            self.image_processor = ImageProcessor.from_model(
+                self._spec.model, image_size=self._spec.image_size, mode=opt["image_aspect_ratio"])
 
     def _make_encoder(self, meta: bool) -> VisionEncoder:
         o = self.options
