@@ -96,29 +96,33 @@ template <typename in_t, int KS>
 __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
   const Dir& q = p.dir[blockIdx.z];
   extern __shared__ float smem[];
-  const int N = p.N, NP = N + 1;
-  float* sB = smem;                // (T, N + 1): variable B tile, time-major
-  float* sC = sB + p.T * NP;       // (T, N + 1)
-  float* sBf = sC + p.T * NP;      // (cpb, N): fixed B rows of the block's channels
+  const int N = p.N, NP = N + 1, T = p.T, TP = T + 1;
+  // per tile: B/C (time-major), and the block's per-channel rows of dt (after bias and softplus), u,
+  // z and y, all staged with coalesced loads/stores so that the sequential loop touches only smem
+  float* sB = smem;                // (T, N + 1)
+  float* sC = sB + T * NP;         // (T, N + 1)
+  float* sBf = sC + T * NP;        // (cpb, N): fixed B rows of the block's channels
   float* sCf = sBf + p.cpb * N;
+  float* sDt = sCf + p.cpb * N;    // (cpb, T + 1)
+  float* sU = sDt + p.cpb * TP;
+  float* sZ = sU + p.cpb * TP;
+  float* sY = sZ + p.cpb * TP;
   const int tid = threadIdx.x, c = tid / p.tpc, slice = tid % p.tpc, n0 = slice * KS;
-  const int b = blockIdx.y, d = blockIdx.x * p.cpb + c, g = d / p.dg;
+  const int b = blockIdx.y, d0 = blockIdx.x * p.cpb, d = d0 + c, g = d / p.dg;
   const int64_t L = p.L;
-  const int64_t row = ((int64_t)b * p.dim + d) * L;
+  const int64_t row0 = ((int64_t)b * p.dim + d0) * L;  // first channel of the block
   const int64_t bc = ((int64_t)b * p.groups + g) * N * L;
-  const in_t* u = static_cast<const in_t*>(q.u) + row;
-  const in_t* delta = static_cast<const in_t*>(q.delta) + row;
-  const in_t* z = p.z ? static_cast<const in_t*>(p.z) + row : nullptr;
+  const in_t* u = static_cast<const in_t*>(q.u) + row0;
+  const in_t* delta = static_cast<const in_t*>(q.delta) + row0;
+  const in_t* z = p.z ? static_cast<const in_t*>(p.z) + row0 : nullptr;
   const in_t* Bv = static_cast<const in_t*>(q.B) + bc;
   const in_t* Cv = static_cast<const in_t*>(q.C) + bc;
   const unsigned mask = blockDim.x >= 32 ? 0xffffffffu : ((1u << blockDim.x) - 1u);
 
-  if (!p.varB || !p.varC) {
-    for (int idx = tid; idx < p.cpb * N; idx += blockDim.x) {
-      const int64_t off = (int64_t)(blockIdx.x * p.cpb) * N + idx;
-      if (!p.varB) sBf[idx] = static_cast<const float*>(q.B)[off];
-      if (!p.varC) sCf[idx] = static_cast<const float*>(q.C)[off];
-    }
+  for (int idx = tid; idx < p.cpb * N; idx += blockDim.x) {
+    const int64_t off = (int64_t)d0 * N + idx;
+    if (!p.varB) sBf[idx] = static_cast<const float*>(q.B)[off];
+    if (!p.varC) sCf[idx] = static_cast<const float*>(q.C)[off];
   }
   float Al2[KS], h[KS];
 #pragma unroll
@@ -128,10 +132,9 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
     h[k] = 0.f;
   }
   const float Dv = q.D ? q.D[d] : 0.f;
-  const float bias = q.bias ? q.bias[d] : 0.f;
 
-  for (int64_t t0 = 0; t0 < L; t0 += p.T) {
-    const int nT = (int)min((int64_t)p.T, L - t0);
+  for (int64_t t0 = 0; t0 < L; t0 += T) {
+    const int nT = (int)min((int64_t)T, L - t0);
     __syncthreads();
     if (p.varB || p.varC) {
       for (int idx = tid; idx < N * nT; idx += blockDim.x) {
@@ -141,15 +144,21 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
         if (p.varC) sC[i * NP + n] = to_f(Cv[(int64_t)n * L + tp]);
       }
     }
+    for (int idx = tid; idx < p.cpb * nT; idx += blockDim.x) {
+      const int cc = idx / nT, i = idx - cc * nT;
+      const int64_t off = (int64_t)cc * L + (q.reverse ? L - 1 - (t0 + i) : t0 + i);
+      float dt = to_f(delta[off]) + (q.bias ? q.bias[d0 + cc] : 0.f);
+      sDt[cc * TP + i] = p.softplus ? softplus_f(dt) : dt;
+      sU[cc * TP + i] = to_f(u[off]);
+      if (z) sZ[cc * TP + i] = to_f(z[off]);
+    }
     __syncthreads();
     const float* Bt = p.varB ? sB : sBf + c * N;
     const float* Ct = p.varC ? sC : sCf + c * N;
     const int bstride = p.varB ? NP : 0, cstride = p.varC ? NP : 0;
+#pragma unroll 2
     for (int i = 0; i < nT; ++i) {
-      const int64_t t = q.reverse ? L - 1 - (t0 + i) : t0 + i;
-      float dt = to_f(delta[t]) + bias;
-      if (p.softplus) dt = softplus_f(dt);
-      const float uu = to_f(u[t]);
+      const float dt = sDt[c * TP + i], uu = sU[c * TP + i];
       const float dtu = dt * uu;
       float y = 0.f;
 #pragma unroll
@@ -164,15 +173,20 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
       if (slice == 0) {
         y += Dv * uu;
         if (z) {
-          const float zz = to_f(z[t]);
+          const float zz = sZ[c * TP + i];
           y *= zz * sigmoid_f(zz);
         }
-        y *= p.scale;
-        if (p.accumulate)
-          atomicAdd(p.out_acc + row + t, y);  // exactly two addends onto zero: order-independent
-        else
-          static_cast<in_t*>(q.out)[row + t] = from_f<in_t>(y);
+        sY[c * TP + i] = y * p.scale;
       }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < p.cpb * nT; idx += blockDim.x) {
+      const int cc = idx / nT, i = idx - cc * nT;
+      const int64_t off = row0 + (int64_t)cc * L + (q.reverse ? L - 1 - (t0 + i) : t0 + i);
+      if (p.accumulate)
+        atomicAdd(p.out_acc + off, sY[cc * TP + i]);  // exactly two addends onto zero: order-independent
+      else
+        static_cast<in_t*>(q.out)[off] = from_f<in_t>(sY[cc * TP + i]);
     }
   }
 #pragma unroll
@@ -229,25 +243,33 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
   const float Dv = q.D ? q.D[d] : 0.f;
   const float bias = q.bias ? q.bias[d] : 0.f;
 
-  // pass 1: the state entering each chunk (B read straight from global memory, L1-cached)
+  // pass 1: the state entering each chunk; a chunk's loads are all issued before its arithmetic
   for (int64_t ch = 0; ch < p.nchunks; ++ch) {
 #pragma unroll
     for (int k = 0; k < KS; ++k)
       if (state_ok<KS>(n0 + k, N)) ckpt[ch * N + n0 + k] = h[k];
     const int64_t t0 = ch * TB;
     const int nT = (int)min((int64_t)TB, L - t0);
-    for (int i = 0; i < nT; ++i) {
-      const int64_t t = q.reverse ? L - 1 - (t0 + i) : t0 + i;
-      float dt = to_f(delta[t]) + bias;
-      if (p.softplus) dt = softplus_f(dt);
-      const float dtu = dt * to_f(u[t]);
+    float dtv[TB], dtu[TB], bv[TB][KS];
 #pragma unroll
-      for (int k = 0; k < KS; ++k) {
-        const int n = n0 + k;
-        if (state_ok<KS>(n, N)) {
-          const float bk = p.varB ? to_f(Bv[(int64_t)n * L + t]) : sBf[c * N + n];
-          h[k] = exp2_fast(dt * Al2[k]) * h[k] + dtu * bk;
+    for (int i = 0; i < TB; ++i) {
+      if (i < nT) {
+        const int64_t t = q.reverse ? L - 1 - (t0 + i) : t0 + i;
+        float dt = to_f(delta[t]) + bias;
+        dtv[i] = p.softplus ? softplus_f(dt) : dt;
+        dtu[i] = dtv[i] * to_f(u[t]);
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+          const int n = n0 + k;
+          bv[i][k] = !state_ok<KS>(n, N) ? 0.f : (p.varB ? to_f(Bv[(int64_t)n * L + t]) : sBf[c * N + n]);
         }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < TB; ++i) {
+      if (i < nT) {
+#pragma unroll
+        for (int k = 0; k < KS; ++k) h[k] = exp2_fast(dtv[i] * Al2[k]) * h[k] + dtu[i] * bv[i][k];
       }
     }
   }
@@ -471,35 +493,38 @@ Params make_params(const Prepared& pr, bool softplus) {
   return p;
 }
 
-template <typename in_t>
-void launch_fwd(Params& p, int ndir) {
-  const int ks = states_per_thread(p.N);
-  p.T = std::max(1, std::min(64, 4096 / (p.N + 1)));
-  const size_t smem = (size_t)(2 * p.T * (p.N + 1) + 2 * p.cpb * p.N) * sizeof(float);
-  dim3 grid(p.dim / p.cpb, p.batch, ndir), block(p.cpb * p.tpc);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  switch (ks) {
-    case 1: scan_fwd_kernel<in_t, 1><<<grid, block, smem, stream>>>(p); break;
-    case 16: scan_fwd_kernel<in_t, 16><<<grid, block, smem, stream>>>(p); break;
-    default: scan_fwd_kernel<in_t, 8><<<grid, block, smem, stream>>>(p); break;
+template <typename Kernel>
+void launch(Kernel kernel, const Params& p, int ndir, size_t smem) {
+  if (smem > 48 * 1024) {  // above the default limit a kernel must opt in to more shared memory
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   }
+  dim3 grid(p.dim / p.cpb, p.batch, ndir), block(p.cpb * p.tpc);
+  kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename in_t>
+void launch_fwd(Params& p, int ndir) {
+  p.T = std::max(1, std::min(32, 2048 / (p.N + 1)));
+  const size_t smem =
+      (size_t)(2 * p.T * (p.N + 1) + 2 * p.cpb * p.N + 4 * p.cpb * (p.T + 1)) * sizeof(float);
+  switch (states_per_thread(p.N)) {
+    case 1: launch(scan_fwd_kernel<in_t, 1>, p, ndir, smem); break;
+    case 16: launch(scan_fwd_kernel<in_t, 16>, p, ndir, smem); break;
+    default: launch(scan_fwd_kernel<in_t, 8>, p, ndir, smem); break;
+  }
+}
+
+template <typename in_t>
 void launch_bwd(Params& p, int ndir) {
-  const int ks = states_per_thread(p.N), tb = bwd_tile(ks);
+  const int tb = bwd_tile(states_per_thread(p.N));
   const size_t smem =
       (size_t)(2 * tb * (p.N + 1) + 2 * p.N * tb * (p.cpb + 1) + 4 * p.cpb * p.N) * sizeof(float);
-  TORCH_CHECK(smem <= 48 * 1024, "zoo_scan (CUDA): backward needs ", smem, " bytes of shared memory");
-  dim3 grid(p.dim / p.cpb, p.batch, ndir), block(p.cpb * p.tpc);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  switch (ks) {
-    case 1: scan_bwd_kernel<in_t, 1, 16><<<grid, block, smem, stream>>>(p); break;
-    case 16: scan_bwd_kernel<in_t, 16, 4><<<grid, block, smem, stream>>>(p); break;
-    default: scan_bwd_kernel<in_t, 8, 4><<<grid, block, smem, stream>>>(p); break;
+  switch (states_per_thread(p.N)) {
+    case 1: launch(scan_bwd_kernel<in_t, 1, 16>, p, ndir, smem); break;
+    case 16: launch(scan_bwd_kernel<in_t, 16, 4>, p, ndir, smem); break;
+    default: launch(scan_bwd_kernel<in_t, 8, 4>, p, ndir, smem); break;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 #ifdef ZOO_SCAN_CI_FLOAT_ONLY  // compile check in CI: one dtype keeps nvcc's time down

@@ -20,18 +20,23 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _rel(a, b):
+    if a is None or b is None:  # a gradient autograd never produced is zero (e.g. dA when L == 1)
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
     return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)).item()
 
 
-def _inputs(batch, dim, L, N, groups, dtype, var_b=True, var_c=True, seed=0):
+def _inputs(batch, dim, L, N, groups, dtype, var_b=True, var_c=True, seed=0, softplus=True):
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    # raw delta around -1 goes through softplus; without it delta must already be a positive step
+    delta = 0.5 * r(batch, dim, L) - 1 if softplus else 0.3 * r(batch, dim, L).abs()
     return dict(
-        u=r(batch, dim, L).to(dtype), delta=(0.5 * r(batch, dim, L) - 1).to(dtype),
+        u=r(batch, dim, L).to(dtype), delta=delta.to(dtype),
         A=-(torch.rand(dim, N, device="cuda", generator=g) + 0.5),
         B=r(batch, groups, N, L).to(dtype) if var_b else r(dim, N),
         C=r(batch, groups, N, L).to(dtype) if var_c else r(dim, N),
-        D=r(dim), z=r(batch, dim, L).to(dtype), bias=0.3 * r(dim),
+        D=r(dim), z=r(batch, dim, L).to(dtype), bias=0.3 * r(dim) if softplus else 0.1 * r(dim).abs(),
     )
 
 
@@ -55,7 +60,7 @@ def _cases(count, seed):
 def test_cuda_matches_reference(case):
     dtype = getattr(torch, case["dtype"])
     t = _inputs(case["batch"], case["dim"], case["L"], case["N"], case["groups"], dtype, case["var_b"], case["var_c"],
-                seed=case["L"] + case["N"])
+                seed=case["L"] + case["N"], softplus=case["softplus"])
     z = t["z"] if case["with_z"] else None
     names = ["u", "delta", "A", "B", "C", "D", "bias"]
     ours = {k: t[k].clone().requires_grad_(True) for k in names}
