@@ -2,9 +2,9 @@
 
 ``import zoo`` registers every zoo model with timm, so ``timm.create_model(name)`` works for them.
 """
-from . import ops
+from . import checkpoint, ops
 from . import models  # noqa: F401  (registers the model families with timm)
 from .registry import create_model, list_families, list_models, model_info
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_families", "list_models", "model_info", "ops", "__version__"]
+__all__ = ["create_model", "list_families", "list_models", "model_info", "checkpoint", "ops", "__version__"]

@@ -10,6 +10,16 @@ from .selective_scan import (
     selective_scan_bidirectional,
     validate_scan_inputs,
 )
+from .multi_direction import (
+    MSVMAMBA_LOW_RES_ORDERS,
+    SCAN_ORDERS,
+    last_multi_direction_backend,
+    register_multi_direction_backend,
+    resolve_multi_direction_backend,
+    scan_order_index,
+    selective_scan_multi_direction,
+    unregister_multi_direction_backend,
+)
 from . import compiled  # noqa: E402  (registers the compiled backend; kernels build on first use)
 
 __all__ = [
@@ -23,4 +33,12 @@ __all__ = [
     "available_backends",
     "last_backend",
     "BackendChoice",
+    "selective_scan_multi_direction",
+    "register_multi_direction_backend",
+    "unregister_multi_direction_backend",
+    "resolve_multi_direction_backend",
+    "last_multi_direction_backend",
+    "scan_order_index",
+    "SCAN_ORDERS",
+    "MSVMAMBA_LOW_RES_ORDERS",
 ]
