@@ -156,8 +156,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows = []
     for name in models:
         for size in sizes:
+            full_tokens = None
             for keep in [None] + list(args.keep):
+                if keep is not None and full_tokens is not None and keep >= full_tokens:
+                    continue  # already at or under the budget: nothing to reduce
                 row = bench_one(name, size, keep, args, device, dtype)
+                if keep is None:
+                    full_tokens = row.get("tokens")
                 rows.append(row)
                 status = row.get("error") or f"{row['ms']:.2f} ms, {row['tokens']} tokens"
                 print(f"{name} @ {size}px keep={keep}: {status}", file=sys.stderr, flush=True)
