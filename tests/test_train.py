@@ -217,3 +217,41 @@ def test_finetune_goes_through_the_checkpoint_filter(tmp_path):
     assert all(torch.equal(src[k], dst[k]) for k in same)
     with pytest.raises(FileNotFoundError, match="--finetune"):
         load_finetune_weights(target, tmp_path / "missing.pth")
+
+
+def test_repeated_augmentation_gives_each_copy_its_own_seed():
+    cfg = make_config({"repeated_aug": 3, "seed": 1})
+    data = list(range(12))
+    seen = {}
+    for rank in range(2):
+        sampler = build_train_sampler(data, cfg, rank=rank, world_size=2)
+        sampler.set_epoch(0)
+        for index, seed in sampler:
+            seen.setdefault(index, []).append((rank, seed))
+    copies = [v for v in seen.values() if len(v) > 1]
+    assert copies, "repeated augmentation should show an image more than once per epoch"
+    for v in copies:
+        assert len({seed for _, seed in v}) == len(v)  # each copy is augmented differently
+        assert len({rank for rank, _ in v}) > 1  # and copies land on different ranks
+
+
+def test_nonfinite_loss_stops_with_a_clear_error():
+    from zoo.train import NonFiniteLossError
+    from zoo.train.engine import TrainState, train_one_epoch
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x[:, :3] * self.w / 0.0
+
+    model = Exploding()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.ones(2, 4), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(NonFiniteLossError, match="epoch 0 step 0"):
+        train_one_epoch(model, batches, criterion=torch.nn.CrossEntropyLoss(), optimizer=optimizer, scheduler=None,
+                        scaler=torch.amp.GradScaler("cpu", enabled=False), state=TrainState(), steps=1,
+                        accum_steps=1, device=torch.device("cpu"), dtype=None)
+    assert torch.equal(model.w, torch.ones(3))  # no update was applied

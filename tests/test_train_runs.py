@@ -22,6 +22,16 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core runner, OpenMP's spinning barriers make multi-threaded
+    small kernels up to tens of times slower; the subprocesses get OMP_NUM_THREADS=1 for the same reason."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_imagefolder(tmp_path_factory) -> Path:
     """3 classes of 20 px images (a bright bar at a class-specific place, plus noise): 16 train, 4 val each."""
@@ -115,6 +125,13 @@ def test_resume_after_kill_reaches_the_uninterrupted_weights(tmp_path, tiny_imag
     opt_a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["optimizer"]["state"]
     opt_b = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+
+    # --eval on the finished checkpoint reproduces the last epoch's validation numbers
+    evaluated = run(make_config(dict(values, eval_only=True, resume=str(tmp_path / "killed" / "last.pth"))))
+    assert evaluated["top1"] == ref["history"][-1]["val_top1"]
+    assert abs(evaluated["loss"] - ref["history"][-1]["val_loss"]) < 1e-6
+    assert evaluated["ema_top1"] == ref["history"][-1]["ema_top1"]
+    assert json.loads((tmp_path / "killed" / "eval.json").read_text())["images"] == 12
 
 
 def test_torchrun_two_processes_match_one(tmp_path, tiny_imagefolder):
