@@ -147,3 +147,23 @@ def test_timm_wrapper_route_fails_as_reported():
     config = LlavaConfig(vision_config=TimmWrapperConfig(architecture="test_vit"), text_config=tiny_text_config())
     with pytest.raises(AttributeError, match="hidden_size"):
         LlavaForConditionalGeneration(config)
+
+
+def test_multi_layer_selection_concatenates_shared_token_choice():
+    """vision_feature_layer=[-2, -1] with keep_tokens: one token selection for both blocks, so LLaVA can
+    concatenate them; the projector input is twice the width."""
+    vision = ZooVisionConfig(architecture="test_vit", image_size=64, keep_tokens=4)
+    torch.manual_seed(0)
+    config = llava_config(vision, tiny_text_config(), image_token_index=IMAGE_TOKEN, vision_feature_layer=[-2, -1])
+    model = LlavaForConditionalGeneration(config).eval()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+        logits = model(input_ids=prompt(config, 2), pixel_values=pixel_values).logits
+    penultimate, last = out.hidden_states[-2], out.hidden_states[-1]
+    assert penultimate.shape == last.shape == (2, 5, 64)
+    assert model.model.multi_modal_projector.linear_1.in_features == 128
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="width"):
+        llava_config(ZooVisionConfig(architecture="test_convnext", image_size=64), tiny_text_config(),
+                     vision_feature_layer=[-2, -1])

@@ -331,3 +331,13 @@ def test_checkpoint_at_low_resolution_loads_at_high_resolution(name, tmp_path):
     grid_tokens = loaded["pos_embed"].shape[1] - (saved["pos_embed"].shape[1] - side_low ** 2)
     assert grid_tokens == side_high ** 2
     assert tower(torch.randn(1, 3, 128, 128)).shape == (1, side_high ** 2, tower.hidden_size)
+
+
+def test_low_precision_tower_returns_input_dtype():
+    tower = ZooVisionTower("test_vit", image_size=64)
+    reference = tower(images("test_vit"))
+    tower.to(torch.bfloat16)
+    assert tower.dtype == torch.bfloat16
+    out = tower(images("test_vit"))  # float32 in, computed in bfloat16, float32 out (as LLaVA's tower)
+    assert out.dtype == torch.float32 and out.shape == reference.shape
+    torch.testing.assert_close(out, reference, rtol=0.1, atol=0.1)

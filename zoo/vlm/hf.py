@@ -173,12 +173,19 @@ class ZooVisionModel(PreTrainedModel):
                                           hidden_states=hidden_states)
 
 
+def _layer_width(config: ZooVisionConfig, layer: int) -> int:
+    encoder = _build_encoder(config, meta=True)
+    return encoder.layout.channels[resolve_layer(encoder.layout, layer, hf_convention=True)]
+
+
 def llava_config(vision_config: ZooVisionConfig, text_config: Any, **kwargs: Any) -> LlavaConfig:
     """A ``LlavaConfig`` consistent with the zoo vision config.
 
     Sets ``vision_feature_layer`` to the layer the vision config sized its ``hidden_size`` for,
     ``vision_feature_select_strategy`` to 'default' (drop the class token) for models with a class token and
     'full' for models without one, and ``image_seq_length`` to the token count the projector receives.
+    ``vision_feature_layer`` may be overridden (e.g. a list of blocks, concatenated by LLaVA) as long as every
+    selected layer has the config's width.
     """
     strategy = kwargs.pop("vision_feature_select_strategy", "default" if vision_config.has_class_token else "full")
     if strategy == "default" and not vision_config.has_class_token:
@@ -186,11 +193,19 @@ def llava_config(vision_config: ZooVisionConfig, text_config: Any, **kwargs: Any
             f"{vision_config.architecture} has no class token: vision_feature_select_strategy='default' would drop "
             "a real patch token; use 'full'"
         )
+    layer = kwargs.pop("vision_feature_layer", vision_config.feature_layer)
+    layers = layer if isinstance(layer, (list, tuple)) else [layer]
+    if any(_layer_width(vision_config, k) != vision_config.hidden_size for k in layers):
+        raise ValueError(
+            f"vision_feature_layer={layer} selects layers of another width than hidden_size="
+            f"{vision_config.hidden_size} (set by feature_layer={vision_config.feature_layer}); hierarchical models "
+            "have one width per stage, so select one stage and give it as ZooVisionConfig(feature_layer=...)"
+        )
     tokens = vision_config.num_patches + (1 if strategy == "full" and vision_config.has_class_token else 0)
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
-        vision_feature_layer=vision_config.feature_layer,
+        vision_feature_layer=layer,
         vision_feature_select_strategy=strategy,
         image_seq_length=tokens,
         **kwargs,
