@@ -1,0 +1,131 @@
+"""Model throughput: zoo's Vim / MSVMamba (compiled scan kernels) next to timm's DeiT / ConvNeXt, one run.
+
+Each workload reports images/s (median of CUDA-event timed iterations after warm-up, fp16 autocast)
+and the peak GPU memory of that workload. Inference runs under ``torch.inference_mode``; the training
+step is forward + backward + SGD step. DeiT uses timm's fused attention (SDPA).
+
+    python benchmarks/bench_models.py                 # all workloads
+    python benchmarks/bench_models.py --only vim      # Vim vs DeiT only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm  # noqa: E402
+
+import zoo  # noqa: E402,F401
+
+# (group, label, model name, kwargs, mode, batch, resolution); training steps first, because a model
+# run under inference_mode first may cache inference tensors that a later training step cannot save
+WORKLOADS = [
+    ("vim", "Vim-Ti", "vim_tiny_patch16_224", {}, "train", 128, 224),
+    ("vim", "DeiT-Ti", "deit_tiny_patch16_224", {}, "train", 128, 224),
+    ("vim", "Vim-S", "vim_small_patch16_224", {}, "train", 128, 224),
+    ("vim", "DeiT-S", "deit_small_patch16_224", {}, "train", 128, 224),
+    ("msv", "MSVMamba-T", "msvmamba_tiny", {}, "train", 128, 224),
+    ("msv", "ConvNeXt-T", "convnext_tiny", {}, "train", 128, 224),
+    ("vim", "Vim-Ti", "vim_tiny_patch16_224", {}, "infer", 256, 224),
+    ("vim", "DeiT-Ti", "deit_tiny_patch16_224", {}, "infer", 256, 224),
+    ("vim", "Vim-Ti", "vim_tiny_patch16_224", {"img_size": 1248}, "infer", 8, 1248),
+    ("vim", "DeiT-Ti", "deit_tiny_patch16_224", {"img_size": 1248}, "infer", 8, 1248),
+    ("vim", "Vim-S", "vim_small_patch16_224", {}, "infer", 256, 224),
+    ("vim", "DeiT-S", "deit_small_patch16_224", {}, "infer", 256, 224),
+    ("vim", "Vim-S", "vim_small_patch16_224", {"img_size": 1248}, "infer", 8, 1248),
+    ("vim", "DeiT-S", "deit_small_patch16_224", {"img_size": 1248}, "infer", 8, 1248),
+    ("msv", "MSVMamba-N", "msvmamba_nano", {}, "infer", 256, 224),
+    ("msv", "MSVMamba-M", "msvmamba_micro", {}, "infer", 256, 224),
+    ("msv", "MSVMamba-T", "msvmamba_tiny", {}, "infer", 256, 224),
+    ("msv", "ConvNeXt-T", "convnext_tiny", {}, "infer", 256, 224),
+    ("msv", "MSVMamba-T", "msvmamba_tiny", {}, "infer", 8, 1024),
+    ("msv", "ConvNeXt-T", "convnext_tiny", {}, "infer", 8, 1024),
+]
+
+
+def timed(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def run_workload(name, kwargs, mode, batch, res, warmup, iters):
+    torch.cuda.empty_cache()
+    model = timm.create_model(name, pretrained=False, **kwargs).cuda()
+    x = torch.randn(batch, 3, res, res, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+                model(x)
+    else:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        target = torch.randint(0, 1000, (batch,), device="cuda")
+        scaler = torch.amp.GradScaler("cuda")
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    ms = timed(step, warmup, iters)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    del model, x
+    return batch / ms * 1e3, peak, ms
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["vim", "msv"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    from zoo.ops import resolve_backend
+
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, scan backend: "
+          f"{resolve_backend('cuda').name}", flush=True)
+    rows = []
+    for group, label, name, kwargs, mode, batch, res in WORKLOADS:
+        if args.only and group != args.only:
+            continue
+        try:
+            ips, peak, ms = run_workload(name, kwargs, mode, batch, res, args.warmup, args.iters)
+            row = dict(model=label, mode=mode, batch=batch, res=res, img_s=ips, peak_gib=peak, ms=ms)
+        except Exception as e:  # OOM or a model not there yet: report, keep going
+            row = dict(model=label, mode=mode, batch=batch, res=res, error=str(e).splitlines()[0][:160])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| model | workload | img/s | peak GiB | ms/iter |\n|---|---|---|---|---|")
+    for r in rows:
+        wl = f"{r['mode']} {r['res']}px bs{r['batch']}"
+        if "error" in r:
+            print(f"| {r['model']} | {wl} | error: {r['error']} | | |")
+        else:
+            print(f"| {r['model']} | {wl} | {r['img_s']:.0f} | {r['peak_gib']:.2f} | {r['ms']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
