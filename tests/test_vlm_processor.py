@@ -59,7 +59,8 @@ def test_pad_mode_pads_to_square_with_mean_then_resizes():
         side = max(w, h)
         left, top = (side - w) // 2, (side - h) // 2
         padded = T.functional.pad(img, [left, top, side - w - left, side - h - top], fill=fill)
-        expected = T.Compose([T.Resize((64, 64), interpolation=InterpolationMode.BICUBIC), normalise(processor)])(padded)
+        resize = T.Resize((64, 64), interpolation=InterpolationMode.BICUBIC)
+        expected = T.Compose([resize, normalise(processor)])(padded)
         got = processor(arr)["pixel_values"][0]
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # the wide photo: the bands above and below the content are the (normalised) mean colour, i.e. ~0

@@ -12,9 +12,8 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
-import zoo
+import zoo  # noqa: F401  (registers zoo models)
 from zoo.registry import list_test_models, model_info
 from zoo.vlm import ZooVisionTower
 

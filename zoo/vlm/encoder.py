@@ -72,7 +72,8 @@ def probe_grid(model: nn.Module, image_size: int, position: int, layout: Feature
     """Patch grid of one layer at ``image_size``, found by a shape-only (meta tensor) forward pass.
 
     Strided convolutions round differently per family (floor or ceil), so for sizes that are not a multiple
-    of the stride the grid is measured rather than derived. Falls back to ``image_size // stride`` if the model cannot run on meta tensors.
+    of the stride the grid is measured rather than derived. Falls back to ``image_size // stride`` if the
+    model cannot run on meta tensors.
     """
     stride = layout.reductions[position]
     if image_size % stride == 0:  # every floor/ceil rounding agrees on exact multiples: no probe needed

@@ -69,7 +69,8 @@ class ZooImageTower(nn.Module):
         if proj == "linear":
             self.proj = nn.Linear(width, embed_dim, bias=proj_bias)
         elif proj == "mlp":
-            self.proj = nn.Sequential(nn.Linear(width, 2 * embed_dim), nn.GELU(), nn.Linear(2 * embed_dim, embed_dim, bias=proj_bias))
+            self.proj = nn.Sequential(
+                nn.Linear(width, 2 * embed_dim), nn.GELU(), nn.Linear(2 * embed_dim, embed_dim, bias=proj_bias))
         else:
             if width != embed_dim:
                 raise ValueError(f"proj='none' needs the trunk width ({width}) to equal embed_dim ({embed_dim})")

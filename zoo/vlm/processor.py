@@ -86,7 +86,9 @@ class ImageProcessor:
                    pretrained_cfg.get("std", (0.229, 0.224, 0.225)), interpolation, mode)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, image_size: Optional[int] = None, mode: str = "pad") -> "ImageProcessor":
+    def from_model(
+        cls, model: torch.nn.Module, image_size: Optional[int] = None, mode: str = "pad"
+    ) -> "ImageProcessor":
         cfg = dict(getattr(model, "pretrained_cfg", None) or {})
         return cls.from_pretrained_cfg(cfg, image_size=image_size, mode=mode)
 
@@ -126,7 +128,8 @@ class ImageProcessor:
                     arr = arr * 255.0
                 arr = np.clip(arr, 0, 255).round().astype(np.uint8)
             return Image.fromarray(arr).convert("RGB")
-        raise TypeError(f"unsupported image type {type(image).__name__}; accepted: PIL.Image, numpy array, torch tensor")
+        raise TypeError(
+            f"unsupported image type {type(image).__name__}; accepted: PIL.Image, numpy array, torch tensor")
 
     def pad_to_square(self, image: Image.Image) -> Image.Image:
         w, h = image.size
@@ -163,7 +166,8 @@ class ImageProcessor:
         """``{'pixel_values': (B, 3, size, size) float tensor}`` (a list of (3, size, size) if return_tensors=None)."""
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; accepted: 'pt' or None")
-        single = isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.ndim == 3)
+        single = isinstance(images, (Image.Image, np.ndarray)) or (
+            isinstance(images, torch.Tensor) and images.ndim == 3)
         batch: List[ImageLike] = [images] if single else list(images)
         if not batch:
             raise ValueError("no images given")

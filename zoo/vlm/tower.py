@@ -173,7 +173,10 @@ class ZooVisionTower(nn.Module):
             return self._encode(self._as_batch(images))
 
     def _as_batch(self, image: Any) -> torch.Tensor:
-        if isinstance(image, torch.Tensor) and image.is_floating_point() and image.ndim in (3, 4) and image.shape[-3] == 3:
+        """Float (3, H, W) / (B, 3, H, W) tensors are taken as pixel_values already; anything else (PIL images,
+        uint8 arrays or tensors, lists of them) goes through ``image_processor``."""
+        is_pixels = isinstance(image, torch.Tensor) and image.is_floating_point() and image.ndim in (3, 4)
+        if is_pixels and image.shape[-3] == 3:
             return image if image.ndim == 4 else image.unsqueeze(0)
         # raw images (PIL, uint8 arrays/tensors) go through the tower's processor
         return self.image_processor(image, return_tensors="pt")["pixel_values"]
