@@ -340,3 +340,15 @@ def test_low_precision_tower_returns_input_dtype():
     out = tower(images("test_vit"))  # float32 in, computed in bfloat16, float32 out (as LLaVA's tower)
     assert out.dtype == torch.float32 and out.shape == reference.shape
     torch.testing.assert_close(out, reference, rtol=0.1, atol=0.1)
+
+
+def test_convllava_1536px_gives_576_tokens_end_to_end():
+    """ConvLLaVA's high-resolution setting on a real forward (test-sized widths, real 5-stage layout)."""
+    if not timm.is_model("test_convllava"):
+        pytest.skip("test_convllava is not registered (its family has not landed)")
+    tower = ZooVisionTower("test_convllava", image_size=1536)
+    x = torch.randn(1, 3, 1536, 1536)
+    out = tower(x)
+    assert out.shape == (1, 576, tower.hidden_size) and tower.config.grid == (24, 24)
+    last_stage = hooked_layer_output(tower.vision_tower, x, tower.vision_tower.feature_info[-1]["module"])
+    torch.testing.assert_close(out, last_stage.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-5)
