@@ -42,7 +42,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     import zoo  # noqa: F401  (registers the zoo families with timm)
 
     if not timm.is_model(cfg.model):
-        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=4)
+        family = cfg.model.split("_")[0][:3]
+        close = difflib.get_close_matches(cfg.model, timm.list_models(f"{family}*"), n=4, cutoff=0.3)
+        close = close or difflib.get_close_matches(cfg.model, timm.list_models(), n=4)
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise ConfigError(f"unknown model '{cfg.model}' (not registered with zoo/timm){hint}")
     kwargs: Dict[str, Any] = dict(cfg.model_kwargs)
