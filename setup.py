@@ -33,9 +33,9 @@ setup(
         "test": [
             "pytest",
             "scikit-learn",
-            "scikit-image",
-            "transformers>=5",
-            "open_clip_torch",
+            "scikit-image>=0.26",
+            "transformers>=5.23,<6",
+            "open_clip_torch>=3.3,<4",
             "ninja",
         ],
     },
