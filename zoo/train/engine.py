@@ -58,13 +58,13 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
     try:
-        return timm.create_model(cfg.model, **kwargs)
+        return zoo.create_model(cfg.model, **kwargs)
     except TypeError as err:
         text = str(err)
         if "img_size" in text and "img_size" not in cfg.model_kwargs:
             # convolutional models take any input size: the data pipeline alone uses img_size
             kwargs.pop("img_size")
-            return timm.create_model(cfg.model, **kwargs)
+            return zoo.create_model(cfg.model, **kwargs)
         if "unexpected keyword" in text:
             bad = [k for k in kwargs if f"'{k}'" in text]
             which = bad[0] if bad else text
