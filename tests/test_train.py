@@ -13,7 +13,7 @@ import zoo  # noqa: F401  (registers the zoo models)
 from zoo.train import ConfigError, config_from_args, make_config
 from zoo.train.checkpoint import atomic_save, capture_rng_state, load_finetune_weights, restore_rng_state
 from zoo.train.config import DIGITS_PRESET
-from zoo.train.data import EpochSampler, ShardSampler, build_datasets, build_train_sampler
+from zoo.train.data import ShardSampler, build_datasets, build_train_sampler
 from zoo.train.engine import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import zoo  # noqa: F401
@@ -142,7 +143,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_imagefolder):
     common = dict(aa="rand-m9-mstd0.5-inc1", reprob=0.0, mixup=0.0, cutmix=0.0)
     single = run(make_config(_tiny_run_config(tiny_imagefolder, tmp_path, "single", **common)))
     # the accumulation run also loads with 2 worker processes: per-sample seeds make workers irrelevant
-    accum = run(make_config(_tiny_run_config(tiny_imagefolder, tmp_path, "accum", batch_size=4, workers=2,
+    run(make_config(_tiny_run_config(tiny_imagefolder, tmp_path, "accum", batch_size=4, workers=2,
                                              **common)))
 
     values = _tiny_run_config(tiny_imagefolder, tmp_path, "ddp", device="cpu", **common)
@@ -172,6 +173,10 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_imagefolder):
         assert abs(h_ddp["train_loss"] - h_single["train_loss"]) < 1e-4
     # one process wrote; ranks agree on the folder
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["accum", "ddp", "single"]
+    # the flags reached the run: resolved config saved next to the checkpoints and inside them
+    saved = yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())
+    assert (saved["global_batch_size"], saved["aa"], saved["device"], saved["lr"]) == (8, common["aa"], "cpu", 2e-3)
+    assert torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)["config"] == saved
 
 
 def test_bf16_autocast_vim_tiny_blocks_stay_finite():

@@ -67,7 +67,6 @@ def run(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] = 
     """
     cfg.validate()
     dist_info: DistInfo = init_distributed(cfg.device)
-    device = dist_info.device
     out_dir = _resolve_output(cfg)
     logger = RunLogger(out_dir, dist_info.is_main, cfg.tensorboard)
     try:
