@@ -78,7 +78,12 @@ class MambaScan(torch.autograd.Function):
         return None, du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
-def cuda_median_ms(fn, warmup=10, iters=50):
+def cuda_median_ms(fn, warmup=10, iters=30, reps=5):
+    """Median over ``iters`` samples of the mean time of ``reps`` back-to-back calls (CUDA events).
+
+    Back-to-back calls keep the GPU busy between launches (no host sync inside a sample), so short
+    kernels are not timed at idle clocks or with launch gaps.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -86,10 +91,11 @@ def cuda_median_ms(fn, warmup=10, iters=50):
     for _ in range(iters):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn()
+        for _ in range(reps):
+            fn()
         e.record()
         e.synchronize()
-        times.append(s.elapsed_time(e))
+        times.append(s.elapsed_time(e) / reps)
     return statistics.median(times)
 
 
@@ -149,7 +155,7 @@ def gpu_table(args):
                 torch.autograd.grad(y, leaves, dout)
             return run
 
-        fb_ms = cuda_median_ms(fb(ours), warmup=5, iters=20)
+        fb_ms = cuda_median_ms(fb(ours), warmup=5, iters=15, reps=3)
         row = dict(shape=name, fwd_ms=f_ms, fwdbwd_ms=fb_ms,
                    fwd_gbs=scan_bytes(batch, dim, L, N, groups, 2, False) / f_ms / 1e6,
                    fwdbwd_gbs=scan_bytes(batch, dim, L, N, groups, 2, True) / fb_ms / 1e6)
@@ -158,7 +164,7 @@ def gpu_table(args):
                                         t["bias"])
             with torch.no_grad():
                 row["mamba_fwd_ms"] = cuda_median_ms(m)
-            row["mamba_fwdbwd_ms"] = cuda_median_ms(fb(m), warmup=5, iters=20)
+            row["mamba_fwdbwd_ms"] = cuda_median_ms(fb(m), warmup=5, iters=15, reps=3)
             with torch.no_grad():
                 ref, our = m().float(), ours().float()
             row["rel_err_vs_mamba"] = ((ref - our).norm() / ref.norm()).item()

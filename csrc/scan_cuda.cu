@@ -89,12 +89,14 @@ struct Params {
 
 template <int KS>
 __device__ __forceinline__ bool state_ok(int n, int N) {
-  return (KS == 1 || KS == 16) ? true : n < N;  // KS 1 and 16 are only used when KS * TPC == N
+  return KS == 1 ? true : n < N;  // KS 1 is only used when N == 1
 }
 
 template <typename in_t, int KS>
-__global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
-  const Dir& q = p.dir[blockIdx.z];
+__global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const __grid_constant__ Params p) {
+  // static indices: a run-time index into the kernel parameters makes every later access to them a
+  // slow generic load; this copy is made once, from the constant bank, into registers
+  const Dir q = blockIdx.z == 0 ? p.dir[0] : p.dir[1];
   extern __shared__ float smem[];
   const int N = p.N, NP = N + 1, T = p.T, TP = T + 1;
   // per tile: B/C (time-major), and the block's per-channel rows of dt (after bias and softplus), u,
@@ -106,23 +108,28 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
   float* sDt = sCf + p.cpb * N;    // (cpb, T + 1)
   float* sU = sDt + p.cpb * TP;
   float* sZ = sU + p.cpb * TP;
-  float* sY = sZ + p.cpb * TP;
+  float* sY = sZ + p.cpb * TP;     // (cpb * tpc, T + 1): per-thread partial outputs
+  float* sD = sY + p.cpb * p.tpc * TP;  // (cpb): D and delta_bias of the block's channels, so that
+  float* sBias = sD + p.cpb;            // no loop below mixes global loads with global stores
   const int tid = threadIdx.x, c = tid / p.tpc, slice = tid % p.tpc, n0 = slice * KS;
   const int b = blockIdx.y, d0 = blockIdx.x * p.cpb, d = d0 + c, g = d / p.dg;
   const int64_t L = p.L;
   const int64_t row0 = ((int64_t)b * p.dim + d0) * L;  // first channel of the block
   const int64_t bc = ((int64_t)b * p.groups + g) * N * L;
-  const in_t* u = static_cast<const in_t*>(q.u) + row0;
-  const in_t* delta = static_cast<const in_t*>(q.delta) + row0;
-  const in_t* z = p.z ? static_cast<const in_t*>(p.z) + row0 : nullptr;
-  const in_t* Bv = static_cast<const in_t*>(q.B) + bc;
-  const in_t* Cv = static_cast<const in_t*>(q.C) + bc;
-  const unsigned mask = blockDim.x >= 32 ? 0xffffffffu : ((1u << blockDim.x) - 1u);
+  const in_t* __restrict__ u = static_cast<const in_t*>(q.u) + row0;
+  const in_t* __restrict__ delta = static_cast<const in_t*>(q.delta) + row0;
+  const in_t* __restrict__ z = p.z ? static_cast<const in_t*>(p.z) + row0 : nullptr;
+  const in_t* __restrict__ Bv = static_cast<const in_t*>(q.B) + bc;
+  const in_t* __restrict__ Cv = static_cast<const in_t*>(q.C) + bc;
 
   for (int idx = tid; idx < p.cpb * N; idx += blockDim.x) {
     const int64_t off = (int64_t)d0 * N + idx;
     if (!p.varB) sBf[idx] = static_cast<const float*>(q.B)[off];
     if (!p.varC) sCf[idx] = static_cast<const float*>(q.C)[off];
+  }
+  for (int cc = tid; cc < p.cpb; cc += blockDim.x) {
+    sD[cc] = q.D ? q.D[d0 + cc] : 0.f;
+    sBias[cc] = q.bias ? q.bias[d0 + cc] : 0.f;
   }
   float Al2[KS], h[KS];
 #pragma unroll
@@ -131,35 +138,71 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
     Al2[k] = state_ok<KS>(n, N) ? q.A[(int64_t)d * N + n] * kLog2e : 0.f;
     h[k] = 0.f;
   }
-  const float Dv = q.D ? q.D[d] : 0.f;
 
   for (int64_t t0 = 0; t0 < L; t0 += T) {
     const int nT = (int)min((int64_t)T, L - t0);
     __syncthreads();
+    // staging: kUnroll independent loads per thread in flight before the first smem store
+    constexpr int kUnroll = 8;
     if (p.varB || p.varC) {
-      for (int idx = tid; idx < N * nT; idx += blockDim.x) {
-        const int n = idx / nT, i = idx - n * nT;
-        const int64_t tp = q.reverse ? L - 1 - (t0 + i) : t0 + i;
-        if (p.varB) sB[i * NP + n] = to_f(Bv[(int64_t)n * L + tp]);
-        if (p.varC) sC[i * NP + n] = to_f(Cv[(int64_t)n * L + tp]);
+      for (int base = tid; base < N * nT; base += kUnroll * blockDim.x) {
+        float rb[kUnroll], rc[kUnroll];
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j) {
+          const int idx = base + j * blockDim.x;
+          if (idx < N * nT) {
+            const int n = idx / nT, i = idx - n * nT;
+            const int64_t off = (int64_t)n * L + (q.reverse ? L - 1 - (t0 + i) : t0 + i);
+            rb[j] = p.varB ? to_f(Bv[off]) : 0.f;
+            rc[j] = p.varC ? to_f(Cv[off]) : 0.f;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j) {
+          const int idx = base + j * blockDim.x;
+          if (idx < N * nT) {
+            const int n = idx / nT, i = idx - n * nT;
+            sB[i * NP + n] = rb[j];
+            sC[i * NP + n] = rc[j];
+          }
+        }
       }
     }
-    for (int idx = tid; idx < p.cpb * nT; idx += blockDim.x) {
-      const int cc = idx / nT, i = idx - cc * nT;
-      const int64_t off = (int64_t)cc * L + (q.reverse ? L - 1 - (t0 + i) : t0 + i);
-      float dt = to_f(delta[off]) + (q.bias ? q.bias[d0 + cc] : 0.f);
-      sDt[cc * TP + i] = p.softplus ? softplus_f(dt) : dt;
-      sU[cc * TP + i] = to_f(u[off]);
-      if (z) sZ[cc * TP + i] = to_f(z[off]);
+    for (int base = tid; base < p.cpb * nT; base += kUnroll * blockDim.x) {
+      float rd[kUnroll], ru[kUnroll], rz[kUnroll];
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int idx = base + j * blockDim.x;
+        if (idx < p.cpb * nT) {
+          const int cc = idx / nT, i = idx - cc * nT;
+          const int64_t off = (int64_t)cc * L + (q.reverse ? L - 1 - (t0 + i) : t0 + i);
+          rd[j] = to_f(delta[off]);
+          ru[j] = to_f(u[off]);
+          rz[j] = z ? to_f(z[off]) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int idx = base + j * blockDim.x;
+        if (idx < p.cpb * nT) {
+          const int cc = idx / nT, i = idx - cc * nT;
+          const float dt = rd[j] + sBias[cc];
+          sDt[cc * TP + i] = p.softplus ? softplus_f(dt) : dt;
+          sU[cc * TP + i] = ru[j];
+          sZ[cc * TP + i] = rz[j];
+        }
+      }
     }
     __syncthreads();
     const float* Bt = p.varB ? sB : sBf + c * N;
     const float* Ct = p.varC ? sC : sCf + c * N;
     const int bstride = p.varB ? NP : 0, cstride = p.varC ? NP : 0;
-#pragma unroll 2
+    // the recurrence proper: straight-line code (no shuffles, no branches) so that the compiler can
+    // overlap the exp and loads of later steps with the one dependent FMA per state and step
+#pragma unroll 4
     for (int i = 0; i < nT; ++i) {
-      const float dt = sDt[c * TP + i], uu = sU[c * TP + i];
-      const float dtu = dt * uu;
+      const float dt = sDt[c * TP + i];
+      const float dtu = dt * sU[c * TP + i];
       float y = 0.f;
 #pragma unroll
       for (int k = 0; k < KS; ++k) {
@@ -169,24 +212,24 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
           y += h[k] * Ct[i * cstride + n];
         }
       }
-      for (int off = 1; off < p.tpc; off <<= 1) y += __shfl_xor_sync(mask, y, off);
-      if (slice == 0) {
-        y += Dv * uu;
-        if (z) {
-          const float zz = sZ[c * TP + i];
-          y *= zz * sigmoid_f(zz);
-        }
-        sY[c * TP + i] = y * p.scale;
-      }
+      sY[tid * TP + i] = y;  // this thread's share of y; summed over the channel's threads below
     }
     __syncthreads();
     for (int idx = tid; idx < p.cpb * nT; idx += blockDim.x) {
       const int cc = idx / nT, i = idx - cc * nT;
+      float y = 0.f;
+      for (int sl = 0; sl < p.tpc; ++sl) y += sY[(cc * p.tpc + sl) * TP + i];
+      y += sD[cc] * sU[cc * TP + i];
+      if (z) {
+        const float zz = sZ[cc * TP + i];
+        y *= zz * sigmoid_f(zz);
+      }
+      y *= p.scale;
       const int64_t off = row0 + (int64_t)cc * L + (q.reverse ? L - 1 - (t0 + i) : t0 + i);
       if (p.accumulate)
-        atomicAdd(p.out_acc + off, sY[cc * TP + i]);  // exactly two addends onto zero: order-independent
+        atomicAdd(p.out_acc + off, y);  // exactly two addends onto zero: order-independent
       else
-        static_cast<in_t*>(q.out)[off] = from_f<in_t>(sY[cc * TP + i]);
+        static_cast<in_t*>(q.out)[off] = from_f<in_t>(y);
     }
   }
 #pragma unroll
@@ -197,8 +240,10 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
 }
 
 template <typename in_t, int KS, int TB>
-__global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
-  const Dir& q = p.dir[blockIdx.z];
+__global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const __grid_constant__ Params p) {
+  // static indices: a run-time index into the kernel parameters makes every later access to them a
+  // slow generic load; this copy is made once, from the constant bank, into registers
+  const Dir q = blockIdx.z == 0 ? p.dir[0] : p.dir[1];
   extern __shared__ float smem[];
   const int N = p.N, NP = N + 1, CP = p.cpb + 1;
   float* sB = smem;                  // (TB, N + 1)
@@ -215,12 +260,12 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
   const int64_t bd = (int64_t)b * p.dim + d;
   const int64_t row = bd * L;
   const int64_t bc = ((int64_t)b * p.groups + g) * N * L;
-  const in_t* u = static_cast<const in_t*>(q.u) + row;
-  const in_t* delta = static_cast<const in_t*>(q.delta) + row;
-  const in_t* z = p.z ? static_cast<const in_t*>(p.z) + row : nullptr;
-  const in_t* dout = static_cast<const in_t*>(p.dout) + row;
-  const in_t* Bv = static_cast<const in_t*>(q.B) + bc;
-  const in_t* Cv = static_cast<const in_t*>(q.C) + bc;
+  const in_t* __restrict__ u = static_cast<const in_t*>(q.u) + row;
+  const in_t* __restrict__ delta = static_cast<const in_t*>(q.delta) + row;
+  const in_t* __restrict__ z = p.z ? static_cast<const in_t*>(p.z) + row : nullptr;
+  const in_t* __restrict__ dout = static_cast<const in_t*>(p.dout) + row;
+  const in_t* __restrict__ Bv = static_cast<const in_t*>(q.B) + bc;
+  const in_t* __restrict__ Cv = static_cast<const in_t*>(q.C) + bc;
   float* ckpt = q.ckpt + bd * p.nchunks * N;
   const unsigned mask = blockDim.x >= 32 ? 0xffffffffu : ((1u << blockDim.x) - 1u);
   const int part = (d % p.dg) / p.cpb;
@@ -404,7 +449,8 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
 
 // ---- host side ----
 
-int states_per_thread(int N) { return N == 1 ? 1 : (N == 16 ? 16 : 8); }
+// N = 16 runs as two threads of 8 states: twice the threads of one-per-channel hides more latency
+int states_per_thread(int N) { return N == 1 ? 1 : 8; }
 int bwd_tile(int ks) { return ks == 1 ? 16 : 4; }
 int next_pow2(int x) {
   int p = 1;
@@ -507,10 +553,10 @@ template <typename in_t>
 void launch_fwd(Params& p, int ndir) {
   p.T = std::max(1, std::min(32, 2048 / (p.N + 1)));
   const size_t smem =
-      (size_t)(2 * p.T * (p.N + 1) + 2 * p.cpb * p.N + 4 * p.cpb * (p.T + 1)) * sizeof(float);
+      (size_t)(2 * p.T * (p.N + 1) + 2 * p.cpb * p.N + (3 + p.tpc) * p.cpb * (p.T + 1) + 2 * p.cpb) *
+      sizeof(float);
   switch (states_per_thread(p.N)) {
     case 1: launch(scan_fwd_kernel<in_t, 1>, p, ndir, smem); break;
-    case 16: launch(scan_fwd_kernel<in_t, 16>, p, ndir, smem); break;
     default: launch(scan_fwd_kernel<in_t, 8>, p, ndir, smem); break;
   }
 }
@@ -522,7 +568,6 @@ void launch_bwd(Params& p, int ndir) {
       (size_t)(2 * tb * (p.N + 1) + 2 * p.N * tb * (p.cpb + 1) + 4 * p.cpb * p.N) * sizeof(float);
   switch (states_per_thread(p.N)) {
     case 1: launch(scan_bwd_kernel<in_t, 1, 16>, p, ndir, smem); break;
-    case 16: launch(scan_bwd_kernel<in_t, 16, 4>, p, ndir, smem); break;
     default: launch(scan_bwd_kernel<in_t, 8, 4>, p, ndir, smem); break;
   }
 }
