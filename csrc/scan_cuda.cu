@@ -1,11 +1,13 @@
 // Selective scan on CUDA: forward, backward and the fused two-direction (Vim) forward/backward.
 //
 // Layout: one thread owns KS consecutive states of one (batch, channel) and walks the whole sequence;
-// TPC = ceil(N / KS) threads (a power of two, inside one warp) share a channel and combine their
-// partial outputs with warp shuffles. KS = 16 (Vim's d_state 16: one thread per channel, no shuffles),
-// KS = 1 (MSVMamba's d_state 1) and KS = 8 (anything up to 256). A block holds CPB channels of one
-// batch element and one B/C group, so the group-shared, time-varying B and C are staged through
-// shared memory once per block and tile, read with coalesced loads along time.
+// TPC = ceil(N / KS) threads (a power of two, inside one warp) share a channel. KS = 1 serves
+// MSVMamba's d_state 1, KS = 8 everything else up to 256 (Vim's d_state 16 runs as two threads per
+// channel). A block holds CPB channels of one batch element and one B/C group. The sequence is
+// walked in tiles of T steps: B/C (group-shared) and the block's rows of dt (bias and softplus
+// applied once), u and z are staged through shared memory with coalesced loads, the recurrence runs
+// out of shared memory, and the epilogue (sum over the channel's threads, D skip, z gate, store) runs
+// per tile with coalesced stores.
 //
 // Backward: a first pass stores the state entering every TB-step chunk; chunks are then visited in
 // reverse, the chunk's states recomputed into registers and the adjoint recurrence run through
