@@ -37,15 +37,6 @@ inline float exp_vec(float x) {
 }
 inline double exp_vec(double x) { return std::exp(x); }
 
-template <typename acc_t>
-inline acc_t softplus(acc_t x) {
-  return x <= acc_t(20) ? std::log1p(std::exp(x)) : x;
-}
-template <typename acc_t>
-inline acc_t sigmoid(acc_t x) {
-  return acc_t(1) / (acc_t(1) + std::exp(-x));
-}
-
 // Everything a kernel needs, already converted: per-channel rows in the input dtype, weights and
 // the (time-major) B/C in the accumulation dtype.
 template <typename in_t, typename acc_t>
@@ -53,8 +44,12 @@ struct ScanArgs {
   int64_t batch, dim, L, N, groups;
   bool varB, varC, softplus, reverse;
   const in_t* u;
-  const in_t* delta;
-  const in_t* z;  // may be null
+  // elementwise terms precomputed by vectorised ATen ops before the sequential walk
+  const acc_t* dt;    // softplus(delta + bias) (or delta + bias), (batch, dim, L)
+  const acc_t* gate;  // forward: silu(z), or null
+  const acc_t* sz;    // backward: sigmoid(z), or null
+  const acc_t* dsp;   // backward: sigmoid(delta + bias) when softplus is applied, else null
+  const in_t* z;      // may be null
   const acc_t* A;  // (dim, N)
   const acc_t* B;  // varB: (batch, G, L, N) time-major; else (dim, N)
   const acc_t* C;
@@ -79,11 +74,9 @@ void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
       std::fill(h.begin(), h.end(), acc_t(0));
       for (int64_t n = 0; n < N; ++n) Al[n] = a.A[d * N + n];
       const acc_t Dd = a.D ? a.D[d] : acc_t(0);
-      const acc_t bias = a.bias ? a.bias[d] : acc_t(0);
       for (int64_t s = 0; s < L; ++s) {
         const int64_t t = a.reverse ? L - 1 - s : s;
-        acc_t dt = static_cast<acc_t>(a.delta[row + t]) + bias;
-        if (a.softplus) dt = softplus(dt);
+        const acc_t dt = a.dt[row + t];
         const acc_t uu = static_cast<acc_t>(a.u[row + t]);
         const acc_t dtu = dt * uu;
         const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, a.groups, L, N);
@@ -98,10 +91,7 @@ void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
           y += hn * Ct[n];
         }
         y += Dd * uu;
-        if (a.z) {
-          const acc_t zz = static_cast<acc_t>(a.z[row + t]);
-          y *= zz * sigmoid(zz);
-        }
+        if (a.gate) y *= a.gate[row + t];
         out[row + t] = static_cast<in_t>(y);
       }
       std::copy(h.begin(), h.end(), last + bd * N);
@@ -138,11 +128,7 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
         const int64_t bd = b * a.dim + d, row = bd * L;
         for (int64_t n = 0; n < N; ++n) Al[n] = a.A[d * N + n];
         const acc_t Dd = a.D ? a.D[d] : acc_t(0);
-        const acc_t bias = a.bias ? a.bias[d] : acc_t(0);
-        auto delta_at = [&](int64_t t) {
-          acc_t dt = static_cast<acc_t>(a.delta[row + t]) + bias;
-          return a.softplus ? softplus(dt) : dt;
-        };
+        auto delta_at = [&](int64_t t) { return a.dt[row + t]; };
         // pass 1: the state entering each chunk (logical time order)
         std::fill(h.begin(), h.end(), acc_t(0));
         for (int64_t s = 0; s < L; ++s) {
@@ -184,7 +170,7 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
             if (a.z) {
               acc_t y = Dd * uu;
               for (int64_t n = 0; n < N; ++n) y += cur[n] * Ct[n];
-              const acc_t zz = static_cast<acc_t>(a.z[row + t]), sz = sigmoid(zz);
+              const acc_t zz = static_cast<acc_t>(a.z[row + t]), sz = a.sz[row + t];
               o.dz[row + t] = static_cast<in_t>(dy * y * sz * (acc_t(1) + zz * (acc_t(1) - sz)));
               dy *= zz * sz;
             }
@@ -206,7 +192,7 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
               cp[n] = decay * gn;
             }
             dD += dy * uu;
-            if (a.softplus) ddt *= sigmoid(static_cast<acc_t>(a.delta[row + t]) + bias);
+            if (a.dsp) ddt *= a.dsp[row + t];
             dbias += ddt;
             o.du[row + t] = static_cast<in_t>(duu);
             o.ddelta[row + t] = static_cast<in_t>(ddt);
@@ -261,7 +247,7 @@ at::Tensor state_operand(const at::Tensor& M, at::ScalarType acc) {
 }
 
 template <typename in_t, typename acc_t>
-ScanArgs<in_t, acc_t> make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+ScanArgs<in_t, acc_t> make_args(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
                                 const at::Tensor& Bt, const at::Tensor& Ct, const at::Tensor* D,
                                 const at::Tensor* z, const at::Tensor* bias, int64_t groups, bool varB,
                                 bool varC, bool softplus, bool reverse) {
@@ -276,7 +262,8 @@ ScanArgs<in_t, acc_t> make_args(const at::Tensor& u, const at::Tensor& delta, co
   a.softplus = softplus;
   a.reverse = reverse;
   a.u = u.data_ptr<in_t>();
-  a.delta = delta.data_ptr<in_t>();
+  a.dt = dt.data_ptr<acc_t>();
+  a.gate = a.sz = a.dsp = nullptr;
   a.z = z ? z->data_ptr<in_t>() : nullptr;
   a.A = A.data_ptr<acc_t>();
   a.B = Bt.data_ptr<acc_t>();
@@ -293,7 +280,7 @@ ScanArgs<in_t, acc_t> make_args(const at::Tensor& u, const at::Tensor& delta, co
                                              AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 struct Prepared {
-  at::Tensor u, delta, z, A, B, C, D, bias;
+  at::Tensor u, dt, raw, z, A, B, C, D, bias;  // dt: step after bias/softplus; raw: before softplus
   bool has_z, has_D, has_bias;
   int64_t groups;
   at::ScalarType acc;
@@ -306,7 +293,7 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   Prepared p;
   p.acc = acc_type(u.scalar_type());
   p.u = u.contiguous();
-  p.delta = delta.to(u.scalar_type()).contiguous();
+  p.raw = delta.to(p.acc);
   p.has_z = z.has_value();
   p.z = p.has_z ? z->to(u.scalar_type()).contiguous() : at::Tensor();
   p.A = A.to(p.acc).contiguous();
@@ -316,6 +303,7 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   p.D = p.has_D ? D->to(p.acc).contiguous() : at::Tensor();
   p.has_bias = delta_bias.has_value();
   p.bias = p.has_bias ? delta_bias->to(p.acc).contiguous() : at::Tensor();
+  if (p.has_bias) p.raw = p.raw + p.bias.unsqueeze(-1);
   p.groups = num_groups(B, C);
   return p;
 }
@@ -327,14 +315,17 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cpu(const at::Tensor& u, const at::T
                                                 const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                                                 bool reverse) {
   Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
+  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  at::Tensor gate = p.has_z ? at::silu(p.z.to(p.acc)).contiguous() : at::Tensor();
   auto out = at::empty_like(p.u);
   auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(p.acc));
   ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_fwd_cpu", [&] {
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
-    auto a = make_args<in_t, acc_t>(p.u, p.delta, p.A, p.B, p.C, p.has_D ? &p.D : nullptr,
+    auto a = make_args<in_t, acc_t>(p.u, p.dt, p.A, p.B, p.C, p.has_D ? &p.D : nullptr,
                                     p.has_z ? &p.z : nullptr, p.has_bias ? &p.bias : nullptr, p.groups,
                                     B.dim() == 4, C.dim() == 4, delta_softplus, reverse);
+    a.gate = p.has_z ? gate.data_ptr<acc_t>() : nullptr;
     forward_cpu<in_t, acc_t>(a, out.data_ptr<in_t>(), last.data_ptr<acc_t>());
   });
   return {out, last};
@@ -349,12 +340,15 @@ GradTuple scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool reverse) {
   Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
   TORCH_CHECK(dout.sizes() == u.sizes(), "zoo_scan: dout must have u's shape");
+  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  at::Tensor dsp = delta_softplus ? at::sigmoid(p.raw).contiguous() : at::Tensor();
+  at::Tensor sz = p.has_z ? at::sigmoid(p.z.to(p.acc)).contiguous() : at::Tensor();
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1), G = p.groups;
   auto dout_c = dout.to(u.scalar_type()).contiguous();
   at::Tensor dlast_c;
   if (dlast) dlast_c = dlast->to(p.acc).contiguous();
   auto fopt = u.options().dtype(p.acc);
-  auto du = at::empty_like(p.u), ddelta = at::empty_like(p.u);
+  auto du = at::empty_like(p.u), ddelta = at::empty_like(p.u);  // in u's dtype, like the CUDA op
   auto dz = p.has_z ? at::empty_like(p.u) : at::empty({0}, u.options());
   auto dA_part = at::empty({batch, dim, N}, fopt);
   const bool varB = B.dim() == 4, varC = C.dim() == 4;
@@ -365,9 +359,11 @@ GradTuple scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_bwd_cpu", [&] {
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
-    auto a = make_args<in_t, acc_t>(p.u, p.delta, p.A, p.B, p.C, p.has_D ? &p.D : nullptr,
+    auto a = make_args<in_t, acc_t>(p.u, p.dt, p.A, p.B, p.C, p.has_D ? &p.D : nullptr,
                                     p.has_z ? &p.z : nullptr, p.has_bias ? &p.bias : nullptr, G, varB, varC,
                                     delta_softplus, reverse);
+    a.dsp = delta_softplus ? dsp.data_ptr<acc_t>() : nullptr;
+    a.sz = p.has_z ? sz.data_ptr<acc_t>() : nullptr;
     GradOut<in_t, acc_t> o;
     o.du = du.data_ptr<in_t>();
     o.ddelta = ddelta.data_ptr<in_t>();
