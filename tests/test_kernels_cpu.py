@@ -191,3 +191,34 @@ def test_bad_inputs_raise_clear_errors():
         selective_scan(u, delta, A, B[:, :, :, :], torch.randn(1, 3, 4, 6), backend="compiled")
     with pytest.raises(RuntimeError, match="zoo_scan: delta"):
         torch.ops.zoo_scan.scan_fwd(u, delta[..., :3], A, B, C, D, z, bias, True, False)
+
+
+def test_missing_compiler_falls_back_with_one_warning(tmp_path):
+    """No compiler: the reference runs, one warning says why, an explicit backend request raises."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import warnings, torch
+        from zoo.ops import selective_scan, last_backend
+        u = torch.randn(1, 2, 5); A = -torch.rand(2, 3); B = torch.randn(1, 1, 3, 5)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            selective_scan(u, u.abs(), A, B, B)
+            selective_scan(u, u.abs(), A, B, B)
+        msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+        assert len(msgs) == 1 and "no C++ compiler" in msgs[0], msgs
+        assert last_backend().name == "reference"
+        try:
+            selective_scan(u, u.abs(), A, B, B, backend="compiled")
+        except RuntimeError as e:
+            assert "cannot run" in str(e)
+        else:
+            raise AssertionError("explicit backend='compiled' must raise")
+        print("OK")
+    """)
+    env = dict(__import__("os").environ, CXX=str(tmp_path / "no-such-compiler"), ZOO_EXT_CACHE=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

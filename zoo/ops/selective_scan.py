@@ -114,6 +114,10 @@ def last_backend() -> Optional[BackendChoice]:
 
 def _warn_if_slow(choice: BackendChoice, device: torch.device) -> None:
     global _warned_slow_cuda
+    # the compiled backend's loader already warns once when it cannot build; this covers the rest
+    # (e.g. ZOO_SCAN_BACKEND=reference or a CUDA device without any compiled backend registered)
+    if "compiled: " in choice.reason:
+        return
     if device.type == "cuda" and choice.name == "reference" and not _warned_slow_cuda:
         _warned_slow_cuda = True
         warnings.warn(
