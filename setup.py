@@ -28,11 +28,11 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "scikit-learn",  # the embedded digits data set of train_imagenet.py's default run
     ],
     extras_require={
         "test": [
             "pytest",
-            "scikit-learn",
             "scikit-image>=0.26",
             "transformers>=5.23,<6",
             "open_clip_torch>=3.3,<4",
