@@ -43,6 +43,10 @@ template <typename in_t, typename acc_t>
 struct ScanArgs {
   int64_t batch, dim, L, N, groups;
   bool varB, varC, softplus, reverse;
+  // optional visiting order: step s reads position index[s] of the L-long inputs and writes step s
+  // of the Ls-long output (multi-direction scans over one map without reordered copies)
+  int64_t Ls;
+  const int64_t* index;
   const in_t* u;
   // elementwise terms precomputed by vectorised ATen ops before the sequential walk
   const acc_t* dt;    // softplus(delta + bias) (or delta + bias), (batch, dim, L)
@@ -65,7 +69,7 @@ inline const acc_t* state_row(const acc_t* M, bool var, int64_t b, int64_t g, in
 
 template <typename in_t, typename acc_t>
 void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
-  const int64_t L = a.L, N = a.N, dg = a.dim / a.groups;
+  const int64_t L = a.L, Ls = a.Ls, N = a.N, dg = a.dim / a.groups;
   at::parallel_for(0, a.batch * a.dim, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> h(N), Al(N);
     for (int64_t bd = begin; bd < end; ++bd) {
@@ -74,8 +78,9 @@ void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
       std::fill(h.begin(), h.end(), acc_t(0));
       for (int64_t n = 0; n < N; ++n) Al[n] = a.A[d * N + n];
       const acc_t Dd = a.D ? a.D[d] : acc_t(0);
-      for (int64_t s = 0; s < L; ++s) {
-        const int64_t t = a.reverse ? L - 1 - s : s;
+      for (int64_t s = 0; s < Ls; ++s) {
+        const int64_t t = a.index ? a.index[s] : (a.reverse ? L - 1 - s : s);
+        const int64_t t_out = a.index ? bd * Ls + s : row + t;
         const acc_t dt = a.dt[row + t];
         const acc_t uu = static_cast<acc_t>(a.u[row + t]);
         const acc_t dtu = dt * uu;
@@ -92,7 +97,7 @@ void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
         }
         y += Dd * uu;
         if (a.gate) y *= a.gate[row + t];
-        out[row + t] = static_cast<in_t>(y);
+        out[t_out] = static_cast<in_t>(y);
       }
       std::copy(h.begin(), h.end(), last + bd * N);
     }
@@ -111,14 +116,17 @@ struct GradOut {
   acc_t* dC;
   acc_t* dD_part;     // (batch, dim) or null
   acc_t* dbias_part;  // (batch, dim) or null
+  acc_t* du_acc;      // with a visiting order, positions can repeat: du / ddelta accumulate here
+  acc_t* ddelta_acc;
 };
 
 template <typename in_t, typename acc_t>
 void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
                   const GradOut<in_t, acc_t>& o) {
-  const int64_t L = a.L, N = a.N, G = a.groups, dg = a.dim / G;
+  const int64_t L = a.L, Ls = a.Ls, N = a.N, G = a.groups, dg = a.dim / G;
   const int64_t chunk = 64;
-  const int64_t nchunks = (L + chunk - 1) / chunk;
+  const int64_t nchunks = (Ls + chunk - 1) / chunk;
+  auto position = [&](int64_t s) { return a.index ? a.index[s] : (a.reverse ? L - 1 - s : s); };
   at::parallel_for(0, a.batch * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> ckpt(nchunks * N), hs(chunk * N), dts(chunk), carry(N), Al(N), dA(N), dBf(N), dCf(N),
         h(N);
@@ -131,9 +139,9 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
         auto delta_at = [&](int64_t t) { return a.dt[row + t]; };
         // pass 1: the state entering each chunk (logical time order)
         std::fill(h.begin(), h.end(), acc_t(0));
-        for (int64_t s = 0; s < L; ++s) {
+        for (int64_t s = 0; s < Ls; ++s) {
           if (s % chunk == 0) std::copy(h.begin(), h.end(), ckpt.begin() + (s / chunk) * N);
-          const int64_t t = a.reverse ? L - 1 - s : s;
+          const int64_t t = position(s);
           const acc_t dt = delta_at(t), dtu = dt * static_cast<acc_t>(a.u[row + t]);
           const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, G, L, N);
           acc_t* hp = h.data();
@@ -147,10 +155,10 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
         std::fill(dCf.begin(), dCf.end(), acc_t(0));
         acc_t dD = 0, dbias = 0;
         for (int64_t c = nchunks - 1; c >= 0; --c) {
-          const int64_t s0 = c * chunk, len = std::min(chunk, L - s0);
+          const int64_t s0 = c * chunk, len = std::min(chunk, Ls - s0);
           const acc_t* h0 = ckpt.data() + c * N;
           for (int64_t i = 0; i < len; ++i) {
-            const int64_t s = s0 + i, t = a.reverse ? L - 1 - s : s;
+            const int64_t s = s0 + i, t = position(s);
             const acc_t dt = delta_at(t), dtu = dt * static_cast<acc_t>(a.u[row + t]);
             dts[i] = dt;
             const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, G, L, N);
@@ -160,13 +168,13 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
             for (int64_t n = 0; n < N; ++n) cur[n] = exp_vec(dt * Al[n]) * prev[n] + dtu * Bt[n];
           }
           for (int64_t i = len - 1; i >= 0; --i) {
-            const int64_t s = s0 + i, t = a.reverse ? L - 1 - s : s;
+            const int64_t s = s0 + i, t = position(s);
             const acc_t dt = dts[i], uu = static_cast<acc_t>(a.u[row + t]);
             const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, G, L, N);
             const acc_t* Ct = state_row(a.C, a.varC, b, g, d, t, G, L, N);
             const acc_t* cur = hs.data() + i * N;
             const acc_t* prev = i ? hs.data() + (i - 1) * N : h0;
-            acc_t dy = static_cast<acc_t>(dout[row + t]);
+            acc_t dy = static_cast<acc_t>(dout[a.index ? bd * Ls + s : row + t]);
             if (a.z) {
               acc_t y = Dd * uu;
               for (int64_t n = 0; n < N; ++n) y += cur[n] * Ct[n];
@@ -194,8 +202,13 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
             dD += dy * uu;
             if (a.dsp) ddt *= a.dsp[row + t];
             dbias += ddt;
-            o.du[row + t] = static_cast<in_t>(duu);
-            o.ddelta[row + t] = static_cast<in_t>(ddt);
+            if (a.index) {
+              o.du_acc[row + t] += duu;
+              o.ddelta_acc[row + t] += ddt;
+            } else {
+              o.du[row + t] = static_cast<in_t>(duu);
+              o.ddelta[row + t] = static_cast<in_t>(ddt);
+            }
           }
         }
         std::copy(dA.begin(), dA.end(), o.dA_part + bd * N);
@@ -263,6 +276,8 @@ ScanArgs<in_t, acc_t> make_args(const at::Tensor& u, const at::Tensor& dt, const
   a.reverse = reverse;
   a.u = u.data_ptr<in_t>();
   a.dt = dt.data_ptr<acc_t>();
+  a.Ls = a.L;
+  a.index = nullptr;
   a.gate = a.sz = a.dsp = nullptr;
   a.z = z ? z->data_ptr<in_t>() : nullptr;
   a.A = A.data_ptr<acc_t>();
@@ -364,7 +379,7 @@ GradTuple scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
                                     delta_softplus, reverse);
     a.dsp = delta_softplus ? dsp.data_ptr<acc_t>() : nullptr;
     a.sz = p.has_z ? sz.data_ptr<acc_t>() : nullptr;
-    GradOut<in_t, acc_t> o;
+    GradOut<in_t, acc_t> o{};
     o.du = du.data_ptr<in_t>();
     o.ddelta = ddelta.data_ptr<in_t>();
     o.dz = p.has_z ? dz.data_ptr<in_t>() : nullptr;
@@ -384,6 +399,90 @@ GradTuple scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   return {du, ddelta, dA, dBo, dCo, dD, p.has_z ? dz : empty, dbias};
 }
 
+at::Tensor check_index(const at::Tensor& index, int64_t L) {
+  TORCH_CHECK(index.dim() == 1 && index.numel() >= 1, "zoo_scan: index must be a non-empty 1-D tensor");
+  TORCH_CHECK(!index.is_floating_point() && !index.is_complex(), "zoo_scan: index must be an integer tensor");
+  auto idx = index.to(at::kCPU, at::kLong).contiguous();
+  const auto lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < L, "zoo_scan: index values must lie in [0, ", L, "), got [", lo, ", ", hi, "]");
+  return idx;
+}
+
+// Scan visiting the inputs in the order `index` (positions may repeat, e.g. several directions over
+// one map); out[..., s] is step s. No reordered copy of u / delta / B / C is made.
+std::tuple<at::Tensor, at::Tensor> scan_fwd_indexed_cpu(const at::Tensor& u, const at::Tensor& delta,
+                                                        const at::Tensor& A, const at::Tensor& B,
+                                                        const at::Tensor& C, const std::optional<at::Tensor>& D,
+                                                        const std::optional<at::Tensor>& delta_bias,
+                                                        const at::Tensor& index, bool delta_softplus) {
+  Prepared p = prepare(u, delta, A, B, C, D, std::nullopt, delta_bias);
+  at::Tensor idx = check_index(index, u.size(2));
+  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  const int64_t Ls = idx.numel();
+  auto out = at::empty({u.size(0), u.size(1), Ls}, p.u.options());
+  auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(p.acc));
+  ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_fwd_indexed_cpu", [&] {
+    using in_t = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+    auto a = make_args<in_t, acc_t>(p.u, p.dt, p.A, p.B, p.C, p.has_D ? &p.D : nullptr, nullptr,
+                                    p.has_bias ? &p.bias : nullptr, p.groups, B.dim() == 4, C.dim() == 4,
+                                    delta_softplus, false);
+    a.Ls = Ls;
+    a.index = idx.data_ptr<int64_t>();
+    forward_cpu<in_t, acc_t>(a, out.data_ptr<in_t>(), last.data_ptr<acc_t>());
+  });
+  return {out, last};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+scan_bwd_indexed_cpu(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                     const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                     const std::optional<at::Tensor>& delta_bias, const at::Tensor& index, bool delta_softplus) {
+  Prepared p = prepare(u, delta, A, B, C, D, std::nullopt, delta_bias);
+  at::Tensor idx = check_index(index, u.size(2));
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1), G = p.groups;
+  const int64_t Ls = idx.numel();
+  TORCH_CHECK(dout.dim() == 3 && dout.size(0) == batch && dout.size(1) == dim && dout.size(2) == Ls,
+              "zoo_scan: dout must be (batch, dim, len(index))");
+  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  at::Tensor dsp = delta_softplus ? at::sigmoid(p.raw).contiguous() : at::Tensor();
+  auto dout_c = dout.to(u.scalar_type()).contiguous();
+  auto fopt = u.options().dtype(p.acc);
+  auto du_acc = at::zeros({batch, dim, L}, fopt), ddelta_acc = at::zeros({batch, dim, L}, fopt);
+  auto dA_part = at::empty({batch, dim, N}, fopt);
+  const bool varB = B.dim() == 4, varC = C.dim() == 4;
+  auto dB = varB ? at::zeros({batch, G, L, N}, fopt) : at::empty({batch, dim, N}, fopt);
+  auto dC = varC ? at::zeros({batch, G, L, N}, fopt) : at::empty({batch, dim, N}, fopt);
+  auto dD_part = p.has_D ? at::empty({batch, dim}, fopt) : at::Tensor();
+  auto dbias_part = p.has_bias ? at::empty({batch, dim}, fopt) : at::Tensor();
+  ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_bwd_indexed_cpu", [&] {
+    using in_t = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+    auto a = make_args<in_t, acc_t>(p.u, p.dt, p.A, p.B, p.C, p.has_D ? &p.D : nullptr, nullptr,
+                                    p.has_bias ? &p.bias : nullptr, G, varB, varC, delta_softplus, false);
+    a.Ls = Ls;
+    a.index = idx.data_ptr<int64_t>();
+    a.dsp = delta_softplus ? dsp.data_ptr<acc_t>() : nullptr;
+    GradOut<in_t, acc_t> o{};
+    o.du_acc = du_acc.data_ptr<acc_t>();
+    o.ddelta_acc = ddelta_acc.data_ptr<acc_t>();
+    o.dA_part = dA_part.data_ptr<acc_t>();
+    o.dB = dB.data_ptr<acc_t>();
+    o.dC = dC.data_ptr<acc_t>();
+    o.dD_part = p.has_D ? dD_part.data_ptr<acc_t>() : nullptr;
+    o.dbias_part = p.has_bias ? dbias_part.data_ptr<acc_t>() : nullptr;
+    backward_cpu<in_t, acc_t>(a, dout_c.data_ptr<in_t>(), nullptr, o);
+  });
+  auto empty = at::empty({0}, fopt);
+  return {du_acc.to(u.scalar_type()),
+          ddelta_acc.to(u.scalar_type()),
+          dA_part.sum(0).to(A.scalar_type()),
+          varB ? dB.transpose(2, 3).contiguous().to(B.scalar_type()) : dB.sum(0).to(B.scalar_type()),
+          varC ? dC.transpose(2, 3).contiguous().to(C.scalar_type()) : dC.sum(0).to(C.scalar_type()),
+          p.has_D ? dD_part.sum(0).to(D->scalar_type()) : empty,
+          p.has_bias ? dbias_part.sum(0).to(delta_bias->scalar_type()) : empty};
+}
+
 }  // namespace
 
 // The op schemas are defined in Python (zoo/ops/compiled.py) so that their fake implementations and
@@ -391,6 +490,8 @@ GradTuple scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
 TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
   m.impl("scan_fwd", &scan_fwd_cpu);
   m.impl("scan_bwd", &scan_bwd_cpu);
+  m.impl("scan_fwd_indexed", &scan_fwd_indexed_cpu);
+  m.impl("scan_bwd_indexed", &scan_bwd_indexed_cpu);
 }
 
 }  // namespace zoo_scan

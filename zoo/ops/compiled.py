@@ -25,7 +25,7 @@ import torch
 from . import _build
 from .selective_scan import register_backend
 
-__all__ = ["scan_op", "bidirectional_op", "kernels_available"]
+__all__ = ["scan_op", "bidirectional_op", "kernels_available", "multi_direction_op", "register_direct_multi_direction"]
 
 _lib = torch.library.Library("zoo_scan", "DEF")
 _lib.define(
@@ -43,6 +43,16 @@ _BIDIR_INPUTS = (
     "Tensor? delta_bias_rev, Tensor? z, bool delta_softplus, float scale"
 )
 _lib.define(f"bidir_fwd({_BIDIR_INPUTS}) -> Tensor")
+# visiting order given by `index` (positions into the L-long inputs, may repeat); CPU kernel
+_lib.define(
+    "scan_fwd_indexed(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
+    "Tensor index, bool delta_softplus) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "scan_bwd_indexed(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+    "Tensor? delta_bias, Tensor index, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)"
+)
 _lib.define(f"bidir_bwd(Tensor dout, {_BIDIR_INPUTS}) -> Tensor[]")
 
 
@@ -93,6 +103,18 @@ def _bidir_bwd_fake(dout, u, delta, A, B, C, D, bias, u_r, delta_r, A_r, B_r, C_
     return grads
 
 
+@torch.library.register_fake("zoo_scan::scan_fwd_indexed")
+def _scan_fwd_indexed_fake(u, delta, A, B, C, D, delta_bias, index, delta_softplus):
+    return (u.new_empty((u.shape[0], u.shape[1], index.shape[0])),
+            u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=_acc_dtype(u)))
+
+
+@torch.library.register_fake("zoo_scan::scan_bwd_indexed")
+def _scan_bwd_indexed_fake(dout, u, delta, A, B, C, D, delta_bias, index, delta_softplus):
+    return (u.new_empty(u.shape), u.new_empty(u.shape), A.new_empty(A.shape), B.new_empty(B.shape),
+            C.new_empty(C.shape), _grad_like(D, u), _grad_like(delta_bias, u))
+
+
 # ---- autograd ----
 
 
@@ -118,6 +140,26 @@ def _scan_backward(ctx, dout, dlast):
 
 
 torch.library.register_autograd("zoo_scan::scan_fwd", _scan_backward, setup_context=_scan_setup)
+
+
+def _indexed_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, index, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, index)
+    ctx.delta_softplus = delta_softplus
+
+
+def _indexed_backward(ctx, dout, dlast):
+    u, delta, A, B, C, D, delta_bias, index = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros(u.shape[0], u.shape[1], index.shape[0], dtype=u.dtype, device=u.device)
+    du, ddelta, dA, dB, dC, dD, dbias = torch.ops.zoo_scan.scan_bwd_indexed(
+        dout, u, delta, A, B, C, D, delta_bias, index, ctx.delta_softplus
+    )
+    return (du, ddelta.to(delta.dtype), dA, dB, dC, _maybe(dD, D is not None, D),
+            _maybe(dbias, delta_bias is not None, delta_bias), None, None)
+
+
+torch.library.register_autograd("zoo_scan::scan_fwd_indexed", _indexed_backward, setup_context=_indexed_setup)
 
 
 def _bidir_setup(ctx, inputs, output):
@@ -179,3 +221,52 @@ def bidirectional_op(u, delta, A, B, C, D, delta_bias, u_rev, delta_rev, A_rev, 
 
 
 register_backend("compiled", kernels_available, scan_op, bidirectional=bidirectional_op, priority=10)
+
+
+# ---- MSVMamba's multi-direction scan, reading the map in each order directly (CPU kernel) ----
+
+
+def _multi_direction_probe(device) -> Tuple[bool, str]:
+    from .selective_scan import resolve_backend
+
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, "the direct-indexing kernel exists for CPU only (CUDA uses the gather path + CUDA scan)"
+    try:
+        scan_choice = resolve_backend(device).name
+    except (ValueError, RuntimeError) as e:  # e.g. a bad ZOO_SCAN_BACKEND: the gather path reports it
+        return False, str(e)
+    if scan_choice != "compiled":  # follow the single-scan choice (reference forced, a test backend...)
+        return False, f"the selective-scan backend in use is {scan_choice!r}, not 'compiled'"
+    return kernels_available(device)
+
+
+def multi_direction_op(u, delta, A, B, C, D, delta_bias, height, width, orders, delta_softplus):
+    """``selective_scan_multi_direction`` without reordered copies of u / delta / B / C: the kernel
+    visits the row-major inputs through one index of length ``len(orders) * height * width``."""
+    from .multi_direction import scan_order_index
+
+    L = height * width
+    perms = [scan_order_index(o, height, width) for o in orders]
+    index = torch.cat(perms)
+    y, _ = torch.ops.zoo_scan.scan_fwd_indexed(u, delta, A, B, C, D, delta_bias, index, delta_softplus)
+    # step k * L + j of the traversal is pixel perms[k][j] of direction k: put each output on its pixel
+    back = torch.cat([k * L + torch.argsort(p) for k, p in enumerate(perms)]).to(y.device)
+    y = y.index_select(-1, back).view(y.shape[0], y.shape[1], len(orders), L)
+    return y.transpose(1, 2).contiguous()
+
+
+MULTI_DIRECTION_BACKEND_NAME = "compiled_direct"
+
+
+def register_direct_multi_direction(priority: int = 1) -> None:
+    """Opt in: makes the direct-indexing CPU kernel a multi-direction backend (``compiled_direct``).
+
+    Not registered by default while tests/test_msvmamba.py assumes that no other multi-direction
+    backend exists (see docs/kernels.md); once registered, ``auto`` uses it on CPU whenever the
+    selective-scan backend in use is ``compiled``.
+    """
+    from .multi_direction import register_multi_direction_backend
+
+    register_multi_direction_backend(MULTI_DIRECTION_BACKEND_NAME, _multi_direction_probe, multi_direction_op,
+                                     priority=priority)
