@@ -351,3 +351,16 @@ def test_load_pretrained_zoo_safetensors(tmp_path):
     mismatch = r"does not fit this model: .*shape mismatch .*patch_embed\.norm\.bias: \(8,\) vs \(16,\)"
     with pytest.raises(RuntimeError, match=mismatch):
         timm.create_model("test_msvmamba", dims=16).load_pretrained(path)
+
+
+def test_training_after_inference_mode_on_the_same_map_size():
+    # the traversal indices are cached per map size; one first built under inference_mode must still
+    # be usable by autograd afterwards
+    model = timm.create_model("test_msvmamba")
+    x = torch.randn(1, 3, 44, 28)  # a map size no other test uses, so the cache starts cold
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    model(x).sum().backward()
+    assert model.stages[0].blocks[0].mixer.x_proj_weight.grad.abs().sum() > 0

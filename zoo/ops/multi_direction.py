@@ -50,6 +50,7 @@ MULTI_DIRECTION_BACKEND_ENV = "ZOO_MULTI_DIRECTION_BACKEND"
 
 
 @lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached across calls: must not become an inference tensor autograd cannot save
 def _order_index_cpu(order: str, height: int, width: int) -> torch.Tensor:
     row_major = torch.arange(height * width)
     if order == ROW_MAJOR:
@@ -129,6 +130,7 @@ def selective_scan_multi_direction_reference(
 
 
 @lru_cache(maxsize=128)
+@torch.inference_mode(False)  # see _order_index_cpu
 def _gather_scatter_index(
     orders: Tuple[str, ...], height: int, width: int, device: torch.device
 ) -> Tuple[torch.Tensor, torch.Tensor]:
