@@ -20,7 +20,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .selective_scan import BackendChoice, resolve_backend, selective_scan, validate_scan_inputs
+from ._dispatch import BackendChoice, auto_choice, explicit_choice, with_skipped
+from .selective_scan import resolve_backend, selective_scan, validate_scan_inputs
 
 __all__ = [
     "ROW_MAJOR",
@@ -191,10 +192,7 @@ def resolve_multi_direction_backend(
     device = torch.device(device)
     requested = backend or os.environ.get(MULTI_DIRECTION_BACKEND_ENV) or "auto"
     if requested in _BACKENDS:
-        ok, reason = _BACKENDS[requested].probe(device)
-        if not ok:
-            raise RuntimeError(f"multi-direction backend {requested!r} cannot run on {device}: {reason}")
-        return BackendChoice(requested, f"requested explicitly; {reason}")
+        return explicit_choice(_BACKENDS, requested, device, "multi-direction")
     if requested != "auto":
         try:  # a plain scan backend: raises if unknown or unusable on this device
             scan_choice = resolve_backend(device, requested)
@@ -202,14 +200,10 @@ def resolve_multi_direction_backend(
             extra = ", ".join(repr(n) for n in sorted(_BACKENDS))
             raise ValueError(f"{err}" + (f"; multi-direction backends: {extra}" if extra else "")) from None
         return BackendChoice(f"reference+{requested}", f"gather reference over the scan backend: {scan_choice.reason}")
-    skipped = []
-    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        ok, reason = b.probe(device)
-        if ok:
-            return BackendChoice(b.name, reason)
-        skipped.append(f"{b.name}: {reason}")
-    why = "gathers reordered copies and runs zoo.ops.selective_scan"
-    return BackendChoice("reference", why if not skipped else f"{why} (skipped: {'; '.join(skipped)})")
+    choice, skipped = auto_choice(_BACKENDS, device)
+    if choice is not None:
+        return choice
+    return BackendChoice("reference", with_skipped("gathers reordered copies and runs zoo.ops.selective_scan", skipped))
 
 
 def last_multi_direction_backend() -> Optional[BackendChoice]:

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from ._dispatch import BackendChoice, auto_choice, explicit_choice
 from .reference import selective_scan_reference
 
 __all__ = [
@@ -27,14 +28,6 @@ __all__ = [
 
 BACKEND_ENV = "ZOO_SCAN_BACKEND"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-@dataclass(frozen=True)
-class BackendChoice:
-    """Which backend ran (or would run) and why."""
-
-    name: str
-    reason: str
 
 
 @dataclass
@@ -93,18 +86,10 @@ def resolve_backend(device: Union[str, torch.device], backend: Optional[str] = N
                 f"unknown selective-scan backend {requested!r}; accepted: 'auto', "
                 + ", ".join(repr(n) for n in sorted(_BACKENDS))
             )
-        ok, reason = _BACKENDS[requested].probe(device)
-        if not ok:
-            raise RuntimeError(f"selective-scan backend {requested!r} cannot run on {device}: {reason}")
-        return BackendChoice(requested, f"requested explicitly; {reason}")
-    skipped = []
-    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        ok, reason = b.probe(device)
-        if ok:
-            why = reason if not skipped else f"{reason} (skipped: {'; '.join(skipped)})"
-            return BackendChoice(b.name, why)
-        skipped.append(f"{b.name}: {reason}")
-    raise AssertionError("the reference backend is always usable")
+        return explicit_choice(_BACKENDS, requested, device, "selective-scan")
+    choice, _ = auto_choice(_BACKENDS, device)
+    assert choice is not None, "the reference backend is always usable"
+    return choice
 
 
 def last_backend() -> Optional[BackendChoice]:
