@@ -22,8 +22,7 @@ import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401
 
-# (group, label, model name, kwargs, mode, batch, resolution); training steps first, because a model
-# run under inference_mode first may cache inference tensors that a later training step cannot save
+# (group, label, model name, kwargs, mode, batch, resolution)
 WORKLOADS = [
     ("vim", "Vim-Ti", "vim_tiny_patch16_224", {}, "train", 128, 224),
     ("vim", "DeiT-Ti", "deit_tiny_patch16_224", {}, "train", 128, 224),
