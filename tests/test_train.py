@@ -59,6 +59,7 @@ def test_flags_override_recipe_and_digits_preset_mirrors_its_file():
     (["--smoothing", "1.5"], "'smoothing'"),
     (["--epochs", "0"], "'epochs'"),
     (["--scale", "[1.0, 0.2]"], "'scale'"),
+    (["--clip-grad", "1.0", "--clip-mode", "agc"], "'clip_mode'"),  # was silently run as norm clipping
 ])
 def test_bad_values_name_the_key(argv, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -167,6 +168,11 @@ def test_checkpoint_is_weights_only_and_rng_round_trips(tmp_path):
     restore_rng_state(loaded["rng"][0])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+    # a failed write (here: an object torch.save cannot pickle) keeps the previous file and leaves no temp file
+    with pytest.raises(Exception):
+        atomic_save({"model": {"w": torch.zeros(2)}, "epoch": 2, "bad": lambda: None}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def _official_vim_state(model: torch.nn.Module) -> dict:

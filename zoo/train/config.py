@@ -137,6 +137,8 @@ class TrainConfig:
                 fail(key, "must be a pair [low, high] with low <= high")
         if self.clip_grad is not None and self.clip_grad <= 0:
             fail("clip_grad", "must be > 0 or null (no clipping)")
+        if self.clip_mode not in ("norm", "value"):
+            fail("clip_mode", "accepted values are norm, value")
         if self.mixup_mode not in ("batch", "pair", "elem"):
             fail("mixup_mode", "accepted values are batch, pair, elem")
         if not isinstance(self.model_kwargs, dict):
