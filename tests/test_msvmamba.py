@@ -302,6 +302,15 @@ def test_forward_backward_any_size_and_head():
     assert {"stages.0.blocks.0.mixer.A_logs", "stages.3.blocks.0.mixer.Ds"} <= model.no_weight_decay()
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 32, 32), (3, 32, 32), (1, 3, 2, 40)])
+def test_bad_input_is_named(shape):
+    model = timm.create_model("test_msvmamba")
+    with pytest.raises(ValueError, match=r"expected an image batch of shape \(B, 3, H, W\) with H and W >= 4"):
+        model(torch.randn(shape))
+    with pytest.raises(ValueError, match="expected an image batch"):
+        model.forward_intermediates(torch.randn(shape))
+
+
 def test_features_only_strides():
     model = timm.create_model("test_msvmamba", features_only=True).eval()
     assert model.feature_info.reduction() == [4, 8, 16, 32]

@@ -253,6 +253,11 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if patch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patch = self.proj.stride[0]
+        if x.ndim != 4 or x.shape[1] != self.proj.in_channels or x.shape[-2] < patch or x.shape[-1] < patch:
+            raise ValueError(
+                f"MSVMamba: expected an image batch of shape (B, {self.proj.in_channels}, H, W) with H and W "
+                f">= {patch} (the stem patch size), got {tuple(x.shape)}")
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
