@@ -101,6 +101,9 @@ def test_official_checkpoint_wrapped_and_resized():
     kw = dict(meta["official_kwargs"])
     m = from_official_kwargs(**kw)
     m.load_state_dict(checkpoint_filter_fn({"model": dict(state_dict)}, m), strict=True)
+    # a raw training checkpoint: DDP prefixes and non-tensor entries next to the weights
+    ddp = {f"module.{k}": v for k, v in state_dict.items()}
+    m.load_state_dict(checkpoint_filter_fn({"model_ema": {**ddp, "epoch": 3}, "args": None}, m), strict=True)
     m.eval()
     patch, stride = kw["patch_size"], kw.get("stride", 16)
     big = kw["img_size"] + 2 * stride

@@ -38,6 +38,7 @@ from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tup
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from zoo.checkpoint import extract_state_dict
 from zoo.ops import selective_scan_bidirectional
 
 __all__ = [
@@ -569,17 +570,13 @@ def checkpoint_filter_fn(
 ) -> Dict[str, torch.Tensor]:
     """Converts an official Vim checkpoint (raw, or wrapped in ``{'model': ...}``) to this model's keys.
 
-    zoo-format state dicts pass through. ``pos_embed`` is resized to the model's patch grid with the
+    Non-tensor entries (epoch, args, ...) are dropped and a DDP ``module.`` prefix is stripped (see
+    :func:`zoo.checkpoint.extract_state_dict`); zoo-format state dicts pass through. ``pos_embed`` is resized to the model's patch grid with the
     class-token row handled at its (middle) index.
     """
-    for wrapper in ("model", "model_ema", "state_dict"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = extract_state_dict(state_dict, keys=("model", "model_ema", "state_dict", "module"))
     out = {}
     for key, value in state_dict.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
         key = _map_official_key(key)
         if key == "pos_embed" and value.shape != model.pos_embed.shape:
             value = resample_vim_pos_embed(
@@ -631,8 +628,6 @@ def from_official_kwargs(**kwargs: Any) -> Vim:
     _require("if_bidirectional", kw["if_bidirectional"], lambda v: not v, "False")
     _require("if_abs_pos_embed", kw["if_abs_pos_embed"], lambda v: v is True, "True")
     _require("if_rope", kw["if_rope"], lambda v: not v, "False")
-    if kw["if_rope_residual"] and kw["if_rope"]:
-        _require("if_rope_residual", kw["if_rope_residual"], lambda v: False, "False")
     _require("flip_img_sequences_ratio", kw["flip_img_sequences_ratio"], lambda v: v <= 0, "<= 0 (no random flips)")
     _require("if_bimamba", kw["if_bimamba"], lambda v: not v, "False (bimamba v1 is not ported)")
     _require("bimamba_type", kw["bimamba_type"], lambda v: v == "v2", "'v2'")
