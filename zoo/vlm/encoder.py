@@ -21,7 +21,7 @@ from .reduction import (
     resolve_keep,
 )
 
-__all__ = ["VisionEncoder", "create_backbone"]
+__all__ = ["VisionEncoder", "create_backbone", "default_image_size"]
 
 
 def create_backbone(
@@ -66,6 +66,14 @@ def create_backbone(
             raise
         kwargs.pop("img_size")  # size-agnostic (hierarchical) model
         return build(**kwargs)
+
+
+def default_image_size(model: nn.Module, image_size: Optional[int] = None) -> int:
+    """``image_size`` if given, else the square input side of the model's ``pretrained_cfg`` (224 if unset)."""
+    if image_size:
+        return int(image_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])
 
 
 def probe_grid(model: nn.Module, image_size: int, position: int, layout: FeatureLayout) -> Tuple[int, int]:

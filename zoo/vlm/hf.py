@@ -25,7 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModel, LlavaConfig, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .encoder import VisionEncoder, create_backbone
+from .encoder import VisionEncoder, create_backbone, default_image_size
 from .features import resolve_layer
 
 __all__ = ["ZooVisionConfig", "ZooVisionModel", "llava_config", "HiddenStates"]
@@ -80,7 +80,7 @@ def _build_encoder(config: ZooVisionConfig, meta: bool, model: Optional[torch.nn
     if model is None:
         model = create_backbone(config.architecture, image_size=config.image_size, model_args=config.model_args,
                                 meta=meta)
-    size = config.image_size or int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    size = default_image_size(model, config.image_size)
     layer = config.feature_layer
     probe = VisionEncoder(model, size)  # layout only, to pick the default layer
     if layer is None:

@@ -19,7 +19,7 @@ import open_clip
 import torch
 import torch.nn as nn
 
-from .encoder import VisionEncoder, create_backbone
+from .encoder import VisionEncoder, create_backbone, default_image_size
 
 __all__ = ["ZooImageTower", "create_open_clip_model"]
 
@@ -60,7 +60,7 @@ class ZooImageTower(nn.Module):
             raise ValueError(f"proj={proj!r} is not supported; accepted: 'linear', 'mlp', 'none'")
         self.trunk = create_backbone(model_name, image_size=image_size, pretrained=pretrained,
                                      checkpoint_path=checkpoint_path, model_args=model_args)
-        size = image_size or int(self.trunk.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        size = default_image_size(self.trunk, image_size)
         self.image_size = (size, size)
         object.__setattr__(self, "encoder", VisionEncoder(
             self.trunk, size, select_layer=select_layer, select_stage=select_stage, keep_tokens=keep_tokens,

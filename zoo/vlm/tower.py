@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from .encoder import VisionEncoder, create_backbone
+from .encoder import VisionEncoder, create_backbone, default_image_size
 from .processor import ImageProcessor
 
 __all__ = ["ZooVisionTower", "VisionTowerArgs", "TowerConfig", "build_vision_tower"]
@@ -126,7 +126,7 @@ class ZooVisionTower(nn.Module):
             self.vision_tower_name, image_size=o["image_size"], pretrained=o["pretrained"],
             checkpoint_path=o["checkpoint_path"], model_args=o["model_args"], meta=meta,
         )
-        size = o["image_size"] or int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        size = default_image_size(model, o["image_size"])
         return VisionEncoder(
             model, size, select_layer=o["select_layer"], select_stage=o["select_stage"],
             keep_tokens=o["keep_tokens"], keep_ratio=o["keep_ratio"], reduction=o["reduction"],
