@@ -138,6 +138,9 @@ def test_checkpoint_filter_accepts_full_llava_checkpoint_and_drops_dead_norm():
     assert set(mapped) == set(tower)
     for key in tower:
         assert torch.equal(mapped[key], tower[key]), key
+    # a training checkpoint: weights under 'state_dict' next to non-tensor entries
+    wrapped = checkpoint_filter_fn({"state_dict": {**official, "global_step": 5}, "epoch": 1}, model)
+    assert set(wrapped) == set(tower)
 
 
 def test_bad_arguments_give_clear_errors():

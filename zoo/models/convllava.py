@@ -18,7 +18,6 @@ Everything but the appended stage and the head width is timm's ``ConvNeXt`` unch
 from __future__ import annotations
 
 import re
-from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,11 +28,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import named_apply
 from timm.models.convnext import ConvNeXt, ConvNeXtStage, _get_norm_layers, _init_weights
 
+from ..checkpoint import extract_state_dict
+
 __all__ = ["ConvLLaVAConvNeXt", "checkpoint_filter_fn", "from_official_kwargs", "token_grid"]
-
-# stem (4) * three stride-2 downsamples (8) * the appended stride-2 stage (2)
-_TOTAL_STRIDE_5_STAGES = 64
-
 
 def token_grid(height: int, width: int, patch_size: int = 4, num_stages: int = 5) -> Tuple[int, int]:
     """The (rows, cols) of the token grid for an input of the given size."""
@@ -120,7 +117,7 @@ class ConvLLaVAConvNeXt(ConvNeXt):
             **dd)
         if not head_norm:
             self.head.norm = nn.Identity()
-        named_apply(partial(_init_weights), self.head, name="head")
+        named_apply(_init_weights, self.head, name="head")
         self.head_hidden_size = self.head.num_features
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -183,9 +180,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     kept only if the model has a head norm of exactly that shape, otherwise dropped. Keys already in
     timm layout pass through. Keys that match no rule are kept, so a strict load names them.
     """
-    for envelope in ("state_dict", "model"):
-        if isinstance(state_dict.get(envelope), Mapping):
-            state_dict = state_dict[envelope]
+    state_dict = extract_state_dict(state_dict, keys=("state_dict", "model"))
     if "stem.0.weight" in state_dict:
         return dict(state_dict)
     prefix = next((p for p in _TOWER_PREFIXES if f"{p}embeddings.patch_embeddings.weight" in state_dict), None)
