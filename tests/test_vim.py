@@ -519,3 +519,17 @@ def test_autocast_keeps_residual_fp32_and_finite(dtype):
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
     torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_autocast_keeps_the_class_token_in_fp32():
+    """The class token and position embedding enter the fp32 residual unrounded under autocast (the
+    official concatenation promotes to fp32 too); only the patch conv runs in half precision."""
+    m = _small(seed=2).eval()
+    with torch.no_grad():
+        m.cls_token.fill_(1 + 2 ** -12)  # not representable in bf16
+        x = torch.randn(1, 3, 32, 32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens, grid = m._embed(x)
+    i = m.cls_token_index(grid)
+    assert tokens.dtype == torch.float32
+    torch.testing.assert_close(tokens[:, i], (m.cls_token + m.pos_embed[:, i])[:, 0], atol=0, rtol=0)

@@ -102,7 +102,7 @@ class OverlapPatchEmbed(nn.Module):
         h, w = img_size
         (ph, pw), (sh, sw) = self.patch_size, self.stride
         if h < ph or w < pw or (h - ph) % sh or (w - pw) % sw:
-            def nearest(n, p, s):
+            def nearest(n: int, p: int, s: int) -> int:
                 return max(p, p + round((n - p) / s) * s)
             raise ValueError(
                 f"Vim: input size {h}x{w} does not fit the patch grid (patch {ph}x{pw}, stride {sh}x{sw}); "
@@ -144,7 +144,7 @@ class ScanDirection(nn.Module):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, d_inner, L) in original token order -> scan inputs (u, delta, A, B, C), same order."""
         k = self.conv1d.kernel_size[0]
         if self.reverse:
@@ -406,12 +406,14 @@ class Vim(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x, grid = self.patch_embed(x)
+        # the residual stream is fp32 (also under autocast / a half-precision model); widen before
+        # inserting the class token so that autocast does not round it to the conv's half precision
+        x = _fp32_or_wider(x)
         if self.cls_token is not None:
             i = self.cls_token_index(grid)
             cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :i], cls, x[:, i:]], dim=1)
-        # the residual stream is fp32 (also under autocast / a half-precision model)
-        x = _fp32_or_wider(x) + _fp32_or_wider(self._pos_embed_for(grid))
+        x = x + _fp32_or_wider(self._pos_embed_for(grid))
         return self.pos_drop(x), grid
 
     def _shuffle_probability(self, index: int) -> float:
