@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 import zoo  # noqa: F401
-from zoo.train import make_config, run
+from zoo.train import ConfigError, make_config, run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -123,6 +123,8 @@ def test_resume_after_kill_reaches_the_uninterrupted_weights(tmp_path, tiny_imag
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), key
     assert resumed["history"][-1]["val_loss"] == ref["history"][-1]["val_loss"]
+    # the epochs before the kill are carried in the checkpoint, so the summary covers the whole run
+    assert [h["val_top1"] for h in resumed["history"]] == [h["val_top1"] for h in ref["history"]]
     opt_a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["optimizer"]["state"]
     opt_b = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
@@ -233,3 +235,25 @@ def test_every_family_trains_through_the_engine(tmp_path, tiny_imagefolder):
         params = [k for k, v in init.items() if v.is_floating_point() and v.numel() > 1 and "running" not in k]
         moved = [k for k in params if not torch.equal(init[k], trained[k])]
         assert len(moved) > 0.5 * len(params), (name, len(moved), len(params))
+
+
+def test_resume_auto_starts_from_finetune_weights_and_eval_finds_last(tmp_path, tiny_imagefolder):
+    """First launch of a fine-tuning run with ``--resume auto`` (no last.pth yet) must start from the
+    --finetune weights; ``--eval --resume auto`` then evaluates <output>/<experiment>/last.pth.
+    With lr 0 the trained weights must equal the fine-tuning source exactly."""
+    torch.manual_seed(123)
+    source = zoo.create_model("test_vim", img_size=16, num_classes=3).state_dict()
+    src_path = tmp_path / "source.pth"
+    torch.save({"model": source}, src_path)
+    values = _tiny_run_config(tiny_imagefolder, tmp_path, "ft", epochs=1, lr=0.0, warmup_lr=0.0, min_lr=0.0,
+                              warmup_epochs=0, ema=False, finetune=str(src_path), resume="auto")
+    summary = run(make_config(values))
+    trained = _weights(tmp_path / "ft" / "last.pth")
+    assert trained.keys() == source.keys()
+    assert all(torch.equal(trained[k], source[k]) for k in source)
+
+    evaluated = run(make_config(dict(values, eval_only=True, finetune=None)))
+    assert evaluated["weights"] == str(tmp_path / "ft" / "last.pth")
+    assert evaluated["top1"] == summary["final"]["val_top1"]
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run(make_config(dict(values, experiment="absent", eval_only=True, finetune=None)))

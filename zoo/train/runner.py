@@ -115,8 +115,11 @@ def _run(cfg: TrainConfig, dist_info: DistInfo, out_dir: Path, logger: RunLogger
         )
     train_loader = build_loader(train_set, sampler, micro, cfg, train=True, device=device)
 
+    # a checkpoint to resume from wins over --finetune; with --resume auto and no last.pth yet (the first
+    # launch of a fine-tuning run) the fine-tuning weights are the starting point
+    resume_path = _resume_path(cfg, out_dir)
     finetune_report = None
-    if cfg.finetune and not cfg.resume:
+    if cfg.finetune and resume_path is None:
         finetune_report = ckpt_io.load_finetune_weights(model, cfg.finetune)
         logger.print(f"[train] fine-tuning from {cfg.finetune}: {len(finetune_report['missing'])} missing, "
                      f"{len(finetune_report['unexpected'])} unexpected, dropped {finetune_report['dropped']}, "
@@ -131,7 +134,6 @@ def _run(cfg: TrainConfig, dist_info: DistInfo, out_dir: Path, logger: RunLogger
     criterion = build_criterion(cfg, mixup)
     state = TrainState()
 
-    resume_path = _resume_path(cfg, out_dir)
     if resume_path is not None:
         _restore(resume_path, model, ema, optimizer, scheduler, scaler, state, dist_info, logger)
 
@@ -168,6 +170,7 @@ def _run(cfg: TrainConfig, dist_info: DistInfo, out_dir: Path, logger: RunLogger
                 "global_step": state.global_step,
                 "best_top1": state.best_top1,
                 "best_epoch": state.best_epoch,
+                "history": state.history,
                 "rng": rng_states,
                 "config": cfg.to_dict(),
                 "format": "zoo-train-v1",
@@ -290,6 +293,7 @@ def _restore(path: Path, model, ema, optimizer, scheduler, scaler, state: TrainS
     state.global_step = int(ckpt["global_step"])
     state.best_top1 = float(ckpt.get("best_top1", -1.0))
     state.best_epoch = int(ckpt.get("best_epoch", -1))
+    state.history = list(ckpt.get("history") or [])
     scheduler.step_update(num_updates=state.global_step)
     rng, why = ckpt_io.split_rng_for_rank(ckpt.get("rng"), dist_info.rank, dist_info.world_size)
     if rng is not None:
@@ -302,12 +306,15 @@ def _restore(path: Path, model, ema, optimizer, scheduler, scaler, state: TrainS
 
 def _evaluate_only(cfg: TrainConfig, model, val_loader, dist_info: DistInfo, out_dir: Path, logger: RunLogger,
                    dtype) -> Dict[str, Any]:
-    source = cfg.resume or cfg.finetune
+    resume_path = _resume_path(cfg, out_dir)
+    if cfg.resume == "auto" and resume_path is None and not cfg.finetune:
+        raise ConfigError(f"--eval --resume auto: no checkpoint at {out_dir / 'last.pth'}")
+    source = resume_path or cfg.finetune
     if not source:
         raise ConfigError("--eval needs weights: pass --resume <last.pth> or --finetune <checkpoint>")
     ema_model = None
-    if cfg.resume:
-        ckpt = ckpt_io.load_training_checkpoint(cfg.resume)
+    if resume_path is not None:
+        ckpt = ckpt_io.load_training_checkpoint(resume_path)
         model.load_state_dict(ckpt["model"])
         if ckpt.get("model_ema") is not None:
             import copy
