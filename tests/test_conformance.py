@@ -203,3 +203,17 @@ def test_backward_finite_grads(name):
     assert not bad, f"non-finite gradients in {bad}"
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert torch.isfinite(out).all()
+
+
+ZOO_MODELS = [n for n in MODELS if registry.model_info(n).source == "zoo"]
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_bad_input_shape_is_named(name):
+    """The zoo's own families name a wrong input (channels, rank) instead of failing deep inside."""
+    model = _make(name).eval()
+    channels = registry.model_info(name).input_size[0]
+    x = _input(name)
+    for bad in (x[:, :1].repeat(1, channels + 1, 1, 1), x[0]):
+        with pytest.raises(ValueError, match=rf"\(B, {channels}, H, W\)"):
+            model(bad)

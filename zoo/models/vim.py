@@ -114,7 +114,7 @@ class OverlapPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
-                f"Vim: expected an image batch of shape (batch, {self.in_chans}, H, W), got {tuple(x.shape)}"
+                f"Vim: expected an image batch of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}"
             )
         grid = self.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         x = self.proj(x).flatten(2).transpose(1, 2)  # (B, M, C)
