@@ -237,10 +237,11 @@ def test_every_family_trains_through_the_engine(tmp_path, tiny_imagefolder):
         assert len(moved) > 0.5 * len(params), (name, len(moved), len(params))
 
 
-def test_resume_auto_starts_from_finetune_weights_and_eval_finds_last(tmp_path, tiny_imagefolder):
+def test_resume_auto_starts_from_finetune_weights_and_eval_finds_last(tmp_path, tiny_imagefolder, capsys):
     """First launch of a fine-tuning run with ``--resume auto`` (no last.pth yet) must start from the
     --finetune weights; ``--eval --resume auto`` then evaluates <output>/<experiment>/last.pth.
-    With lr 0 the trained weights must equal the fine-tuning source exactly."""
+    With lr 0 the trained weights must equal the fine-tuning source exactly. A relaunch with a changed
+    schedule-relevant key resumes from last.pth and says which keys differ from the checkpoint's."""
     torch.manual_seed(123)
     source = zoo.create_model("test_vim", img_size=16, num_classes=3).state_dict()
     src_path = tmp_path / "source.pth"
@@ -257,3 +258,10 @@ def test_resume_auto_starts_from_finetune_weights_and_eval_finds_last(tmp_path, 
     assert evaluated["top1"] == summary["final"]["val_top1"]
     with pytest.raises(ConfigError, match="no checkpoint"):
         run(make_config(dict(values, experiment="absent", eval_only=True, finetune=None)))
+
+    capsys.readouterr()
+    longer = run(make_config(dict(values, epochs=2)))
+    out = capsys.readouterr().out
+    assert "resumed from" in out
+    assert "config differs from the checkpoint's in epochs (1 -> 2); " in out  # that key, and only it
+    assert [h["epoch"] for h in longer["history"]] == [1, 2]

@@ -135,7 +135,7 @@ def _run(cfg: TrainConfig, dist_info: DistInfo, out_dir: Path, logger: RunLogger
     state = TrainState()
 
     if resume_path is not None:
-        _restore(resume_path, model, ema, optimizer, scheduler, scaler, state, dist_info, logger)
+        _restore(resume_path, model, ema, optimizer, scheduler, scaler, state, dist_info, logger, cfg)
 
     train_model: nn.Module = model
     if dist_info.enabled:
@@ -276,9 +276,33 @@ def _resume_path(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
     return Path(cfg.resume).expanduser()
 
 
+# keys that do not change what the run computes (paths, loader plumbing, feedback; batch_size only splits the
+# global batch into micro-batches); any other key changed between the checkpoint and the resumed run is reported
+_RESUME_NEUTRAL_KEYS = frozenset({
+    "resume", "finetune", "eval_only", "output", "experiment", "data_dir", "device", "workers", "pin_memory",
+    "persistent_workers", "batch_size", "log_interval", "save_every_steps", "progress", "tensorboard",
+})
+
+
+def _changed_keys(saved: Optional[Dict[str, Any]], cfg: TrainConfig) -> Dict[str, Any]:
+    if not isinstance(saved, dict):
+        return {}
+    now = cfg.to_dict()
+    return {k: (saved[k], now[k]) for k in now
+            if k not in _RESUME_NEUTRAL_KEYS and k in saved and saved[k] != now[k]}
+
+
 def _restore(path: Path, model, ema, optimizer, scheduler, scaler, state: TrainState, dist_info: DistInfo,
-             logger: RunLogger) -> None:
+             logger: RunLogger, cfg: TrainConfig) -> None:
     ckpt = ckpt_io.load_training_checkpoint(path)
+    changed = _changed_keys(ckpt.get("config"), cfg)
+    if changed:
+        # the optimizer and LR-schedule state come from the checkpoint (timm's scheduler state includes its
+        # length), so e.g. a larger --epochs does not stretch the schedule; say so rather than drift silently
+        logger.print("[train] resume: config differs from the checkpoint's in "
+                     + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items())
+                     + "; optimizer and LR-schedule state are the checkpoint's, so the run will not match an "
+                       "uninterrupted run of either config")
     model.load_state_dict(ckpt["model"])
     if ema is not None:
         if ckpt.get("model_ema") is not None:
