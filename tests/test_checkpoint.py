@@ -131,6 +131,9 @@ def test_safetensors_and_errors(tmp_path):
     save_file(sd, str(path))
     loaded = load_checkpoint_file(path)
     assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert all(t.device.type == "cpu" for t in load_checkpoint_file(path, map_location=torch.device("cpu")).values())
+    with pytest.raises(ValueError, match=r"map_location=\{'cuda:0': 'cpu'\}.*one device"):
+        load_checkpoint_file(path, map_location={"cuda:0": "cpu"})
 
     with pytest.raises(FileNotFoundError, match="not found"):
         load_checkpoint_file(tmp_path / "missing.pth")

@@ -152,8 +152,9 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location: Any = "cpu
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the suffix is not one of ``.safetensors``, ``.pth``, ``.pt``, ``.bin``, ``.ckpt``, or the
-            file does not hold a mapping.
+        ValueError: the suffix is not one of ``.safetensors``, ``.pth``, ``.pt``, ``.bin``, ``.ckpt``, the
+            file does not hold a mapping, or a safetensors file is given a ``map_location`` that is not
+            one device.
     """
     path = Path(path)
     if not path.is_file():
@@ -162,8 +163,12 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location: Any = "cpu
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file
 
-        device = str(map_location) if map_location is not None else "cpu"
-        return dict(load_file(str(path), device=device))
+        if map_location is not None and not isinstance(map_location, (str, torch.device)):
+            # safetensors places every tensor on one device; torch.load's dict / callable remapping has no equivalent
+            raise ValueError(
+                f"cannot load {path.name!r} with map_location={map_location!r}: safetensors files take one "
+                "device (a str or torch.device) or None (cpu)")
+        return dict(load_file(str(path), device=str(map_location) if map_location is not None else "cpu"))
     if suffix not in PICKLE_SUFFIXES:
         raise ValueError(
             f"cannot load checkpoint {path.name!r}: unknown suffix {suffix!r}; accepted: "
