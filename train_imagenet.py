@@ -11,12 +11,13 @@ Every config key is also a flag (``--lr 5e-4``, ``--no-ema``); see ``--help`` an
 from __future__ import annotations
 
 import sys
+from typing import Optional, Sequence
 
 from zoo.train import ConfigError, config_from_args, run
 from zoo.train.distributed import cleanup
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = config_from_args(argv)
         run(cfg)

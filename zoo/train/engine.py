@@ -6,7 +6,7 @@ import difflib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 
 from .config import ConfigError, TrainConfig
 
@@ -96,7 +97,8 @@ def build_criterion(cfg: TrainConfig, mixup: Optional[Mixup]) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def build_optimizer_and_scheduler(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
+def build_optimizer_and_scheduler(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int
+                                  ) -> Tuple[torch.optim.Optimizer, Scheduler]:
     """timm's AdamW (etc.) with weight decay off for norms, biases and ``model.no_weight_decay()``,
     and a per-iteration cosine schedule with linear warm-up."""
     opt_kwargs: Dict[str, Any] = {"eps": cfg.opt_eps}
@@ -120,10 +122,11 @@ def build_optimizer_and_scheduler(cfg: TrainConfig, model: nn.Module, steps_per_
 
 
 def amp_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
+    """The autocast dtype for ``cfg.amp`` (None: full fp32)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
 
-def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager[Any]:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -147,7 +150,7 @@ def train_one_epoch(
     *,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler,
+    scheduler: Scheduler,
     scaler: torch.amp.GradScaler,
     state: TrainState,
     steps: int,
