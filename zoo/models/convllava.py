@@ -74,8 +74,8 @@ class ConvLLaVAConvNeXt(ConvNeXt):
             norm_eps: Optional[float] = None,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            device=None,
-            dtype=None,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
         depths, dims = tuple(depths), tuple(dims)
         if len(depths) not in (4, 5) or len(dims) != len(depths):

@@ -139,7 +139,7 @@ class MultiScaleSS2D(nn.Module):
         self.A_logs.copy_(A.log().expand_as(self.A_logs))
         self.Ds.fill_(1.0)
 
-    def _scan_inputs(self, x: torch.Tensor, slot: int):
+    def _scan_inputs(self, x: torch.Tensor, slot: int) -> Tuple[torch.Tensor, ...]:
         """delta, A, B, C, D, delta_bias of one slot for tokens x (B, d_inner, L)."""
         proj = torch.einsum("bdl,cd->bcl", x, self.x_proj_weight[slot])
         dt, B, C = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=1)
