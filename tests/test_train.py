@@ -240,6 +240,14 @@ def test_repeated_augmentation_gives_each_copy_its_own_seed():
         assert len({seed for _, seed in v}) == len(v)  # each copy is augmented differently
         assert len({rank for rank, _ in v}) > 1  # and copies land on different ranks
 
+    # the image order follows the run's seed (timm's sampler alone shuffles by the epoch number only)
+    def order(seed: int) -> list:
+        sampler = build_train_sampler(list(range(64)), make_config({"repeated_aug": 3, "seed": seed}), 0, 1)
+        sampler.set_epoch(0)
+        return [index for index, _ in sampler]
+
+    assert order(1) == order(1) and order(1) != order(2)
+
 
 def test_nonfinite_loss_stops_with_a_clear_error():
     from zoo.train import NonFiniteLossError

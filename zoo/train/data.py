@@ -217,19 +217,20 @@ class EpochSampler(Sampler):
     W processes with batch B/W see the same images under the same augmentation.
     """
 
-    def __init__(self, inner: Sampler, seed: int, rank: int, world_size: int):
+    def __init__(self, inner: Sampler, seed: int, rank: int, world_size: int, inner_epoch_offset: int = 0):
         self.inner = inner
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
         self.start = 0  # local samples to skip (resume inside an epoch)
+        self.inner_epoch_offset = inner_epoch_offset  # for inner samplers that shuffle by the epoch alone
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch = epoch
         self.start = start
         if hasattr(self.inner, "set_epoch"):
-            self.inner.set_epoch(epoch)
+            self.inner.set_epoch(epoch + self.inner_epoch_offset)
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         for pos, index in enumerate(self.inner):
@@ -261,9 +262,11 @@ def build_train_sampler(dataset: Dataset, cfg: TrainConfig, rank: int, world_siz
     if cfg.repeated_aug > 1:
         inner: Sampler = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                           num_repeats=cfg.repeated_aug)
-    else:
-        inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
-                                   drop_last=False)
+        # timm's RepeatAugSampler shuffles with the epoch number as its only seed; shift it by the run's seed
+        # so that different seeds see different orders (epochs stay far below the 1_000_003 stride)
+        return EpochSampler(inner, cfg.seed, rank, world_size, inner_epoch_offset=cfg.seed * 1_000_003)
+    inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+                               drop_last=False)
     return EpochSampler(inner, cfg.seed, rank, world_size)
 
 
