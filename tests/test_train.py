@@ -269,3 +269,20 @@ def test_nonfinite_loss_stops_with_a_clear_error():
                         scaler=torch.amp.GradScaler("cpu", enabled=False), state=TrainState(), steps=1,
                         accum_steps=1, device=torch.device("cpu"), dtype=None)
     assert torch.equal(model.w, torch.ones(3))  # no update was applied
+
+
+def test_rejected_keyword_after_dropping_img_size_is_still_a_config_error(monkeypatch):
+    """A size-agnostic model that rejects img_size first and then another keyword: the retry without
+    img_size must end in the clear ConfigError, not a raw TypeError."""
+    import zoo
+
+    def fake_create(name, **kwargs):
+        for key in ("img_size", "foo_option"):
+            if key in kwargs:
+                raise TypeError(f"__init__() got an unexpected keyword argument '{key}'")
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(zoo, "create_model", fake_create)
+    assert isinstance(build_model(make_config({"model": "test_convnext", "img_size": 32}), 3), torch.nn.Identity)
+    with pytest.raises(ConfigError, match="'foo_option'"):
+        build_model(make_config({"model": "test_convnext", "img_size": 32, "model_kwargs": {"foo_option": 1}}), 3)

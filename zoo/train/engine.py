@@ -58,21 +58,23 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         kwargs["layer_shuffle_prob"] = cfg.layer_shuffle_prob
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
-    try:
-        return zoo.create_model(cfg.model, **kwargs)
-    except TypeError as err:
-        text = str(err)
-        if "img_size" in text and "img_size" not in cfg.model_kwargs:
-            # convolutional models take any input size: the data pipeline alone uses img_size
-            kwargs.pop("img_size")
+    while True:
+        try:
             return zoo.create_model(cfg.model, **kwargs)
-        if "unexpected keyword" in text:
+        except TypeError as err:
+            text = str(err)
+            if "img_size" in kwargs and "img_size" in text and "img_size" not in cfg.model_kwargs:
+                # convolutional models take any input size: the data pipeline alone uses img_size; retry
+                # without it (another rejected keyword then gets the clear error below)
+                kwargs.pop("img_size")
+                continue
+            if "unexpected keyword" not in text:
+                raise
             bad = [k for k in kwargs if f"'{k}'" in text]
             which = bad[0] if bad else text
             extra = (" (layer_shuffle_prob is the ShuffleMamba option of the plain Vim models only)"
                      if which == "layer_shuffle_prob" else "")
             raise ConfigError(f"model '{cfg.model}' does not accept the keyword {which!r}{extra}") from err
-        raise
 
 
 def build_mixup(cfg: TrainConfig, num_classes: int) -> Optional[Mixup]:
