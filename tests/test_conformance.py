@@ -217,3 +217,11 @@ def test_bad_input_shape_is_named(name):
     for bad in (x[:, :1].repeat(1, channels + 1, 1, 1), x[0]):
         with pytest.raises(ValueError, match=rf"\(B, {channels}, H, W\)"):
             model(bad)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_meta_device_shape_inference(name):
+    """A model moved to the meta device infers output shapes without memory (as model_info builds it)."""
+    model = _make(name, num_classes=NUM_CLASSES).eval().to("meta")
+    out = model(_input(name).to("meta"))
+    assert out.device.type == "meta" and out.shape == (BATCH, NUM_CLASSES)

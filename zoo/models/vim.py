@@ -77,10 +77,16 @@ class FP32RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # devices without autocast (meta, for shape inference) refuse torch.autocast(..., enabled=False)
+        if not torch.amp.is_autocast_available(x.device.type):
+            return self._norm(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf = _fp32_or_wider(x)
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (xf * _fp32_or_wider(self.weight)).to(self.weight.dtype)
+            return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = _fp32_or_wider(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * _fp32_or_wider(self.weight)).to(self.weight.dtype)
 
 
 class OverlapPatchEmbed(nn.Module):
