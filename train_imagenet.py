@@ -21,7 +21,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = config_from_args(argv)
         run(cfg)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:  # bad values or paths: the message says what, no traceback
         print(f"train_imagenet.py: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -286,3 +286,16 @@ def test_rejected_keyword_after_dropping_img_size_is_still_a_config_error(monkey
     assert isinstance(build_model(make_config({"model": "test_convnext", "img_size": 32}), 3), torch.nn.Identity)
     with pytest.raises(ConfigError, match="'foo_option'"):
         build_model(make_config({"model": "test_convnext", "img_size": 32, "model_kwargs": {"foo_option": 1}}), 3)
+
+
+def test_script_reports_a_missing_resume_checkpoint_without_traceback(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train_imagenet.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    missing = tmp_path / "nope" / "last.pth"
+    code = script.main(["--resume", str(missing), "--output", str(tmp_path), "--experiment", "x", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(missing) in err and "Traceback" not in err
