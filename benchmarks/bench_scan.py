@@ -6,7 +6,7 @@ output written once, over the time) and the ratio to mamba-ssm. ``--cpu`` times 
 against the per-token Python loop (``selective_scan_naive``) instead.
 
     python benchmarks/bench_scan.py                 # GPU table
-    python benchmarks/bench_scan.py --cpu           # CPU: compiled op vs per-token loop
+    python benchmarks/bench_scan.py --cpu           # CPU: compiled op vs per-token loop, fwd and fwd+bwd
     MAMBA_SSM_SRC=/path/to/mamba_ssm-x.y  python benchmarks/bench_scan.py   # also builds mamba's kernel
 """
 from __future__ import annotations
@@ -201,30 +201,61 @@ def gpu_table(args):
         Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows, bidir=bi), indent=1))
 
 
+# (name, batch, dim, L, d_state, groups) for the CPU table; small enough for the per-token loop
+CPU_SHAPES = [
+    ("B2 D64 L256 N16", 2, 64, 256, 16, 1),
+    ("B1 D192 L197 N16", 1, 192, 197, 16, 1),
+    ("Vim-Ti (B8 D384 L197 N16)", 8, 384, 197, 16, 1),
+    ("MSVMamba nano-like (B2 D192 L1024 N1 G4)", 2, 192, 1024, 1, 4),
+]
+
+
+def cpu_median_ms(fn, n, warmup=2):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        s = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - s)
+    return statistics.median(ts) * 1e3
+
+
 def cpu_table(args):
-    ok, why = compiled.kernels_available("cpu")
-    if not ok:
-        sys.exit(f"compiled CPU kernels unavailable: {why}")
+    if args.lib:  # time a given build (e.g. an older source's cached library) instead of csrc/
+        torch.ops.load_library(args.lib)
+    else:
+        ok, why = compiled.kernels_available("cpu")
+        if not ok:
+            sys.exit(f"compiled CPU kernels unavailable: {why}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
-    for batch, dim, L, N in [(2, 64, 256, 16), (1, 192, 197, 16)]:
-        t = make(batch, dim, L, N, 1, torch.float32, "cpu")
-        args_ = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["bias"], True)
+    for name, batch, dim, L, N, groups in CPU_SHAPES:
+        t = make(batch, dim, L, N, groups, torch.float32, "cpu", grad=True)
+        leaves = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "bias")]
+        dout = torch.randn(batch, dim, L)
 
-        def med(fn, n):
-            ts = []
-            for _ in range(n):
-                s = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - s)
-            return statistics.median(ts) * 1e3
+        def ours():
+            return torch.ops.zoo_scan.scan_fwd(*leaves, True, False)[0]
 
-        ours = med(lambda: torch.ops.zoo_scan.scan_fwd(*args_, False), 20)
-        naive = med(lambda: selective_scan_naive(*args_), 3)
-        rows.append((f"B{batch} D{dim} L{L} N{N} fp32", ours, naive))
+        def naive():
+            return selective_scan_naive(*leaves, True)
+
+        def fb(fn):
+            return lambda: torch.autograd.grad(fn(), leaves, dout)
+
+        with torch.no_grad():
+            o_f, n_f = cpu_median_ms(ours, args.iters), cpu_median_ms(naive, 3, warmup=1)
+        o_fb, n_fb = cpu_median_ms(fb(ours), max(3, args.iters // 3)), cpu_median_ms(fb(naive), 3, warmup=1)
+        rows.append((f"{name} fp32", o_f, n_f, o_fb, n_fb))
+        print(json.dumps(dict(shape=name, fwd_ms=o_f, naive_fwd_ms=n_f, fwdbwd_ms=o_fb, naive_fwdbwd_ms=n_fb)),
+              flush=True)
     print(f"\n### CPU ({torch.get_num_threads()} threads): compiled op vs per-token loop, median ms\n")
-    print("| shape | compiled ms | per-token loop ms | speed-up |\n|---|---|---|---|")
-    for name, o, n in rows:
-        print(f"| {name} | {o:.2f} | {n:.1f} | {n / o:.0f}x |")
+    print("| shape | fwd ms | loop fwd ms | fwd speed-up | fwd+bwd ms | loop fwd+bwd ms | fwd+bwd speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for name, o, n, ob, nb in rows:
+        print(f"| {name} | {o:.2f} | {n:.1f} | {n / o:.0f}x | {ob:.2f} | {nb:.1f} | {nb / ob:.0f}x |")
 
 
 if __name__ == "__main__":
@@ -233,5 +264,8 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="skip the very long sequences")
     ap.add_argument("--no-mamba", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--lib", help="--cpu: load this built zoo_scan CPU library instead of building csrc/")
+    ap.add_argument("--threads", type=int, default=0, help="--cpu: torch.set_num_threads (default: torch's)")
+    ap.add_argument("--iters", type=int, default=20, help="--cpu: timed calls per median")
     a = ap.parse_args()
     cpu_table(a) if a.cpu else gpu_table(a)

@@ -67,37 +67,103 @@ inline const acc_t* state_row(const acc_t* M, bool var, int64_t b, int64_t g, in
   return var ? M + ((b * G + g) * L + t) * N : M + d * N;
 }
 
+// Steps handled per batch of the three phases below (the backward also checkpoints the state here).
+constexpr int64_t kChunk = 64;
+
+// Per-task scratch for one chunk of steps: positions, steps, inputs, the decays exp(dt * A) and the
+// inputs dt * u * B (step-major, N per step) and the states after each step.
+template <typename acc_t>
+struct ChunkBuffers {
+  std::vector<int64_t> ts;
+  std::vector<acc_t> dts, us, decay, drive, hs;
+  explicit ChunkBuffers(int64_t N)
+      : ts(kChunk), dts(kChunk), us(kChunk), decay(kChunk * N), drive(kChunk * N), hs(kChunk * N) {}
+};
+
+// Steps s0 .. s0 + len of channel (b, d), starting from state h (updated in place). Split in phases
+// so that the sequential part is one multiply-add per state: (1) the elementwise terms of all steps,
+// exp included, as long vectorisable loops (flat over the steps when N == 1), (2) the recurrence,
+// storing every state in hs. The per-step overhead of a fused loop (short remainder loops, the
+// reduction of y) dominated at small N.
+template <typename in_t, typename acc_t, typename Pos>
+inline void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, int64_t b, int64_t g, int64_t d,
+                         int64_t row, int64_t s0, int64_t len, const acc_t* Al, acc_t* h, ChunkBuffers<acc_t>& w) {
+  const int64_t N = a.N, L = a.L, G = a.groups;
+  int64_t* ts = w.ts.data();
+  acc_t *dts = w.dts.data(), *us = w.us.data(), *ea = w.decay.data(), *eb = w.drive.data(), *hs = w.hs.data();
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t t = position(s0 + i);
+    ts[i] = t;
+    dts[i] = a.dt[row + t];
+    us[i] = static_cast<acc_t>(a.u[row + t]);
+  }
+  if (N == 1) {
+    const acc_t A0 = Al[0];
+    for (int64_t i = 0; i < len; ++i) eb[i] = *state_row(a.B, a.varB, b, g, d, ts[i], G, L, N);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      ea[i] = exp_vec(dts[i] * A0);
+      eb[i] *= dts[i] * us[i];
+    }
+    acc_t h0 = h[0];
+    for (int64_t i = 0; i < len; ++i) {
+      h0 = ea[i] * h0 + eb[i];
+      hs[i] = h0;
+    }
+    h[0] = h0;
+    return;
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t dt = dts[i], dtu = dt * us[i];
+    const acc_t* Bt = state_row(a.B, a.varB, b, g, d, ts[i], G, L, N);
+    acc_t* e = ea + i * N;
+    acc_t* f = eb + i * N;
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      e[n] = exp_vec(dt * Al[n]);
+      f[n] = dtu * Bt[n];
+    }
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t* e = ea + i * N;
+    const acc_t* f = eb + i * N;
+    acc_t* o = hs + i * N;
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      h[n] = e[n] * h[n] + f[n];
+      o[n] = h[n];
+    }
+  }
+}
+
 template <typename in_t, typename acc_t>
 void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
   const int64_t L = a.L, Ls = a.Ls, N = a.N, dg = a.dim / a.groups;
+  auto position = [&](int64_t s) { return a.index ? a.index[s] : (a.reverse ? L - 1 - s : s); };
   at::parallel_for(0, a.batch * a.dim, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> h(N), Al(N);
+    ChunkBuffers<acc_t> w(N);
     for (int64_t bd = begin; bd < end; ++bd) {
       const int64_t b = bd / a.dim, d = bd % a.dim, g = d / dg;
       const int64_t row = bd * L;
       std::fill(h.begin(), h.end(), acc_t(0));
       for (int64_t n = 0; n < N; ++n) Al[n] = a.A[d * N + n];
       const acc_t Dd = a.D ? a.D[d] : acc_t(0);
-      for (int64_t s = 0; s < Ls; ++s) {
-        const int64_t t = a.index ? a.index[s] : (a.reverse ? L - 1 - s : s);
-        const int64_t t_out = a.index ? bd * Ls + s : row + t;
-        const acc_t dt = a.dt[row + t];
-        const acc_t uu = static_cast<acc_t>(a.u[row + t]);
-        const acc_t dtu = dt * uu;
-        const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, a.groups, L, N);
-        const acc_t* Ct = state_row(a.C, a.varC, b, g, d, t, a.groups, L, N);
-        acc_t* hp = h.data();
-        const acc_t* Ap = Al.data();
-        acc_t y = 0;
+      for (int64_t s0 = 0; s0 < Ls; s0 += kChunk) {
+        const int64_t len = std::min(kChunk, Ls - s0);
+        chunk_states(a, position, b, g, d, row, s0, len, Al.data(), h.data(), w);
+        // (3) outputs: independent dot products, no longer on the recurrence's critical path
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t t = w.ts[i];
+          const acc_t* Ct = state_row(a.C, a.varC, b, g, d, t, a.groups, L, N);
+          const acc_t* hp = w.hs.data() + i * N;
+          acc_t y = 0;
 #pragma omp simd reduction(+ : y)
-        for (int64_t n = 0; n < N; ++n) {
-          const acc_t hn = exp_vec(dt * Ap[n]) * hp[n] + dtu * Bt[n];
-          hp[n] = hn;
-          y += hn * Ct[n];
+          for (int64_t n = 0; n < N; ++n) y += hp[n] * Ct[n];
+          y += Dd * w.us[i];
+          if (a.gate) y *= a.gate[row + t];
+          out[a.index ? bd * Ls + s0 + i : row + t] = static_cast<in_t>(y);
         }
-        y += Dd * uu;
-        if (a.gate) y *= a.gate[row + t];
-        out[t_out] = static_cast<in_t>(y);
       }
       std::copy(h.begin(), h.end(), last + bd * N);
     }
@@ -124,31 +190,26 @@ template <typename in_t, typename acc_t>
 void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
                   const GradOut<in_t, acc_t>& o) {
   const int64_t L = a.L, Ls = a.Ls, N = a.N, G = a.groups, dg = a.dim / G;
-  const int64_t chunk = 64;
+  const int64_t chunk = kChunk;
   const int64_t nchunks = (Ls + chunk - 1) / chunk;
   auto position = [&](int64_t s) { return a.index ? a.index[s] : (a.reverse ? L - 1 - s : s); };
   at::parallel_for(0, a.batch * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> ckpt(nchunks * N), hs(chunk * N), dts(chunk), carry(N), Al(N), dA(N), dBf(N), dCf(N),
-        h(N);
+    std::vector<acc_t> ckpt(nchunks * N), carry(N), Al(N), dA(N), dBf(N), dCf(N), h(N);
+    ChunkBuffers<acc_t> w(N);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
       for (int64_t d = g * dg; d < (g + 1) * dg; ++d) {
         const int64_t bd = b * a.dim + d, row = bd * L;
         for (int64_t n = 0; n < N; ++n) Al[n] = a.A[d * N + n];
         const acc_t Dd = a.D ? a.D[d] : acc_t(0);
-        auto delta_at = [&](int64_t t) { return a.dt[row + t]; };
         // pass 1: the state entering each chunk (logical time order)
         std::fill(h.begin(), h.end(), acc_t(0));
-        for (int64_t s = 0; s < Ls; ++s) {
-          if (s % chunk == 0) std::copy(h.begin(), h.end(), ckpt.begin() + (s / chunk) * N);
-          const int64_t t = position(s);
-          const acc_t dt = delta_at(t), dtu = dt * static_cast<acc_t>(a.u[row + t]);
-          const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, G, L, N);
-          acc_t* hp = h.data();
-#pragma omp simd
-          for (int64_t n = 0; n < N; ++n) hp[n] = exp_vec(dt * Al[n]) * hp[n] + dtu * Bt[n];
+        for (int64_t c = 0; c < nchunks; ++c) {
+          std::copy(h.begin(), h.end(), ckpt.begin() + c * N);
+          chunk_states(a, position, b, g, d, row, c * chunk, std::min(chunk, Ls - c * chunk), Al.data(), h.data(), w);
         }
-        // pass 2: chunks in reverse; recompute the chunk's states, then run the adjoint recurrence
+        // pass 2: chunks in reverse; recompute the chunk's states (and keep its decays), then run the
+        // adjoint recurrence
         for (int64_t n = 0; n < N; ++n) carry[n] = dlast ? dlast[bd * N + n] : acc_t(0);
         std::fill(dA.begin(), dA.end(), acc_t(0));
         std::fill(dBf.begin(), dBf.end(), acc_t(0));
@@ -157,23 +218,18 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
         for (int64_t c = nchunks - 1; c >= 0; --c) {
           const int64_t s0 = c * chunk, len = std::min(chunk, Ls - s0);
           const acc_t* h0 = ckpt.data() + c * N;
-          for (int64_t i = 0; i < len; ++i) {
-            const int64_t s = s0 + i, t = position(s);
-            const acc_t dt = delta_at(t), dtu = dt * static_cast<acc_t>(a.u[row + t]);
-            dts[i] = dt;
-            const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, G, L, N);
-            const acc_t* prev = i ? hs.data() + (i - 1) * N : h0;
-            acc_t* cur = hs.data() + i * N;
-#pragma omp simd
-            for (int64_t n = 0; n < N; ++n) cur[n] = exp_vec(dt * Al[n]) * prev[n] + dtu * Bt[n];
-          }
+          std::copy(h0, h0 + N, h.begin());
+          chunk_states(a, position, b, g, d, row, s0, len, Al.data(), h.data(), w);
+          const acc_t* hs = w.hs.data();
+          const acc_t* dts = w.dts.data();
           for (int64_t i = len - 1; i >= 0; --i) {
-            const int64_t s = s0 + i, t = position(s);
-            const acc_t dt = dts[i], uu = static_cast<acc_t>(a.u[row + t]);
+            const int64_t s = s0 + i, t = w.ts[i];
+            const acc_t dt = dts[i], uu = w.us[i];
+            const acc_t* decays = w.decay.data() + i * N;
             const acc_t* Bt = state_row(a.B, a.varB, b, g, d, t, G, L, N);
             const acc_t* Ct = state_row(a.C, a.varC, b, g, d, t, G, L, N);
-            const acc_t* cur = hs.data() + i * N;
-            const acc_t* prev = i ? hs.data() + (i - 1) * N : h0;
+            const acc_t* cur = hs + i * N;
+            const acc_t* prev = i ? hs + (i - 1) * N : h0;
             acc_t dy = static_cast<acc_t>(dout[a.index ? bd * Ls + s : row + t]);
             if (a.z) {
               acc_t y = Dd * uu;
@@ -190,7 +246,7 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
 #pragma omp simd reduction(+ : ddt, duu)
             for (int64_t n = 0; n < N; ++n) {
               const acc_t gn = cp[n] + Ct[n] * dy;
-              const acc_t decay = exp_vec(dt * Al[n]);
+              const acc_t decay = decays[n];
               const acc_t dgate = gn * prev[n] * decay;  // d(loss)/d(dt * A)
               dCt[n] += dy * cur[n];
               dBt[n] += gn * dt * uu;

@@ -23,7 +23,9 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ["scan_cpu.cpp"]
 CUDA_SOURCES = ["scan_cuda.cu"]
-CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-march=native"]
+# -fno-trapping-math lets GCC if-convert the clamps of the kernels' exp, without which no loop calling
+# it is vectorised (the kernels do not rely on floating-point exceptions)
+CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-march=native"]
 _lock = threading.Lock()
 _state = {"cpu": None, "cuda": None}  # None: not tried; True: loaded; str: why it failed
 _warned = set()
@@ -33,8 +35,8 @@ def _cache_root() -> Path:
     return Path(os.environ.get("ZOO_EXT_CACHE", Path.home() / ".cache" / "zoo_ext"))
 
 
-def _sources_hash(names: List[str]) -> str:
-    h = hashlib.sha256()
+def _sources_hash(names: List[str], flags: List[str] = ()) -> str:
+    h = hashlib.sha256(" ".join(flags).encode())  # changed compiler flags rebuild too
     for name in names + ["scan_common.cuh"]:
         p = CSRC / name
         if p.exists():
@@ -87,7 +89,7 @@ def _jit(kind: str) -> None:
         archs = cuda_arch_list()
         sources, cflags, cuda = CUDA_SOURCES, ["-O3"], torch.version.cuda or "none"
         key = f"cuda{cuda}-sm" + "_".join(a.replace(".", "") for a in archs)
-    tag = f"torch{torch.__version__.split('+')[0]}-{key}-{_sources_hash(sources)}".replace(".", "")
+    tag = f"torch{torch.__version__.split('+')[0]}-{key}-{_sources_hash(sources, cflags)}".replace(".", "")
     build_dir = _cache_root() / tag
     build_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(
