@@ -18,7 +18,7 @@ import pickle
 import types
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Type, Union
 
 import torch
 
@@ -27,6 +27,8 @@ __all__ = [
     "load_checkpoint_file",
     "extract_state_dict",
     "load_state_dict_file",
+    "load_pretrained_file",
+    "route_local_file_to_custom_load",
     "PICKLE_SUFFIXES",
     "SAFETENSORS_SUFFIXES",
 ]
@@ -211,3 +213,49 @@ def extract_state_dict(checkpoint: Mapping[str, Any], keys: Tuple[str, ...] = ST
 def load_state_dict_file(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Dict[str, torch.Tensor]:
     """:func:`load_checkpoint_file` followed by :func:`extract_state_dict`."""
     return extract_state_dict(load_checkpoint_file(path, map_location))
+
+
+def load_pretrained_file(
+    model: torch.nn.Module,
+    checkpoint_path: Union[str, os.PathLike],
+    filter_fn: Callable[[Dict[str, Any], torch.nn.Module], Dict[str, torch.Tensor]],
+    classifier: str,
+    strict: bool = True,
+) -> None:
+    """Loads an official or zoo checkpoint file into ``model`` safely, as a model's ``load_pretrained``.
+
+    ``filter_fn`` maps the loaded file to the model's keys. Classifier weights (keys under
+    ``classifier + '.'``) are skipped when their shape does not fit the model's head (other
+    ``num_classes``, or no head), as timm does for pretrained weights. With ``strict``, any other
+    missing, unexpected or mis-shaped key raises a RuntimeError naming them; without, they are skipped.
+    """
+    state_dict = filter_fn(load_checkpoint_file(checkpoint_path), model)
+    own = model.state_dict()
+    head = classifier + "."
+    for key in [k for k in state_dict if k.startswith(head)]:
+        if key not in own or own[key].shape != state_dict[key].shape:
+            del state_dict[key]
+    missing = [k for k in own if k not in state_dict and not k.startswith(head)]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        def some(keys: List[str]) -> str:
+            return f"{len(keys)} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+
+        shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
+        raise RuntimeError(
+            f"checkpoint {os.fspath(checkpoint_path)!r} does not fit this model: missing {some(missing)}, "
+            f"unexpected {some(unexpected)}, shape mismatch (checkpoint vs model) {some(shapes)}"
+        )
+    for key in mismatched:
+        del state_dict[key]
+    model.load_state_dict(state_dict, strict=False)
+
+
+def route_local_file_to_custom_load(kwargs: Dict[str, Any]) -> None:
+    """Makes timm load a local ``pretrained_cfg_overlay=dict(file=...)`` through the model's
+    ``load_pretrained`` (the safe loader above) rather than timm's ``torch.load(weights_only=True)``,
+    which refuses official files that pickle a training config next to the weights. Edits ``kwargs``."""
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay and overlay.get("file") and "custom_load" not in overlay:
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=True)

@@ -37,7 +37,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
-from ..checkpoint import extract_state_dict, load_checkpoint_file
+from ..checkpoint import extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS, selective_scan_multi_direction
 from ..ops.selective_scan import selective_scan
 
@@ -449,26 +449,7 @@ class MSVMamba(nn.Module):
         Classifier weights are skipped when their shape does not fit this model's head (other
         ``num_classes``, or no head), as timm does for pretrained weights.
         """
-        state_dict = checkpoint_filter_fn(load_checkpoint_file(checkpoint_path), self)
-        own = self.state_dict()
-        for key in [k for k in state_dict if k.startswith("head.fc.")]:
-            if key not in own or own[key].shape != state_dict[key].shape:
-                del state_dict[key]
-        missing = [k for k in own if k not in state_dict and not k.startswith("head.fc.")]
-        unexpected = [k for k in state_dict if k not in own]
-        mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
-                      if k in own and v.shape != own[k].shape]
-        if strict and (missing or unexpected or mismatched):
-            def some(keys: List[str]) -> str:
-                return f"{len(keys)} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
-
-            raise RuntimeError(
-                f"checkpoint {os.fspath(checkpoint_path)!r} does not fit this model: missing {some(missing)}, "
-                f"unexpected {some(unexpected)}, shape mismatch (checkpoint vs model) {some(mismatched)}"
-            )
-        for key in mismatched:
-            del state_dict[key.split(":")[0]]
-        self.load_state_dict(state_dict, strict=False)
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn, classifier="head.fc", strict=strict)
 
 
 # --- official checkpoints and constructor kwargs ---------------------------------------------------
@@ -631,11 +612,7 @@ def from_official_kwargs(**kwargs: Any) -> MSVMamba:
 
 def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> MSVMamba:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    overlay = kwargs.get("pretrained_cfg_overlay")
-    if overlay and overlay.get("file") and "custom_load" not in overlay:
-        # a local file (official .pth with its pickled config, or zoo weights) goes through the safe
-        # loader in MSVMamba.load_pretrained rather than timm's weights_only torch.load
-        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=True)
+    route_local_file_to_custom_load(kwargs)  # official .pth files pickle a yacs config
     return build_model_with_cfg(
         MSVMamba,
         variant,
