@@ -122,8 +122,8 @@ def test_official_checkpoint_wrapped_and_resized():
 
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 def test_official_pth_through_timm_pretrained_and_zoo_checkpoint(tmp_path):
-    """An official-style .pth ({'model': ..., 'args': Namespace}) loads through zoo.checkpoint, and a plain
-    {'model': ...} file through timm's pretrained path (build_model_with_cfg + checkpoint_filter_fn)."""
+    """An official-style .pth ({'model': ..., 'args': Namespace}) loads through zoo.checkpoint, and it and a
+    plain {'model': ...} file through timm's pretrained path (pretrained_cfg_overlay=dict(file=...))."""
     import argparse
 
     from zoo.checkpoint import load_state_dict_file
@@ -137,14 +137,14 @@ def test_official_pth_through_timm_pretrained_and_zoo_checkpoint(tmp_path):
     m.load_state_dict(checkpoint_filter_fn(load_state_dict_file(with_args), m), strict=True)
     plain = tmp_path / "official_plain.pth"
     torch.save({"model": state_dict}, plain)
-    timm_model = timm.create_model(
+    timm_models = [timm.create_model(
         "vim_tiny_patch16_224", pretrained=True, img_size=kw["img_size"], patch_size=kw["patch_size"],
         stride=kw["stride"], embed_dim=kw["embed_dim"], depth=kw["depth"], num_classes=kw["num_classes"],
-        pretrained_cfg_overlay=dict(file=str(plain), num_classes=kw["num_classes"]),
-    )
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=kw["num_classes"]),
+    ) for path in (plain, with_args)]  # the official file with its pickled args, too
     tol = dict(atol=meta["atol"], rtol=meta["rtol"])
     with torch.no_grad():
-        for model in (m.eval(), timm_model.eval()):
+        for model in (m.eval(), *(t.eval() for t in timm_models)):
             torch.testing.assert_close(model(x), tensors["logits"], **tol)
 
 
