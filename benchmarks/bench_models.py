@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401
+from bench_scan import cuda_median_ms  # noqa: E402  (same directory; the one CUDA-event timer)
 
 # (group, label, model name, kwargs, mode, batch, resolution)
 WORKLOADS = [
@@ -47,19 +47,6 @@ WORKLOADS = [
 ]
 
 
-def timed(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def run_workload(name, kwargs, mode, batch, res, warmup, iters):
@@ -87,7 +74,7 @@ def run_workload(name, kwargs, mode, batch, res, warmup, iters):
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-    ms = timed(step, warmup, iters)
+    ms = cuda_median_ms(step, warmup, iters, reps=1)  # one whole step per CUDA-event sample
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     del model, x
     return batch / ms * 1e3, peak, ms
