@@ -8,16 +8,16 @@ import pytest
 import timm
 import torch
 
+from _parity import parity_dir, parity_files
 import zoo  # noqa: F401  (registers the models)
 from zoo.models.convllava import ConvLLaVAConvNeXt, checkpoint_filter_fn, from_official_kwargs, token_grid
 
-PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity" / "convllava"
+PARITY_DIR = parity_dir("convllava")
 MANIFEST = PARITY_DIR / "manifest_convllava_convnext_large_5stage.json"
 # every token fixture in the folder (a held-out one dropped in later is picked up), not the manifests
-FIXTURES = sorted(
-    p for p in PARITY_DIR.glob("*.json")
-    if not p.name.startswith("manifest_") and p.with_suffix(".safetensors").exists()
-) if PARITY_DIR.is_dir() else []
+FIXTURES = parity_files(
+    "convllava", "*.json", keep=lambda p: not p.name.startswith("manifest_") and p.with_suffix(".safetensors").exists()
+)
 needs_parity = pytest.mark.skipif(not PARITY_DIR.is_dir(), reason=f"parity fixtures not found at {PARITY_DIR}")
 
 

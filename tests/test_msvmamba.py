@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from _parity import parity_dir, parity_files
 import zoo  # noqa: F401  (registers the models)
 from zoo.ops import selective_scan_naive
 from zoo.ops.multi_direction import (
@@ -29,9 +30,9 @@ from zoo.models.msvmamba import (
     official_kwargs_to_model_args,
 )
 
-PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity" / "msvmamba"
-FIXTURES = sorted(PARITY_DIR.glob("msvmamba_*.json")) if PARITY_DIR.is_dir() else []
-MANIFESTS = sorted(PARITY_DIR.glob("manifest_*.json")) if PARITY_DIR.is_dir() else []
+PARITY_DIR = parity_dir("msvmamba")
+FIXTURES = parity_files("msvmamba", "msvmamba_*.json")
+MANIFESTS = parity_files("msvmamba", "manifest_*.json")
 NO_FIXTURES = f"official parity fixtures not found in {PARITY_DIR}"
 OFFICIAL_TO_ZOO = {"vssm_nano_ms_e300": "msvmamba_nano", "vssm_micro_ms_e300": "msvmamba_micro",
                    "vssm_tiny_ms_e300": "msvmamba_tiny"}

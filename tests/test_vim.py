@@ -12,14 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _parity import parity_dir, parity_files
 import zoo
 from zoo.models import vim as vim_mod
 from zoo.models.vim import Vim, checkpoint_filter_fn, from_official_kwargs, resample_vim_pos_embed
 from zoo.ops import selective_scan_naive
 
-PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity" / "vim"
-FIXTURES = sorted(PARITY_DIR.glob("vim_*.json")) if PARITY_DIR.is_dir() else []
-MANIFESTS = sorted(PARITY_DIR.glob("manifest_*.json")) if PARITY_DIR.is_dir() else []
+PARITY_DIR = parity_dir("vim")
+FIXTURES = parity_files("vim", "vim_*.json")
+MANIFESTS = parity_files("vim", "manifest_*.json")
 NO_FIXTURES = f"no Vim parity fixtures in {PARITY_DIR} (made by running the official code; not in this checkout)"
 
 REGISTERED = [
