@@ -189,7 +189,7 @@ def test_bad_inputs_raise_clear_errors():
     u, delta, A, B, C, D, z, bias = make_inputs(1, 4, 6, 4, 2, True, True, True, True, True)
     with pytest.raises(ValueError, match="groups"):
         selective_scan(u, delta, A, B[:, :, :, :], torch.randn(1, 3, 4, 6), backend="compiled")
-    with pytest.raises(RuntimeError, match="zoo_scan: delta"):
+    with pytest.raises(RuntimeError, match=r"zoo_scan.scan_fwd: delta has shape \(1, 4, 3\)"):
         torch.ops.zoo_scan.scan_fwd(u, delta[..., :3], A, B, C, D, z, bias, True, False)
 
 

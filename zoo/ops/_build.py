@@ -37,7 +37,8 @@ def _cache_root() -> Path:
 
 def _sources_hash(names: List[str], flags: List[str] = ()) -> str:
     h = hashlib.sha256(" ".join(flags).encode())  # changed compiler flags rebuild too
-    for name in names + ["scan_common.cuh"]:
+    headers = sorted(p.name for pattern in ("*.h", "*.cuh") for p in CSRC.glob(pattern))
+    for name in list(names) + headers:  # every shared header may be included by the sources
         p = CSRC / name
         if p.exists():
             h.update(p.read_bytes())
