@@ -119,8 +119,8 @@ def selective_scan_multi_direction_reference(
     def along_time(t: torch.Tensor) -> torch.Tensor:
         return t.index_select(-1, gather)
 
-    B_seq = along_time(B) if B.dim() == 4 else B
-    C_seq = along_time(C) if C.dim() == 4 else C
+    B_seq = along_time(B) if B.dim() > 2 else B  # variable (batch, [groups,] N, L): reorder its steps
+    C_seq = along_time(C) if C.dim() > 2 else C
     y = selective_scan(
         along_time(u), along_time(delta), A, B_seq, C_seq, D, None, delta_bias, delta_softplus,
         backend=scan_backend,
@@ -230,8 +230,8 @@ def selective_scan_multi_direction(
 
     Args:
         u, delta: (batch, dim, height * width), tokens in row-major pixel order.
-        A: (dim, d_state). B, C: (batch, groups, d_state, height * width) in row-major order, or
-            (dim, d_state) fixed. D, delta_bias: optional (dim,). Same semantics as
+        A: (dim, d_state). B, C: (batch, groups, d_state, height * width) or (batch, d_state,
+            height * width) in row-major order, or (dim, d_state) fixed. D, delta_bias: optional (dim,). Same semantics as
             :func:`zoo.ops.selective_scan`.
         height, width: the map size.
         orders: traversal orders, names from ``SCAN_ORDERS`` ('row', 'row_reversed', 'col',
