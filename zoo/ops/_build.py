@@ -24,8 +24,12 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ["scan_cpu.cpp"]
 CUDA_SOURCES = ["scan_cuda.cu"]
 # -fno-trapping-math lets GCC if-convert the clamps of the kernels' exp, without which no loop calling
-# it is vectorised (the kernels do not rely on floating-point exceptions)
-CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-march=native"]
+# it is vectorised (the kernels do not rely on floating-point exceptions). No -march: the hot kernels
+# carry one clone per ISA level chosen at load time (csrc/cpu_vec.h), so the library is portable and
+# nothing host-specific belongs in the cache key.
+CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+# headers the sources include: part of the source hash
+CSRC_HEADERS = ["scan_common.cuh", "cpu_vec.h"]
 _lock = threading.Lock()
 _state = {"cpu": None, "cuda": None}  # None: not tried; True: loaded; str: why it failed
 _warned = set()
@@ -37,7 +41,7 @@ def _cache_root() -> Path:
 
 def _sources_hash(names: List[str], flags: List[str] = ()) -> str:
     h = hashlib.sha256(" ".join(flags).encode())  # changed compiler flags rebuild too
-    for name in names + ["scan_common.cuh"]:
+    for name in names + CSRC_HEADERS:
         p = CSRC / name
         if p.exists():
             h.update(p.read_bytes())
