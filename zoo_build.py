@@ -29,7 +29,7 @@ def ahead_of_time_extensions() -> Tuple[List[object], Dict[str, object]]:
     CPU_CFLAGS, cuda_flags = flags.CPU_CFLAGS, flags.cuda_flags
 
     exts: List[object] = [
-        CppExtension("zoo.ops._zoo_scan_cpu", [str(ROOT / "csrc" / "scan_cpu.cpp")],
+        CppExtension("zoo.ops._zoo_scan_cpu", [str(ROOT / "csrc" / s) for s in flags.CPU_SOURCES],
                      extra_compile_args={"cxx": CPU_CFLAGS}),
     ]
     has_nvcc = (CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists()) or shutil.which("nvcc")

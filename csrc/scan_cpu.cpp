@@ -3,7 +3,7 @@
 // Work is split over (batch x channel) in the forward and over (batch x group) in the backward, so
 // that every gradient of a group-shared B/C is owned by exactly one task: no atomics, and the
 // result does not depend on the thread count. The inner loops run over the state dimension on
-// contiguous buffers so that the compiler vectorises them (the exp below is branch-free for that).
+// contiguous buffers so that the compiler vectorises them (cpu_vec.h: branch-free exp, one clone per ISA).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,28 +16,11 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_vec.h"
+
 namespace zoo_scan {
 namespace {
 
-// exp for float, written so that GCC/Clang vectorise loops calling it: Cody-Waite range reduction
-// to |r| <= ln2/2 and a degree-6 Taylor polynomial (relative error ~2e-7, i.e. about 1 ulp).
-inline float exp_vec(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double exp_vec(double x) { return std::exp(x); }
 
 // Everything a kernel needs, already converted: per-channel rows in the input dtype, weights and
 // the (time-major) B/C in the accumulation dtype.
@@ -64,7 +47,7 @@ struct ScanArgs {
 };
 
 template <typename acc_t>
-inline const acc_t* state_row(const acc_t* M, bool var, int64_t b, int64_t g, int64_t d, int64_t t,
+ZOO_INLINE const acc_t* state_row(const acc_t* M, bool var, int64_t b, int64_t g, int64_t d, int64_t t,
                               int64_t G, int64_t L, int64_t N) {
   return var ? M + ((b * G + g) * L + t) * N : M + d * N;
 }
@@ -88,7 +71,7 @@ struct ChunkBuffers {
 // storing every state in hs. The per-step overhead of a fused loop (short remainder loops, the
 // reduction of y) dominated at small N.
 template <typename in_t, typename acc_t, typename Pos>
-inline void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, int64_t b, int64_t g, int64_t d,
+ZOO_INLINE void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, int64_t b, int64_t g, int64_t d,
                          int64_t row, int64_t s0, int64_t len, const acc_t* Al, acc_t* h, ChunkBuffers<acc_t>& w) {
   const int64_t N = a.N, L = a.L, G = a.groups;
   int64_t* ts = w.ts.data();
@@ -104,7 +87,7 @@ inline void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, in
     for (int64_t i = 0; i < len; ++i) eb[i] = *state_row(a.B, a.varB, b, g, d, ts[i], G, L, N);
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      ea[i] = exp_vec(dts[i] * A0);
+      ea[i] = zoo_vec::exp(dts[i] * A0);
       eb[i] *= dts[i] * us[i];
     }
     acc_t h0 = h[0];
@@ -122,7 +105,7 @@ inline void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, in
     acc_t* f = eb + i * N;
 #pragma omp simd
     for (int64_t n = 0; n < N; ++n) {
-      e[n] = exp_vec(dt * Al[n]);
+      e[n] = zoo_vec::exp(dt * Al[n]);
       f[n] = dtu * Bt[n];
     }
   }
@@ -138,11 +121,14 @@ inline void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, in
   }
 }
 
+// Channels begin .. end of the flattened (batch, dim); a plain function (not the parallel_for
+// lambda) so that it gets the per-ISA clones.
 template <typename in_t, typename acc_t>
-void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
+ZOO_CPU_DISPATCH void forward_range(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last, int64_t begin,
+                                    int64_t end) {
   const int64_t L = a.L, Ls = a.Ls, N = a.N, dg = a.dim / a.groups;
   auto position = [&](int64_t s) { return a.index ? a.index[s] : (a.reverse ? L - 1 - s : s); };
-  at::parallel_for(0, a.batch * a.dim, 1, [&](int64_t begin, int64_t end) {
+  {
     std::vector<acc_t> h(N), Al(N);
     ChunkBuffers<acc_t> w(N);
     for (int64_t bd = begin; bd < end; ++bd) {
@@ -169,7 +155,13 @@ void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
       }
       std::copy(h.begin(), h.end(), last + bd * N);
     }
-  });
+  }
+}
+
+template <typename in_t, typename acc_t>
+void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
+  at::parallel_for(0, a.batch * a.dim, 1,
+                   [&](int64_t begin, int64_t end) { forward_range(a, out, last, begin, end); });
 }
 
 // Gradients. Outputs that are shared across tasks are written as per-batch partials (summed by the
@@ -188,14 +180,15 @@ struct GradOut {
   acc_t* ddelta_acc;
 };
 
+// (batch, group) pairs begin .. end of the flattened (batch, G)
 template <typename in_t, typename acc_t>
-void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
-                  const GradOut<in_t, acc_t>& o) {
+ZOO_CPU_DISPATCH void backward_range(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
+                                     const GradOut<in_t, acc_t>& o, int64_t begin, int64_t end) {
   const int64_t L = a.L, Ls = a.Ls, N = a.N, G = a.groups, dg = a.dim / G;
   const int64_t chunk = kChunk;
   const int64_t nchunks = (Ls + chunk - 1) / chunk;
   auto position = [&](int64_t s) { return a.index ? a.index[s] : (a.reverse ? L - 1 - s : s); };
-  at::parallel_for(0, a.batch * G, 1, [&](int64_t begin, int64_t end) {
+  {
     std::vector<acc_t> ckpt(nchunks * N), carry(N), Al(N), dA(N), dBf(N), dCf(N), h(N);
     ChunkBuffers<acc_t> w(N);
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -276,7 +269,14 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
         if (o.dbias_part) o.dbias_part[bd] = dbias;
       }
     }
-  });
+  }
+}
+
+template <typename in_t, typename acc_t>
+void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
+                  const GradOut<in_t, acc_t>& o) {
+  at::parallel_for(0, a.batch * a.groups, 1,
+                   [&](int64_t begin, int64_t end) { backward_range(a, dout, dlast, o, begin, end); });
 }
 
 // ---- tensor-level wrappers ----

@@ -24,8 +24,11 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ["scan_cpu.cpp"]
 CUDA_SOURCES = ["scan_cuda.cu"]
 # -fno-trapping-math lets GCC if-convert the clamps of the kernels' exp, without which no loop calling
-# it is vectorised (the kernels do not rely on floating-point exceptions)
-CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-march=native"]
+# it is vectorised (the kernels do not rely on floating-point exceptions). No -march: the hot kernels
+# carry one clone per ISA level chosen at load time (csrc/cpu_vec.h), so the library is portable and
+# nothing host-specific belongs in the cache key.
+CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+# headers the sources include: part of the source hash
 _lock = threading.Lock()
 _state = {"cpu": None, "cuda": None}  # None: not tried; True: loaded; str: why it failed
 _warned = set()
