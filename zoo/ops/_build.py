@@ -28,7 +28,6 @@ CUDA_SOURCES = ["scan_cuda.cu"]
 # carry one clone per ISA level chosen at load time (csrc/cpu_vec.h), so the library is portable and
 # nothing host-specific belongs in the cache key.
 CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
-# headers the sources include: part of the source hash
 _lock = threading.Lock()
 _state = {"cpu": None, "cuda": None}  # None: not tried; True: loaded; str: why it failed
 _warned = set()
