@@ -129,6 +129,10 @@ def _toolchain_missing(kind: str) -> Optional[str]:
     return None
 
 
+# torch.compile / strict export trace the backend probe; dynamo cannot enter the lock (a cold first call
+# under torch.compile(fullgraph=True) failed), so under tracing this runs eagerly, outside the graph, and
+# its result enters the graph as a constant
+@torch.compiler.assume_constant_result
 def ensure_loaded(kind: str) -> Tuple[bool, str]:
     """Loads (building if needed) the ``cpu`` or ``cuda`` library; returns (ok, reason). Never raises."""
     if _state[kind] is True:  # fast path, also what torch.compile traces after the first call
