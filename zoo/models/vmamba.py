@@ -677,3 +677,131 @@ def from_official_kwargs(**kwargs: Any) -> VMamba:
     Load official weights with ``model.load_state_dict(checkpoint_filter_fn(sd, model))``.
     """
     return VMamba(**official_kwargs_to_model_args(**kwargs))
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+
+def _create_vmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> VMamba:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    route_local_file_to_custom_load(kwargs)  # official .pth files pickle a yacs config
+    return build_model_with_cfg(
+        VMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+_RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/"
+
+
+def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.conv1",
+        "classifier": "head.fc",
+        # the official .pth files pickle a yacs config: load them through model.load_pretrained
+        "custom_load": True,
+        "license": "mit",
+        "paper_ids": "arXiv:2401.10166",
+        "paper_name": "VMamba: Visual State Space Model",
+        "origin_url": "https://github.com/MzeroMiko/VMamba",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "vmamba_tiny.in1k": _cfg(_RELEASES + "%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth"),
+    "vmamba_small.in1k": _cfg(_RELEASES + "%23v2cls/vssm1_small_0229s_ckpt_epoch_240.pth"),
+    "vmamba_base.in1k": _cfg(_RELEASES + "%23v2cls/vssm1_base_0229s_ckpt_epoch_225.pth"),
+    "vmamba_v2_tiny.in1k": _cfg(_RELEASES + "%23v2cls/vssm_tiny_0230_ckpt_epoch_262.pth"),
+    "vmamba_v2_small.in1k": _cfg(_RELEASES + "%23v2cls/vssm_small_0229_ckpt_epoch_222.pth"),
+    "vmamba_v2_base.in1k": _cfg(_RELEASES + "%23v2cls/vssm_base_0229_ckpt_epoch_237.pth"),
+    "vmamba_v0_tiny.in1k": _cfg(_RELEASES + "%23v0cls/vssmtiny_dp01_ckpt_epoch_292.pth", first_conv="patch_embed.proj"),
+    "vmamba_v0_small.in1k": _cfg(_RELEASES + "%23v0cls/vssmsmall_dp03_ckpt_epoch_238.pth", first_conv="patch_embed.proj"),
+    "vmamba_v0_base.in1k": _cfg(_RELEASES + "%23v0cls/vssmbase_dp06_ckpt_epoch_241.pth", first_conv="patch_embed.proj"),
+    "test_vmamba.untrained": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), custom_load=False),
+})
+
+# the current release ("v2v", official vssm1_*_s1l*): no gate, d_state 1, ssm_ratio 1, MLP, conv stem
+_CURRENT = dict(d_state=1, ssm_ratio=1.0, stem="conv2", downsample="conv3", conv_bias=False, gate=False, mlp_ratio=4.0)
+# v2 (official vssm1_*_s2l*): as the current release with ssm_ratio 2
+_V2 = dict(_CURRENT, ssm_ratio=2.0)
+# v0 ("vanilla" VMamba): gated SS2D, d_state 16, no MLP, 4x4 patch stem, PatchMerging, fp32 scan
+_V0 = dict(d_state=16, ssm_ratio=2.0, stem="patch", downsample="merge", conv_bias=True, gate=True, mlp_ratio=0.0,
+           force_fp32=True)
+
+
+def _vmamba(variant: str, config: Dict[str, Any], pretrained: bool, **kwargs: Any) -> VMamba:
+    return _create_vmamba(variant, pretrained, **dict(config, **kwargs))
+
+
+@register_model
+def vmamba_tiny(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """VMamba-T[s1l8] (current release): 30.2M params, 4.9 GFLOPs, 82.6% ImageNet-1k top-1."""
+    return _vmamba("vmamba_tiny", dict(_CURRENT, depths=(2, 2, 8, 2), dims=96), pretrained, **kwargs)
+
+
+@register_model
+def vmamba_small(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """VMamba-S[s1l20] (current release): 49.0M params, 8.6 GFLOPs, 83.3% ImageNet-1k top-1."""
+    return _vmamba("vmamba_small", dict(_CURRENT, depths=(2, 2, 20, 2), dims=96), pretrained, **kwargs)
+
+
+@register_model
+def vmamba_base(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """VMamba-B[s1l20] (current release): 86.6M params, 15.2 GFLOPs, 83.8% ImageNet-1k top-1."""
+    return _vmamba("vmamba_base", dict(_CURRENT, depths=(2, 2, 20, 2), dims=128), pretrained, **kwargs)
+
+
+@register_model
+def vmamba_v2_tiny(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """VMamba-T[s2l5] (v2): 30.7M params, 4.9 GFLOPs, 82.5% ImageNet-1k top-1."""
+    return _vmamba("vmamba_v2_tiny", dict(_V2, depths=(2, 2, 5, 2), dims=96), pretrained, **kwargs)
+
+
+@register_model
+def vmamba_v2_small(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """VMamba-S[s2l15] (v2): 50.1M params, 8.7 GFLOPs, 83.6% ImageNet-1k top-1."""
+    return _vmamba("vmamba_v2_small", dict(_V2, depths=(2, 2, 15, 2), dims=96), pretrained, **kwargs)
+
+
+@register_model
+def vmamba_v2_base(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """VMamba-B[s2l15] (v2): 88.6M params, 15.4 GFLOPs, 83.9% ImageNet-1k top-1."""
+    return _vmamba("vmamba_v2_base", dict(_V2, depths=(2, 2, 15, 2), dims=128), pretrained, **kwargs)
+
+
+@register_model
+def vmamba_v0_tiny(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """Vanilla-VMamba-T (v0): 22.9M params, 5.6 GFLOPs, 82.2% ImageNet-1k top-1."""
+    return _vmamba("vmamba_v0_tiny", dict(_V0, depths=(2, 2, 9, 2), dims=96), pretrained, **kwargs)
+
+
+@register_model
+def vmamba_v0_small(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """Vanilla-VMamba-S (v0): 44.4M params, 11.2 GFLOPs, 83.5% ImageNet-1k top-1."""
+    return _vmamba("vmamba_v0_small", dict(_V0, depths=(2, 2, 27, 2), dims=96), pretrained, **kwargs)
+
+
+@register_model
+def vmamba_v0_base(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """Vanilla-VMamba-B (v0): 76.3M params, 18.0 GFLOPs, 83.7% ImageNet-1k top-1."""
+    return _vmamba("vmamba_v0_base", dict(_V0, depths=(2, 2, 27, 2), dims=128), pretrained, **kwargs)
+
+
+@register_model
+def test_vmamba(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    """Test-sized VMamba (current-release layout): 4 stages of 1 block, widths 8..64, d_state 2, 32 px input."""
+    return _vmamba("test_vmamba", dict(_CURRENT, depths=(1, 1, 1, 1), dims=8, d_state=2), pretrained, **kwargs)
