@@ -330,7 +330,7 @@ class MambaVision(nn.Module):
             nn.BatchNorm2d(dims[0], eps=1e-4),
             nn.ReLU(),
         )
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # official values, meta-safe
         stages, self.feature_info = [], []
         for i, depth in enumerate(depths):
             stages.append(MambaVisionStage(
