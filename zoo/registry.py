@@ -58,6 +58,8 @@ FAMILIES: Tuple[Family, ...] = (
            description="MSVMamba: hierarchical multi-scale 2D selective-scan backbone"),
     Family("vmamba", "zoo", ("vmamba",), "test_vmamba",
            description="VMamba: hierarchical 2D selective scan (four directions summed), v0/v2/current releases"),
+    Family("mambavision", "zoo", ("mambavision",), "test_mambavision",
+           description="MambaVision: conv stages + windowed hybrid Mamba / self-attention stages"),
     Family("convllava", "zoo", ("convllava",), "test_convllava",
            description="ConvLLaVA encoder: timm ConvNeXt + appended 5th stage (stride 64 tokens)"),
     Family("efficientvim", "timm", ("efficientvim",), "test_efficientvim", ("test_efficientvim",),
@@ -66,6 +68,8 @@ FAMILIES: Tuple[Family, ...] = (
            description="SHViT: single-head vision transformer with macro design for efficiency (timm)"),
     Family("vitamin", "timm", ("vitamin",), "test_vitamin", ("test_vitamin",),
            description="ViTamin: MbConv stem stages + ViT blocks, CLIP-trained (timm)"),
+    Family("fastvit", "timm", (), "test_fastvithd", ("fastvit_mci3", "fastvit_mci4", "fastvithd", "test_fastvithd"),
+           description="FastViTHD / MCi: FastVLM's and MobileCLIP2's hybrid RepMixer + attention encoder (timm)"),
     Family("convnext", "timm", ("convnext",), "test_convnext",
            description="ConvNeXt and ConvNeXt-V2 (timm)"),
 )
