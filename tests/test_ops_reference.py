@@ -174,6 +174,11 @@ def test_reference_on_cuda_warns_once(monkeypatch):
         (lambda a: a.__setitem__(3, torch.randn(2, 3, 3, 7, dtype=torch.float64)), "3 groups, which must divide"),
         (lambda a: a.__setitem__(4, torch.randn(2, 3, dtype=torch.float64)), "C has shape \\(2, 3\\), expected \\(dim, d_state\\)"),
         (lambda a: a.__setitem__(0, a[0].long()), "accepted: float32"),
+        (lambda a: a.__setitem__(1, a[1].long()), "delta has dtype torch.int64; accepted: float32"),
+        (lambda a: a.__setitem__(3, a[3].to(torch.int32)), "B has dtype torch.int32; accepted"),
+        (lambda a: a.__setitem__(4, a[4].to(torch.complex128)), "C has dtype torch.complex128; .* real-valued"),
+        (lambda a: a.__setitem__(0, a[0].to(torch.complex64)), "u has dtype torch.complex64"),
+        (lambda a: a.__setitem__(1, a[1].bool()), "delta has dtype torch.bool"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(mutate, match):
