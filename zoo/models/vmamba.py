@@ -68,6 +68,11 @@ def _activation(name: str) -> type:
         raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(map(repr, _ACTIVATIONS))}") from None
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """SSM parameters and (optionally) scan inputs run in float32 or wider, never in half precision."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 # --- cross scan / merge ------------------------------------------------------------------------------
 
 
@@ -113,7 +118,7 @@ class SS2D(nn.Module):
             2 * d_inner); gate_act: apply ``act_layer`` to z. out_act: GELU after ``out_norm``.
         out_norm: 'ln' (LayerNorm over channels), 'none', or 'sigmoid'.
         scan_mode: traversal orders, a key of :data:`SCAN_MODES`.
-        force_fp32: scan inputs cast to float32 (official v0/v2; matters under autocast only).
+        force_fp32: half-precision scan inputs upcast to float32 (official v0/v2; matters under autocast).
         init: SSM parameter init: 'v0' (Mamba's), 'v1' / 'v2' (the official "simple" inits).
     """
 
@@ -203,10 +208,11 @@ class SS2D(nn.Module):
         dts, Bs, Cs = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
         if self.force_fp32:
-            xs, dts, Bs, Cs = (t.float() for t in (xs, dts, Bs, Cs))
+            xs, dts, Bs, Cs = (_at_least_fp32(t) for t in (xs, dts, Bs, Cs))
         ys = selective_scan(
-            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
-            self.Ds.float(), None, self.dt_projs_bias.flatten().float(), delta_softplus=True,
+            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(_at_least_fp32(self.A_logs)), Bs.contiguous(),
+            Cs.contiguous(), _at_least_fp32(self.Ds), None, _at_least_fp32(self.dt_projs_bias.flatten()),
+            delta_softplus=True,
         )  # (B, K * D, L), one group of B/C per direction
         return cross_merge(ys.view(batch, num_dirs, self.d_inner, -1), self.orders, height, width)
 
