@@ -1,7 +1,7 @@
 """Safe checkpoint loading for every zoo family and the training script.
 
 * ``.safetensors``: read with safetensors (no code can run).
-* ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt``: ``torch.load(weights_only=True)`` first. Some published
+* ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` / ``.pth.tar``: ``torch.load(weights_only=True)`` first. Some published
   checkpoints also pickle objects that are not tensors (the official MSVMamba ones store a yacs
   ``CfgNode`` training config next to the weights), which ``weights_only`` rightly refuses. Those files
   are then read with a restricted unpickler: every global the pickle names is looked up in torch's own
@@ -33,7 +33,7 @@ __all__ = [
     "SAFETENSORS_SUFFIXES",
 ]
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # .pth.tar: timm training checkpoints (MambaVision)
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # where training scripts commonly nest the weights, most specific first
 STATE_DICT_KEYS = ("state_dict", "model", "module", "net")
