@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ["scan_cpu.cpp"]
+CPU_SOURCES = ["scan_cpu.cpp", "mixer_cpu.cpp"]
 CUDA_SOURCES = ["scan_cuda.cu"]
 # -fno-trapping-math lets GCC if-convert the clamps of the kernels' exp, without which no loop calling
 # it is vectorised (the kernels do not rely on floating-point exceptions). No -march: the hot kernels
@@ -29,7 +29,7 @@ CUDA_SOURCES = ["scan_cuda.cu"]
 # nothing host-specific belongs in the cache key.
 CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
 # headers the sources include: part of the source hash
-CSRC_HEADERS = ["scan_common.cuh", "cpu_vec.h"]
+CSRC_HEADERS = ["scan_common.cuh", "cpu_vec.h", "mixer_common.h"]
 _lock = threading.Lock()
 _state = {"cpu": None, "cuda": None}  # None: not tried; True: loaded; str: why it failed
 _warned = set()
