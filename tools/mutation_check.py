@@ -24,6 +24,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -122,18 +123,28 @@ def apply_mutant(source: str, mutant: Mutant) -> str:
 def run_tests(root: Path, tests: List[str], timeout: float) -> str:
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return "killed (timeout)"
-    if res.returncode == 0:
+    finally:  # also on Ctrl-C / SIGTERM: no test run outlives the check
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if code == 0:
         return "survived"
-    if res.returncode in (1, 3):  # failures, or an error while importing/collecting the mutant
+    if code in (1, 3):  # failures, or an error while importing/collecting the mutant
         return "killed"
-    return f"error (pytest exit {res.returncode})"
+    return f"error (pytest exit {code})"
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file", help="the file to mutate, relative to the repository root")
     ap.add_argument("--tests", required=True, help="pytest arguments selecting the fast test subset (one string)")
