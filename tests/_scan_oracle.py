@@ -11,8 +11,6 @@ z included), so it does not rely on flipping anything.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -58,7 +56,3 @@ def rounded(t, dtype):
 def s4d_real_A(dim: int, n: int) -> torch.Tensor:
     """Mamba's S4D-real initialisation A = -(1..N) for every channel (the models' own init)."""
     return -torch.arange(1, n + 1, dtype=torch.float64).repeat(dim, 1)
-
-
-def softplus_inverse(x: float) -> float:
-    return x + math.log(-math.expm1(-x))
