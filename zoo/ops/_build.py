@@ -22,7 +22,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ["scan_cpu.cpp"]
-CUDA_SOURCES = ["scan_cuda.cu"]
+CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu"]
 # -fno-trapping-math lets GCC if-convert the clamps of the kernels' exp, without which no loop calling
 # it is vectorised (the kernels do not rely on floating-point exceptions)
 CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-march=native"]
@@ -37,7 +37,8 @@ def _cache_root() -> Path:
 
 def _sources_hash(names: List[str], flags: List[str] = ()) -> str:
     h = hashlib.sha256(" ".join(flags).encode())  # changed compiler flags rebuild too
-    for name in names + ["scan_common.cuh"]:
+    headers = sorted(p.name for p in CSRC.iterdir() if p.suffix in (".h", ".cuh"))  # included by any source
+    for name in names + headers:
         p = CSRC / name
         if p.exists():
             h.update(p.read_bytes())
