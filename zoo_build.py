@@ -36,7 +36,8 @@ def ahead_of_time_extensions() -> Tuple[List[object], Dict[str, object]]:
     if has_nvcc:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0").replace(";", " ").split()
         exts.append(
-            CUDAExtension("zoo.ops._zoo_scan_cuda", [str(ROOT / "csrc" / "scan_cuda.cu")],
-                          extra_compile_args={"cxx": ["-O3"], "nvcc": cuda_flags(archs)})
+            CUDAExtension("zoo.ops._zoo_scan_cuda", [str(ROOT / "csrc" / s) for s in flags.CUDA_SOURCES],
+                          extra_compile_args={"cxx": ["-O3"], "nvcc": cuda_flags(archs)},
+                          include_dirs=[str(ROOT / "csrc")])
         )
     return exts, {"build_ext": BuildExtension}

@@ -23,8 +23,10 @@
 #include <torch/library.h>
 
 #include "scan_checks.h"
+#include "scan_lpar.h"
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 namespace zoo_scan {
@@ -589,6 +591,22 @@ void launch_bwd(Params& p, int ndir) {
   }
 #endif
 
+// ZOO_CUDA_SCAN=lparallel: the L-parallel kernels (scan_cuda_lpar.cu) on the same prepared inputs
+lpar::Inputs lpar_inputs(const Prepared& pr, const at::Tensor& z, bool softplus, bool reverse) {
+  return {pr.u, pr.delta, pr.A, pr.B, pr.C, pr.D, z, pr.bias, pr.groups, softplus, reverse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lpar_backward(const Prepared& pr, const at::Tensor& z, const at::Tensor& dout, const at::Tensor& dlast, bool softplus,
+              bool reverse, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+              const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& bias) {
+  auto g = lpar::backward(lpar_inputs(pr, z, softplus, reverse), dout, dlast);
+  auto empty = at::empty({0}, pr.u.options().dtype(at::kFloat));
+  return {g[0], g[1], g[2].to(A.scalar_type()), g[3].to(B.scalar_type()), g[4].to(C.scalar_type()),
+          D ? g[5].to(D->scalar_type()) : empty, z.defined() ? g[6] : empty,
+          bias ? g[7].to(bias->scalar_type()) : empty};
+}
+
 std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                                  const at::Tensor& B, const at::Tensor& C,
                                                  const std::optional<at::Tensor>& D,
@@ -599,6 +617,7 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u, const at::
   Prepared pr = prepare("zoo_scan.scan_fwd", u, delta, A, B, C, D, z, delta_bias);
   at::Tensor zc;
   if (z) zc = z->to(u.scalar_type()).contiguous();
+  if (lpar::enabled()) return lpar::forward(lpar_inputs(pr, zc, delta_softplus, reverse));
   auto out = at::empty_like(pr.u);
   auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(at::kFloat));
   Params p = make_params(pr, delta_softplus);
@@ -665,6 +684,7 @@ scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlast, co
   at::Tensor zc, dlast_c;
   if (z) zc = z->to(u.scalar_type()).contiguous();
   if (dlast) dlast_c = dlast->to(at::kFloat).contiguous();
+  if (lpar::enabled()) return lpar_backward(pr, zc, dout_c, dlast_c, delta_softplus, reverse, A, B, C, D, delta_bias);
   Params p = make_params(pr, delta_softplus);
   const int tb = bwd_tile(states_per_thread(p.N));
   p.nchunks = (p.L + tb - 1) / tb;
@@ -699,6 +719,10 @@ at::Tensor bidir_fwd_cuda(const at::Tensor& u, const at::Tensor& delta, const at
   check_pair(pf, pb);
   at::Tensor zc;
   if (z) zc = z->to(u.scalar_type()).contiguous();
+  if (lpar::enabled()) {
+    return lpar::bidir_forward(lpar_inputs(pf, zc, delta_softplus, false), lpar_inputs(pb, zc, delta_softplus, true),
+                               scale);
+  }
   auto acc = at::zeros(u.sizes(), u.options().dtype(at::kFloat));
   auto last = at::empty({2, u.size(0), u.size(1), A.size(1)}, acc.options());
   Params p = make_params(pf, delta_softplus);
@@ -712,6 +736,25 @@ at::Tensor bidir_fwd_cuda(const at::Tensor& u, const at::Tensor& delta, const at
   p.dir[1].last = last[1].data_ptr<float>();
   ZOO_CUDA_DISPATCH(u.scalar_type(), launch_fwd, p, 2);
   return u.scalar_type() == at::kFloat ? acc : acc.to(u.scalar_type());
+}
+
+// gradients of (A, B, C, D, bias) are returned in these tensors' dtypes (D/bias may be absent)
+using ParamRefs = std::array<const at::Tensor*, 5>;
+
+std::vector<at::Tensor> lpar_bidir_backward(const Prepared& pf, const Prepared& pb, const at::Tensor& z,
+                                            const at::Tensor& dout, bool softplus, double scale, ParamRefs pf_refs,
+                                            ParamRefs pb_refs) {
+  auto g = lpar::bidir_backward(lpar_inputs(pf, z, softplus, false), lpar_inputs(pb, z, softplus, true), dout, scale);
+  auto empty = at::empty({0}, pf.u.options().dtype(at::kFloat));
+  for (int dir = 0; dir < 2; ++dir) {
+    const ParamRefs& refs = dir == 0 ? pf_refs : pb_refs;
+    for (int k = 0; k < 5; ++k) {  // g[dir * 7 + 2 ..]: dA, dB, dC, dD, dbias
+      at::Tensor& t = g[dir * 7 + 2 + k];
+      t = refs[k] ? t.to(refs[k]->scalar_type()) : empty;
+    }
+  }
+  if (!g[14].defined()) g[14] = empty;
+  return g;
 }
 
 std::vector<at::Tensor> bidir_bwd_cuda(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
@@ -730,6 +773,11 @@ std::vector<at::Tensor> bidir_bwd_cuda(const at::Tensor& dout, const at::Tensor&
   auto dout_c = dout.to(u.scalar_type()).contiguous();
   at::Tensor zc;
   if (z) zc = z->to(u.scalar_type()).contiguous();
+  if (lpar::enabled()) {
+    return lpar_bidir_backward(pf, pb, zc, dout_c, delta_softplus, scale,
+                               {&A, &B, &C, D ? &*D : nullptr, delta_bias ? &*delta_bias : nullptr},
+                               {&A_r, &B_r, &C_r, D_r ? &*D_r : nullptr, delta_bias_r ? &*delta_bias_r : nullptr});
+  }
   Params p = make_params(pf, delta_softplus);
   const int tb = bwd_tile(states_per_thread(p.N));
   p.nchunks = (p.L + tb - 1) / tb;

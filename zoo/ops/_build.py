@@ -25,7 +25,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ["scan_cpu.cpp", "mixer_cpu.cpp"]
-CUDA_SOURCES = ["scan_cuda.cu"]
+CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu"]
 # -fno-trapping-math lets GCC if-convert the clamps of the kernels' exp, without which no loop calling
 # it is vectorised (the kernels do not rely on floating-point exceptions). No -march: the hot kernels
 # carry one clone per ISA level chosen at load time (csrc/cpu_vec.h), so the library is portable and
