@@ -29,14 +29,15 @@ def ahead_of_time_extensions() -> Tuple[List[object], Dict[str, object]]:
     CPU_CFLAGS, cuda_flags = flags.CPU_CFLAGS, flags.cuda_flags
 
     exts: List[object] = [
-        CppExtension("zoo.ops._zoo_scan_cpu", [str(ROOT / "csrc" / "scan_cpu.cpp")],
+        CppExtension("zoo.ops._zoo_scan_cpu", [str(ROOT / "csrc" / s) for s in flags.CPU_SOURCES],
                      extra_compile_args={"cxx": CPU_CFLAGS}),
     ]
     has_nvcc = (CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists()) or shutil.which("nvcc")
     if has_nvcc:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0").replace(";", " ").split()
         exts.append(
-            CUDAExtension("zoo.ops._zoo_scan_cuda", [str(ROOT / "csrc" / "scan_cuda.cu")],
-                          extra_compile_args={"cxx": ["-O3"], "nvcc": cuda_flags(archs)})
+            CUDAExtension("zoo.ops._zoo_scan_cuda", [str(ROOT / "csrc" / s) for s in flags.CUDA_SOURCES],
+                          extra_compile_args={"cxx": ["-O3"], "nvcc": cuda_flags(archs)},
+                          include_dirs=[str(ROOT / "csrc")])
         )
     return exts, {"build_ext": BuildExtension}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,9 +50,11 @@ WORKLOADS = [
 
 
 
-def run_workload(name, kwargs, mode, batch, res, warmup, iters):
+def run_workload(name, kwargs, mode, batch, res, warmup, iters, compile_mode=None):
     torch.cuda.empty_cache()
     model = timm.create_model(name, pretrained=False, **kwargs).cuda()
+    if compile_mode:
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, fullgraph=True)
     x = torch.randn(batch, 3, res, res, device="cuda")
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -86,18 +89,33 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json")
+    ap.add_argument("--labels", help="comma-separated model labels to run (default: all), e.g. Vim-Ti,DeiT-Ti")
+    ap.add_argument("--backend", help="zoo scan backend; 'mamba_ssm' runs the same models on mamba-ssm's kernel "
+                                      "(benchmarks/mamba_adapter.py)")
+    ap.add_argument("--compile", dest="compile_mode", choices=["default", "max-autotune-no-cudagraphs"],
+                    help="torch.compile(model, fullgraph=True) with this mode")
     args = ap.parse_args()
     from zoo.ops import resolve_backend
+
+    if args.backend == "mamba_ssm":
+        import mamba_adapter
+
+        if not mamba_adapter.enable():
+            sys.exit("mamba-ssm's selective_scan_cuda is neither importable nor buildable (set MAMBA_SSM_SRC)")
+    if args.backend:
+        os.environ["ZOO_SCAN_BACKEND"] = args.backend
+    labels = set(args.labels.split(",")) if args.labels else None
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, scan backend: "
           f"{resolve_backend('cuda').name}", flush=True)
     rows = []
     for group, label, name, kwargs, mode, batch, res in WORKLOADS:
-        if args.only and group != args.only:
+        if (args.only and group != args.only) or (labels and label not in labels):
             continue
         try:
-            ips, peak, ms = run_workload(name, kwargs, mode, batch, res, args.warmup, args.iters)
-            row = dict(model=label, mode=mode, batch=batch, res=res, img_s=ips, peak_gib=peak, ms=ms)
+            ips, peak, ms = run_workload(name, kwargs, mode, batch, res, args.warmup, args.iters, args.compile_mode)
+            row = dict(model=label, mode=mode, batch=batch, res=res, img_s=ips, peak_gib=peak, ms=ms,
+                       compile=args.compile_mode or "eager")
         except Exception as e:  # OOM or a model not there yet: report, keep going
             row = dict(model=label, mode=mode, batch=batch, res=res, error=str(e).splitlines()[0][:160])
         rows.append(row)

@@ -3,10 +3,10 @@
 Prints a markdown table of forward and forward+backward times (median of CUDA-event timings after
 warm-up), the achieved bandwidth (the fewest bytes the pass must move: each input read once, each
 output written once, over the time) and the ratio to mamba-ssm. ``--cpu`` times the compiled CPU op
-against the per-token Python loop (``selective_scan_naive``) instead.
+against the reference backend (``selective_scan_reference``, the fallback users get without the kernels).
 
     python benchmarks/bench_scan.py                 # GPU table
-    python benchmarks/bench_scan.py --cpu           # CPU: compiled op vs per-token loop, fwd and fwd+bwd
+    python benchmarks/bench_scan.py --cpu           # CPU: compiled op vs the reference backend, fwd and fwd+bwd
     MAMBA_SSM_SRC=/path/to/mamba_ssm-x.y  python benchmarks/bench_scan.py   # also builds mamba's kernel
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402,F401
-from zoo.ops import compiled, selective_scan_naive  # noqa: E402
+from zoo.ops import compiled, selective_scan_reference  # noqa: E402
 
 # (name, batch, dim, L, d_state, groups)
 SHAPES = [
@@ -210,15 +210,19 @@ CPU_SHAPES = [
 ]
 
 
-def cpu_median_ms(fn, n, warmup=2):
+def cpu_times_ms(fn, n, warmup=2):
+    """(median, relative spread) of ``n`` timed calls after ``warmup`` untimed ones; the spread is the
+    interquartile range over the median, to show whether the median is stable on a busy machine."""
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(n):
         s = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - s)
-    return statistics.median(ts) * 1e3
+        ts.append((time.perf_counter() - s) * 1e3)
+    q1, _, q3 = statistics.quantiles(ts, n=4)
+    med = statistics.median(ts)
+    return med, (q3 - q1) / med
 
 
 def cpu_table(args):
@@ -239,23 +243,29 @@ def cpu_table(args):
         def ours():
             return torch.ops.zoo_scan.scan_fwd(*leaves, True, False)[0]
 
-        def naive():
-            return selective_scan_naive(*leaves, True)
+        def reference():  # the library's own fallback, what a user gets without the kernels
+            return selective_scan_reference(*leaves, True)
 
         def fb(fn):
             return lambda: torch.autograd.grad(fn(), leaves, dout)
 
-        with torch.no_grad():
-            o_f, n_f = cpu_median_ms(ours, args.iters), cpu_median_ms(naive, 3, warmup=1)
-        o_fb, n_fb = cpu_median_ms(fb(ours), max(3, args.iters // 3)), cpu_median_ms(fb(naive), 3, warmup=1)
-        rows.append((f"{name} fp32", o_f, n_f, o_fb, n_fb))
-        print(json.dumps(dict(shape=name, fwd_ms=o_f, naive_fwd_ms=n_f, fwdbwd_ms=o_fb, naive_fwdbwd_ms=n_fb)),
-              flush=True)
-    print(f"\n### CPU ({torch.get_num_threads()} threads): compiled op vs per-token loop, median ms\n")
-    print("| shape | fwd ms | loop fwd ms | fwd speed-up | fwd+bwd ms | loop fwd+bwd ms | fwd+bwd speed-up |")
+        row = {"shape": f"{name} fp32"}
+        for label, fn, n in (("fwd", ours, args.iters), ("ref_fwd", reference, args.ref_iters)):
+            with torch.no_grad():
+                row[label], row[label + "_spread"] = cpu_times_ms(fn, n)
+        for label, fn, n in (("fwdbwd", fb(ours), args.iters), ("ref_fwdbwd", fb(reference), args.ref_iters)):
+            row[label], row[label + "_spread"] = cpu_times_ms(fn, n)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n### CPU ({torch.get_num_threads()} threads): compiled op vs the reference backend "
+          f"(selective_scan_reference), median ms of {args.iters} / {args.ref_iters} calls (IQR / median)\n")
+    print("| shape | reference fwd | compiled fwd | fwd speed-up | reference fwd+bwd | compiled fwd+bwd | "
+          "fwd+bwd speed-up |")
     print("|---|---|---|---|---|---|---|")
-    for name, o, n, ob, nb in rows:
-        print(f"| {name} | {o:.2f} | {n:.1f} | {n / o:.0f}x | {ob:.2f} | {nb:.1f} | {nb / ob:.0f}x |")
+    for r in rows:
+        cell = lambda k: f"{r[k]:.2f} ({r[k + '_spread']:.0%})"  # noqa: E731
+        print(f"| {r['shape']} | {cell('ref_fwd')} | {cell('fwd')} | {r['ref_fwd'] / r['fwd']:.1f}x | "
+              f"{cell('ref_fwdbwd')} | {cell('fwdbwd')} | {r['ref_fwdbwd'] / r['fwdbwd']:.1f}x |")
 
 
 if __name__ == "__main__":
@@ -266,6 +276,7 @@ if __name__ == "__main__":
     ap.add_argument("--json")
     ap.add_argument("--lib", help="--cpu: load this built zoo_scan CPU library instead of building csrc/")
     ap.add_argument("--threads", type=int, default=0, help="--cpu: torch.set_num_threads (default: torch's)")
-    ap.add_argument("--iters", type=int, default=20, help="--cpu: timed calls per median")
+    ap.add_argument("--iters", type=int, default=20, help="--cpu: timed calls per median (compiled op)")
+    ap.add_argument("--ref-iters", type=int, default=9, help="--cpu: timed calls per median (reference)")
     a = ap.parse_args()
     cpu_table(a) if a.cpu else gpu_table(a)

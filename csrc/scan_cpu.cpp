@@ -3,10 +3,12 @@
 // Work is split over (batch x channel) in the forward and over (batch x group) in the backward, so
 // that every gradient of a group-shared B/C is owned by exactly one task: no atomics, and the
 // result does not depend on the thread count. The inner loops run over the state dimension on
-// contiguous buffers so that the compiler vectorises them (the exp below is branch-free for that).
+// contiguous buffers so that the compiler vectorises them (cpu_vec.h: branch-free exp, one clone per ISA).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "scan_checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -14,28 +16,11 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_vec.h"
+
 namespace zoo_scan {
 namespace {
 
-// exp for float, written so that GCC/Clang vectorise loops calling it: Cody-Waite range reduction
-// to |r| <= ln2/2 and a degree-6 Taylor polynomial (relative error ~2e-7, i.e. about 1 ulp).
-inline float exp_vec(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double exp_vec(double x) { return std::exp(x); }
 
 // Everything a kernel needs, already converted: per-channel rows in the input dtype, weights and
 // the (time-major) B/C in the accumulation dtype.
@@ -62,7 +47,7 @@ struct ScanArgs {
 };
 
 template <typename acc_t>
-inline const acc_t* state_row(const acc_t* M, bool var, int64_t b, int64_t g, int64_t d, int64_t t,
+ZOO_INLINE const acc_t* state_row(const acc_t* M, bool var, int64_t b, int64_t g, int64_t d, int64_t t,
                               int64_t G, int64_t L, int64_t N) {
   return var ? M + ((b * G + g) * L + t) * N : M + d * N;
 }
@@ -86,7 +71,7 @@ struct ChunkBuffers {
 // storing every state in hs. The per-step overhead of a fused loop (short remainder loops, the
 // reduction of y) dominated at small N.
 template <typename in_t, typename acc_t, typename Pos>
-inline void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, int64_t b, int64_t g, int64_t d,
+ZOO_INLINE void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, int64_t b, int64_t g, int64_t d,
                          int64_t row, int64_t s0, int64_t len, const acc_t* Al, acc_t* h, ChunkBuffers<acc_t>& w) {
   const int64_t N = a.N, L = a.L, G = a.groups;
   int64_t* ts = w.ts.data();
@@ -102,7 +87,7 @@ inline void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, in
     for (int64_t i = 0; i < len; ++i) eb[i] = *state_row(a.B, a.varB, b, g, d, ts[i], G, L, N);
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      ea[i] = exp_vec(dts[i] * A0);
+      ea[i] = zoo_vec::exp(dts[i] * A0);
       eb[i] *= dts[i] * us[i];
     }
     acc_t h0 = h[0];
@@ -120,7 +105,7 @@ inline void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, in
     acc_t* f = eb + i * N;
 #pragma omp simd
     for (int64_t n = 0; n < N; ++n) {
-      e[n] = exp_vec(dt * Al[n]);
+      e[n] = zoo_vec::exp(dt * Al[n]);
       f[n] = dtu * Bt[n];
     }
   }
@@ -136,11 +121,14 @@ inline void chunk_states(const ScanArgs<in_t, acc_t>& a, const Pos& position, in
   }
 }
 
+// Channels begin .. end of the flattened (batch, dim); a plain function (not the parallel_for
+// lambda) so that it gets the per-ISA clones.
 template <typename in_t, typename acc_t>
-void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
+ZOO_CPU_DISPATCH void forward_range(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last, int64_t begin,
+                                    int64_t end) {
   const int64_t L = a.L, Ls = a.Ls, N = a.N, dg = a.dim / a.groups;
   auto position = [&](int64_t s) { return a.index ? a.index[s] : (a.reverse ? L - 1 - s : s); };
-  at::parallel_for(0, a.batch * a.dim, 1, [&](int64_t begin, int64_t end) {
+  {
     std::vector<acc_t> h(N), Al(N);
     ChunkBuffers<acc_t> w(N);
     for (int64_t bd = begin; bd < end; ++bd) {
@@ -167,7 +155,13 @@ void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
       }
       std::copy(h.begin(), h.end(), last + bd * N);
     }
-  });
+  }
+}
+
+template <typename in_t, typename acc_t>
+void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
+  at::parallel_for(0, a.batch * a.dim, 1,
+                   [&](int64_t begin, int64_t end) { forward_range(a, out, last, begin, end); });
 }
 
 // Gradients. Outputs that are shared across tasks are written as per-batch partials (summed by the
@@ -186,14 +180,15 @@ struct GradOut {
   acc_t* ddelta_acc;
 };
 
+// (batch, group) pairs begin .. end of the flattened (batch, G)
 template <typename in_t, typename acc_t>
-void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
-                  const GradOut<in_t, acc_t>& o) {
+ZOO_CPU_DISPATCH void backward_range(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
+                                     const GradOut<in_t, acc_t>& o, int64_t begin, int64_t end) {
   const int64_t L = a.L, Ls = a.Ls, N = a.N, G = a.groups, dg = a.dim / G;
   const int64_t chunk = kChunk;
   const int64_t nchunks = (Ls + chunk - 1) / chunk;
   auto position = [&](int64_t s) { return a.index ? a.index[s] : (a.reverse ? L - 1 - s : s); };
-  at::parallel_for(0, a.batch * G, 1, [&](int64_t begin, int64_t end) {
+  {
     std::vector<acc_t> ckpt(nchunks * N), carry(N), Al(N), dA(N), dBf(N), dCf(N), h(N);
     ChunkBuffers<acc_t> w(N);
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -274,74 +269,26 @@ void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t*
         if (o.dbias_part) o.dbias_part[bd] = dbias;
       }
     }
-  });
+  }
+}
+
+template <typename in_t, typename acc_t>
+void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
+                  const GradOut<in_t, acc_t>& o) {
+  at::parallel_for(0, a.batch * a.groups, 1,
+                   [&](int64_t begin, int64_t end) { backward_range(a, dout, dlast, o, begin, end); });
 }
 
 // ---- tensor-level wrappers ----
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                  const at::Tensor& C, const std::optional<at::Tensor>& z) {
-  TORCH_CHECK(u.dim() == 3, "zoo_scan: u must be (batch, dim, L), got ", u.sizes());
-  TORCH_CHECK(delta.sizes() == u.sizes(), "zoo_scan: delta must have u's shape ", u.sizes(), ", got ",
-              delta.sizes());
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1), "zoo_scan: A must be (dim, N), got ", A.sizes());
-  for (const at::Tensor* M : {&B, &C}) {
-    TORCH_CHECK(M->dim() == 2 || M->dim() == 4, "zoo_scan: B/C must be (dim, N) or (batch, groups, N, L)");
-    if (M->dim() == 4) {
-      TORCH_CHECK(M->size(0) == u.size(0) && M->size(2) == A.size(1) && M->size(3) == u.size(2) &&
-                      u.size(1) % M->size(1) == 0,
-                  "zoo_scan: variable B/C must be (batch, groups, N, L) with groups dividing dim, got ",
-                  M->sizes());
-    } else {
-      TORCH_CHECK(M->sizes() == A.sizes(), "zoo_scan: fixed B/C must be (dim, N) like A, got ", M->sizes());
-    }
-  }
-  if (B.dim() == 4 && C.dim() == 4)
-    TORCH_CHECK(B.size(1) == C.size(1), "zoo_scan: B and C must have the same number of groups");
-  if (z) TORCH_CHECK(z->sizes() == u.sizes(), "zoo_scan: z must have u's shape");
-}
-
-int64_t num_groups(const at::Tensor& B, const at::Tensor& C) {
-  if (B.dim() == 4) return B.size(1);
-  if (C.dim() == 4) return C.size(1);
-  return 1;
-}
-
-// time-major (batch, G, L, N) copy of a variable B/C, or the fixed (dim, N) matrix, in acc dtype
+// time-major (batch, G, L, N) copy of a variable B/C (a 3-D one is one group), or the fixed (dim, N)
+// matrix, in acc dtype
 at::Tensor state_operand(const at::Tensor& M, at::ScalarType acc) {
+  if (M.dim() == 3) return M.to(acc).unsqueeze(1).transpose(2, 3).contiguous();
   if (M.dim() == 4) return M.to(acc).transpose(2, 3).contiguous();
   return M.to(acc).contiguous();
-}
-
-template <typename in_t, typename acc_t>
-ScanArgs<in_t, acc_t> make_args(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
-                                const at::Tensor& Bt, const at::Tensor& Ct, const at::Tensor* D,
-                                const at::Tensor* z, const at::Tensor* bias, int64_t groups, bool varB,
-                                bool varC, bool softplus, bool reverse) {
-  ScanArgs<in_t, acc_t> a;
-  a.batch = u.size(0);
-  a.dim = u.size(1);
-  a.L = u.size(2);
-  a.N = A.size(1);
-  a.groups = groups;
-  a.varB = varB;
-  a.varC = varC;
-  a.softplus = softplus;
-  a.reverse = reverse;
-  a.u = u.data_ptr<in_t>();
-  a.dt = dt.data_ptr<acc_t>();
-  a.Ls = a.L;
-  a.index = nullptr;
-  a.gate = a.sz = a.dsp = nullptr;
-  a.z = z ? z->data_ptr<in_t>() : nullptr;
-  a.A = A.data_ptr<acc_t>();
-  a.B = Bt.data_ptr<acc_t>();
-  a.C = Ct.data_ptr<acc_t>();
-  a.D = D ? D->data_ptr<acc_t>() : nullptr;
-  a.bias = bias ? bias->data_ptr<acc_t>() : nullptr;
-  return a;
 }
 
 #define ZOO_DISPATCH_IN_TYPES(TYPE, NAME, ...)                                                     \
@@ -350,24 +297,29 @@ ScanArgs<in_t, acc_t> make_args(const at::Tensor& u, const at::Tensor& dt, const
                                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                \
                                              AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
+// Checked inputs, converted and contiguous. dt: the step after bias/softplus; raw: before softplus.
 struct Prepared {
-  at::Tensor u, dt, raw, z, A, B, C, D, bias;  // dt: step after bias/softplus; raw: before softplus
-  bool has_z, has_D, has_bias;
-  int64_t groups;
+  at::Tensor u, dt, raw, z, A, B, C, D, bias;
+  bool has_z, has_D, has_bias, varB, varC, softplus;
+  checks::ScanDims dims;
   at::ScalarType acc;
 };
 
-Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                 const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                 const std::optional<at::Tensor>& delta_bias) {
-  check_inputs(u, delta, A, B, C, z);
+Prepared prepare(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                 const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+                 bool delta_softplus) {
   Prepared p;
+  p.dims = checks::check_scan_inputs(op, u, delta, A, B, C, D, z, delta_bias);
+  TORCH_CHECK(u.device().is_cpu(), op, ": the CPU kernel got u on ", u.device());
   p.acc = acc_type(u.scalar_type());
   p.u = u.contiguous();
   p.raw = delta.to(p.acc);
   p.has_z = z.has_value();
   p.z = p.has_z ? z->to(u.scalar_type()).contiguous() : at::Tensor();
   p.A = A.to(p.acc).contiguous();
+  p.varB = B.dim() > 2;
+  p.varC = C.dim() > 2;
   p.B = state_operand(B, p.acc);
   p.C = state_operand(C, p.acc);
   p.has_D = D.has_value();
@@ -375,8 +327,56 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   p.has_bias = delta_bias.has_value();
   p.bias = p.has_bias ? delta_bias->to(p.acc).contiguous() : at::Tensor();
   if (p.has_bias) p.raw = p.raw + p.bias.unsqueeze(-1);
-  p.groups = num_groups(B, C);
+  p.softplus = delta_softplus;
+  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
   return p;
+}
+
+template <typename in_t, typename acc_t>
+ScanArgs<in_t, acc_t> make_args(const Prepared& p, bool reverse) {
+  ScanArgs<in_t, acc_t> a;
+  a.batch = p.dims.batch;
+  a.dim = p.dims.dim;
+  a.L = p.dims.L;
+  a.N = p.dims.N;
+  a.groups = p.dims.groups;
+  a.varB = p.varB;
+  a.varC = p.varC;
+  a.softplus = p.softplus;
+  a.reverse = reverse;
+  a.u = p.u.data_ptr<in_t>();
+  a.dt = p.dt.data_ptr<acc_t>();
+  a.Ls = a.L;
+  a.index = nullptr;
+  a.gate = a.sz = a.dsp = nullptr;
+  a.z = p.has_z ? p.z.data_ptr<in_t>() : nullptr;
+  a.A = p.A.data_ptr<acc_t>();
+  a.B = p.B.data_ptr<acc_t>();
+  a.C = p.C.data_ptr<acc_t>();
+  a.D = p.has_D ? p.D.data_ptr<acc_t>() : nullptr;
+  a.bias = p.has_bias ? p.bias.data_ptr<acc_t>() : nullptr;
+  return a;
+}
+
+// Forward of the plain (index undefined) and indexed scans: (out over the Ls steps, last state).
+std::tuple<at::Tensor, at::Tensor> run_forward(const Prepared& p, const at::Tensor& idx, bool reverse) {
+  const auto& d = p.dims;
+  const int64_t Ls = idx.defined() ? idx.numel() : d.L;
+  auto out = at::empty({d.batch, d.dim, Ls}, p.u.options());
+  auto last = at::empty({d.batch, d.dim, d.N}, p.u.options().dtype(p.acc));
+  at::Tensor gate = p.has_z ? at::silu(p.z.to(p.acc)).contiguous() : at::Tensor();
+  ZOO_DISPATCH_IN_TYPES(p.u.scalar_type(), "zoo_scan_fwd_cpu", [&] {
+    using in_t = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+    auto a = make_args<in_t, acc_t>(p, reverse);
+    a.gate = p.has_z ? gate.data_ptr<acc_t>() : nullptr;
+    if (idx.defined()) {
+      a.Ls = Ls;
+      a.index = idx.data_ptr<int64_t>();
+    }
+    forward_cpu<in_t, acc_t>(a, out.data_ptr<in_t>(), last.data_ptr<acc_t>());
+  });
+  return {out, last};
 }
 
 std::tuple<at::Tensor, at::Tensor> scan_fwd_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -385,22 +385,50 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cpu(const at::Tensor& u, const at::T
                                                 const std::optional<at::Tensor>& z,
                                                 const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                                                 bool reverse) {
-  Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
-  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
-  at::Tensor gate = p.has_z ? at::silu(p.z.to(p.acc)).contiguous() : at::Tensor();
-  auto out = at::empty_like(p.u);
-  auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(p.acc));
-  ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_fwd_cpu", [&] {
-    using in_t = scalar_t;
-    using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
-    auto a = make_args<in_t, acc_t>(p.u, p.dt, p.A, p.B, p.C, p.has_D ? &p.D : nullptr,
-                                    p.has_z ? &p.z : nullptr, p.has_bias ? &p.bias : nullptr, p.groups,
-                                    B.dim() == 4, C.dim() == 4, delta_softplus, reverse);
-    a.gate = p.has_z ? gate.data_ptr<acc_t>() : nullptr;
-    forward_cpu<in_t, acc_t>(a, out.data_ptr<in_t>(), last.data_ptr<acc_t>());
-  });
-  return {out, last};
+  Prepared p = prepare("zoo_scan.scan_fwd", u, delta, A, B, C, D, z, delta_bias, delta_softplus);
+  return run_forward(p, at::Tensor(), reverse);
 }
+
+// Weight gradients of the plain and indexed backward: per-batch partials (summed here in a fixed
+// order), and the group-shared B/C gradients owned by one task each.
+struct WeightGrads {
+  at::Tensor dA_part, dB, dC, dD_part, dbias_part;
+
+  explicit WeightGrads(const Prepared& p) {
+    const auto& d = p.dims;
+    auto f = p.u.options().dtype(p.acc);
+    dA_part = at::empty({d.batch, d.dim, d.N}, f);
+    dB = p.varB ? at::zeros({d.batch, d.groups, d.L, d.N}, f) : at::empty({d.batch, d.dim, d.N}, f);
+    dC = p.varC ? at::zeros({d.batch, d.groups, d.L, d.N}, f) : at::empty({d.batch, d.dim, d.N}, f);
+    if (p.has_D) dD_part = at::empty({d.batch, d.dim}, f);
+    if (p.has_bias) dbias_part = at::empty({d.batch, d.dim}, f);
+  }
+
+  template <typename in_t, typename acc_t>
+  void attach(GradOut<in_t, acc_t>& o) const {
+    o.dA_part = dA_part.data_ptr<acc_t>();
+    o.dB = dB.data_ptr<acc_t>();
+    o.dC = dC.data_ptr<acc_t>();
+    o.dD_part = dD_part.defined() ? dD_part.data_ptr<acc_t>() : nullptr;
+    o.dbias_part = dbias_part.defined() ? dbias_part.data_ptr<acc_t>() : nullptr;
+  }
+
+  // time-major (batch, G, L, N) back to the caller's B/C layout (3-D or 4-D), or the fixed sum
+  static at::Tensor state_grad(const at::Tensor& g, bool var, const at::Tensor& M) {
+    if (!var) return g.sum(0).to(M.scalar_type());
+    return g.transpose(2, 3).reshape(M.sizes()).to(M.scalar_type()).contiguous();
+  }
+
+  // (dA, dB, dC, dD, ddelta_bias) in the shapes and dtypes of the inputs; empty for absent ones
+  std::vector<at::Tensor> finish(const Prepared& p, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                 const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& delta_bias) const {
+    auto empty = at::empty({0}, dA_part.options());
+    return {dA_part.sum(0).to(A.scalar_type()), state_grad(dB, p.varB, B), state_grad(dC, p.varC, C),
+            D ? dD_part.sum(0).to(D->scalar_type()) : empty,
+            delta_bias ? dbias_part.sum(0).to(delta_bias->scalar_type()) : empty};
+  }
+};
 
 using GradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor>;
@@ -409,59 +437,32 @@ GradTuple scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
                        const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool reverse) {
-  Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
-  TORCH_CHECK(dout.sizes() == u.sizes(), "zoo_scan: dout must have u's shape");
-  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  const char* op = "zoo_scan.scan_bwd";
+  Prepared p = prepare(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus);
+  checks::check_grad_inputs(op, dout, dlast, p.dims, p.dims.L, u.device());
   at::Tensor dsp = delta_softplus ? at::sigmoid(p.raw).contiguous() : at::Tensor();
   at::Tensor sz = p.has_z ? at::sigmoid(p.z.to(p.acc)).contiguous() : at::Tensor();
-  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1), G = p.groups;
   auto dout_c = dout.to(u.scalar_type()).contiguous();
   at::Tensor dlast_c;
   if (dlast) dlast_c = dlast->to(p.acc).contiguous();
-  auto fopt = u.options().dtype(p.acc);
   auto du = at::empty_like(p.u), ddelta = at::empty_like(p.u);  // in u's dtype, like the CUDA op
   auto dz = p.has_z ? at::empty_like(p.u) : at::empty({0}, u.options());
-  auto dA_part = at::empty({batch, dim, N}, fopt);
-  const bool varB = B.dim() == 4, varC = C.dim() == 4;
-  auto dB = varB ? at::zeros({batch, G, L, N}, fopt) : at::empty({batch, dim, N}, fopt);
-  auto dC = varC ? at::zeros({batch, G, L, N}, fopt) : at::empty({batch, dim, N}, fopt);
-  auto dD_part = p.has_D ? at::empty({batch, dim}, fopt) : at::Tensor();
-  auto dbias_part = p.has_bias ? at::empty({batch, dim}, fopt) : at::Tensor();
+  WeightGrads wg(p);
   ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_bwd_cpu", [&] {
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
-    auto a = make_args<in_t, acc_t>(p.u, p.dt, p.A, p.B, p.C, p.has_D ? &p.D : nullptr,
-                                    p.has_z ? &p.z : nullptr, p.has_bias ? &p.bias : nullptr, G, varB, varC,
-                                    delta_softplus, reverse);
+    auto a = make_args<in_t, acc_t>(p, reverse);
     a.dsp = delta_softplus ? dsp.data_ptr<acc_t>() : nullptr;
     a.sz = p.has_z ? sz.data_ptr<acc_t>() : nullptr;
     GradOut<in_t, acc_t> o{};
     o.du = du.data_ptr<in_t>();
     o.ddelta = ddelta.data_ptr<in_t>();
     o.dz = p.has_z ? dz.data_ptr<in_t>() : nullptr;
-    o.dA_part = dA_part.data_ptr<acc_t>();
-    o.dB = dB.data_ptr<acc_t>();
-    o.dC = dC.data_ptr<acc_t>();
-    o.dD_part = p.has_D ? dD_part.data_ptr<acc_t>() : nullptr;
-    o.dbias_part = p.has_bias ? dbias_part.data_ptr<acc_t>() : nullptr;
+    wg.attach(o);
     backward_cpu<in_t, acc_t>(a, dout_c.data_ptr<in_t>(), dlast ? dlast_c.data_ptr<acc_t>() : nullptr, o);
   });
-  auto empty = at::empty({0}, fopt);
-  at::Tensor dA = dA_part.sum(0).to(A.scalar_type());
-  at::Tensor dBo = varB ? dB.transpose(2, 3).contiguous().to(B.scalar_type()) : dB.sum(0).to(B.scalar_type());
-  at::Tensor dCo = varC ? dC.transpose(2, 3).contiguous().to(C.scalar_type()) : dC.sum(0).to(C.scalar_type());
-  at::Tensor dD = p.has_D ? dD_part.sum(0).to(D->scalar_type()) : empty;
-  at::Tensor dbias = p.has_bias ? dbias_part.sum(0).to(delta_bias->scalar_type()) : empty;
-  return {du, ddelta, dA, dBo, dCo, dD, p.has_z ? dz : empty, dbias};
-}
-
-at::Tensor check_index(const at::Tensor& index, int64_t L) {
-  TORCH_CHECK(index.dim() == 1 && index.numel() >= 1, "zoo_scan: index must be a non-empty 1-D tensor");
-  TORCH_CHECK(!index.is_floating_point() && !index.is_complex(), "zoo_scan: index must be an integer tensor");
-  auto idx = index.to(at::kCPU, at::kLong).contiguous();
-  const auto lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < L, "zoo_scan: index values must lie in [0, ", L, "), got [", lo, ", ", hi, "]");
-  return idx;
+  auto w = wg.finish(p, A, B, C, D, delta_bias);
+  return {du, ddelta, w[0], w[1], w[2], w[3], p.has_z ? dz : at::empty({0}, w[0].options()), w[4]};
 }
 
 // Scan visiting the inputs in the order `index` (positions may repeat, e.g. several directions over
@@ -471,72 +472,41 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_indexed_cpu(const at::Tensor& u, con
                                                         const at::Tensor& C, const std::optional<at::Tensor>& D,
                                                         const std::optional<at::Tensor>& delta_bias,
                                                         const at::Tensor& index, bool delta_softplus) {
-  Prepared p = prepare(u, delta, A, B, C, D, std::nullopt, delta_bias);
-  at::Tensor idx = check_index(index, u.size(2));
-  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
-  const int64_t Ls = idx.numel();
-  auto out = at::empty({u.size(0), u.size(1), Ls}, p.u.options());
-  auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(p.acc));
-  ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_fwd_indexed_cpu", [&] {
-    using in_t = scalar_t;
-    using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
-    auto a = make_args<in_t, acc_t>(p.u, p.dt, p.A, p.B, p.C, p.has_D ? &p.D : nullptr, nullptr,
-                                    p.has_bias ? &p.bias : nullptr, p.groups, B.dim() == 4, C.dim() == 4,
-                                    delta_softplus, false);
-    a.Ls = Ls;
-    a.index = idx.data_ptr<int64_t>();
-    forward_cpu<in_t, acc_t>(a, out.data_ptr<in_t>(), last.data_ptr<acc_t>());
-  });
-  return {out, last};
+  const char* op = "zoo_scan.scan_fwd_indexed";
+  Prepared p = prepare(op, u, delta, A, B, C, D, std::nullopt, delta_bias, delta_softplus);
+  return run_forward(p, checks::check_index(op, index, p.dims.L), false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 scan_bwd_indexed_cpu(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                      const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                      const std::optional<at::Tensor>& delta_bias, const at::Tensor& index, bool delta_softplus) {
-  Prepared p = prepare(u, delta, A, B, C, D, std::nullopt, delta_bias);
-  at::Tensor idx = check_index(index, u.size(2));
-  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1), G = p.groups;
+  const char* op = "zoo_scan.scan_bwd_indexed";
+  Prepared p = prepare(op, u, delta, A, B, C, D, std::nullopt, delta_bias, delta_softplus);
+  at::Tensor idx = checks::check_index(op, index, p.dims.L);
   const int64_t Ls = idx.numel();
-  TORCH_CHECK(dout.dim() == 3 && dout.size(0) == batch && dout.size(1) == dim && dout.size(2) == Ls,
-              "zoo_scan: dout must be (batch, dim, len(index))");
-  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  checks::check_grad_inputs(op, dout, std::nullopt, p.dims, Ls, u.device());
   at::Tensor dsp = delta_softplus ? at::sigmoid(p.raw).contiguous() : at::Tensor();
   auto dout_c = dout.to(u.scalar_type()).contiguous();
   auto fopt = u.options().dtype(p.acc);
-  auto du_acc = at::zeros({batch, dim, L}, fopt), ddelta_acc = at::zeros({batch, dim, L}, fopt);
-  auto dA_part = at::empty({batch, dim, N}, fopt);
-  const bool varB = B.dim() == 4, varC = C.dim() == 4;
-  auto dB = varB ? at::zeros({batch, G, L, N}, fopt) : at::empty({batch, dim, N}, fopt);
-  auto dC = varC ? at::zeros({batch, G, L, N}, fopt) : at::empty({batch, dim, N}, fopt);
-  auto dD_part = p.has_D ? at::empty({batch, dim}, fopt) : at::Tensor();
-  auto dbias_part = p.has_bias ? at::empty({batch, dim}, fopt) : at::Tensor();
+  // positions can repeat: du / ddelta accumulate in the accumulation dtype
+  auto du_acc = at::zeros(u.sizes(), fopt), ddelta_acc = at::zeros(u.sizes(), fopt);
+  WeightGrads wg(p);
   ZOO_DISPATCH_IN_TYPES(u.scalar_type(), "zoo_scan_bwd_indexed_cpu", [&] {
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
-    auto a = make_args<in_t, acc_t>(p.u, p.dt, p.A, p.B, p.C, p.has_D ? &p.D : nullptr, nullptr,
-                                    p.has_bias ? &p.bias : nullptr, G, varB, varC, delta_softplus, false);
+    auto a = make_args<in_t, acc_t>(p, false);
     a.Ls = Ls;
     a.index = idx.data_ptr<int64_t>();
     a.dsp = delta_softplus ? dsp.data_ptr<acc_t>() : nullptr;
     GradOut<in_t, acc_t> o{};
     o.du_acc = du_acc.data_ptr<acc_t>();
     o.ddelta_acc = ddelta_acc.data_ptr<acc_t>();
-    o.dA_part = dA_part.data_ptr<acc_t>();
-    o.dB = dB.data_ptr<acc_t>();
-    o.dC = dC.data_ptr<acc_t>();
-    o.dD_part = p.has_D ? dD_part.data_ptr<acc_t>() : nullptr;
-    o.dbias_part = p.has_bias ? dbias_part.data_ptr<acc_t>() : nullptr;
+    wg.attach(o);
     backward_cpu<in_t, acc_t>(a, dout_c.data_ptr<in_t>(), nullptr, o);
   });
-  auto empty = at::empty({0}, fopt);
-  return {du_acc.to(u.scalar_type()),
-          ddelta_acc.to(u.scalar_type()),
-          dA_part.sum(0).to(A.scalar_type()),
-          varB ? dB.transpose(2, 3).contiguous().to(B.scalar_type()) : dB.sum(0).to(B.scalar_type()),
-          varC ? dC.transpose(2, 3).contiguous().to(C.scalar_type()) : dC.sum(0).to(C.scalar_type()),
-          p.has_D ? dD_part.sum(0).to(D->scalar_type()) : empty,
-          p.has_bias ? dbias_part.sum(0).to(delta_bias->scalar_type()) : empty};
+  auto w = wg.finish(p, A, B, C, D, delta_bias);
+  return {du_acc.to(u.scalar_type()), ddelta_acc.to(u.scalar_type()), w[0], w[1], w[2], w[3], w[4]};
 }
 
 }  // namespace

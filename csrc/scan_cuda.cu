@@ -22,7 +22,11 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "scan_checks.h"
+#include "scan_lpar.h"
+
 #include <algorithm>
+#include <array>
 #include <vector>
 
 namespace zoo_scan {
@@ -463,46 +467,43 @@ int next_pow2(int x) {
 struct Prepared {
   at::Tensor u, delta, A, B, C, D, bias;
   int groups;
+  checks::ScanDims dims;
 };
 
-void check_common(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                  const at::Tensor& C) {
-  TORCH_CHECK(u.is_cuda(), "zoo_scan (CUDA): u must be a CUDA tensor");
+// The shared argument check (scan_checks.h) plus what these kernels add: CUDA tensors, fp32/fp16/bf16
+// u, d_state up to 256 and the grid's batch limit.
+checks::ScanDims check_cuda_inputs(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                   const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                                   const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias) {
+  auto d = checks::check_scan_inputs(op, u, delta, A, B, C, D, z, bias);
+  TORCH_CHECK(u.is_cuda(), op, ": the CUDA kernel got u on ", u.device());
   const auto dt = u.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "zoo_scan (CUDA): u must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(u.dim() == 3, "zoo_scan: u must be (batch, dim, L), got ", u.sizes());
-  TORCH_CHECK(delta.sizes() == u.sizes(), "zoo_scan: delta must have u's shape ", u.sizes(), ", got ",
-              delta.sizes());
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1), "zoo_scan: A must be (dim, N), got ", A.sizes());
-  TORCH_CHECK(A.size(1) >= 1 && A.size(1) <= 256, "zoo_scan (CUDA): d_state must be in 1..256, got ", A.size(1));
-  for (const at::Tensor* M : {&B, &C}) {
-    TORCH_CHECK(M->is_cuda() && M->device() == u.device(), "zoo_scan: B/C must be on u's device");
-    if (M->dim() == 4) {
-      TORCH_CHECK(M->size(0) == u.size(0) && M->size(2) == A.size(1) && M->size(3) == u.size(2) &&
-                      u.size(1) % M->size(1) == 0,
-                  "zoo_scan: variable B/C must be (batch, groups, N, L) with groups dividing dim, got ",
-                  M->sizes());
-    } else {
-      TORCH_CHECK(M->dim() == 2 && M->sizes() == A.sizes(), "zoo_scan: B/C must be (dim, N) or (batch, groups, N, L)");
-    }
-  }
-  if (B.dim() == 4 && C.dim() == 4) TORCH_CHECK(B.size(1) == C.size(1), "zoo_scan: B and C groups differ");
-  TORCH_CHECK(u.size(0) <= 65535, "zoo_scan (CUDA): batch must be <= 65535");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": u has dtype ", dt, "; the CUDA kernels accept float32, float16 or bfloat16");
+  TORCH_CHECK(d.N <= 256, op, ": d_state must be in 1..256 on CUDA, got ", d.N);
+  TORCH_CHECK(d.batch <= 65535, op, ": batch must be <= 65535 on CUDA, got ", d.batch);
+  return d;
 }
 
-Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                 const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& bias) {
-  check_common(u, delta, A, B, C);
+// a variable B/C as (batch, groups, N, L) in u's dtype (a 3-D one is one group), a fixed one in fp32
+at::Tensor state_operand(const at::Tensor& M, const at::Tensor& u) {
+  if (M.dim() == 2) return M.to(at::kFloat).contiguous();
+  return (M.dim() == 3 ? M.unsqueeze(1) : M).to(u.scalar_type()).contiguous();
+}
+
+Prepared prepare(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                 const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias) {
   Prepared p;
+  p.dims = check_cuda_inputs(op, u, delta, A, B, C, D, z, bias);
   p.u = u.contiguous();
   p.delta = delta.to(u.scalar_type()).contiguous();
   p.A = A.to(at::kFloat).contiguous();
-  p.B = B.dim() == 4 ? B.to(u.scalar_type()).contiguous() : B.to(at::kFloat).contiguous();
-  p.C = C.dim() == 4 ? C.to(u.scalar_type()).contiguous() : C.to(at::kFloat).contiguous();
+  p.B = state_operand(B, u);
+  p.C = state_operand(C, u);
   p.D = D ? D->to(at::kFloat).contiguous() : at::Tensor();
   p.bias = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  p.groups = B.dim() == 4 ? (int)B.size(1) : (C.dim() == 4 ? (int)C.size(1) : 1);
+  p.groups = (int)p.dims.groups;
   return p;
 }
 
@@ -590,6 +591,22 @@ void launch_bwd(Params& p, int ndir) {
   }
 #endif
 
+// ZOO_CUDA_SCAN=lparallel: the L-parallel kernels (scan_cuda_lpar.cu) on the same prepared inputs
+lpar::Inputs lpar_inputs(const Prepared& pr, const at::Tensor& z, bool softplus, bool reverse) {
+  return {pr.u, pr.delta, pr.A, pr.B, pr.C, pr.D, z, pr.bias, pr.groups, softplus, reverse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lpar_backward(const Prepared& pr, const at::Tensor& z, const at::Tensor& dout, const at::Tensor& dlast, bool softplus,
+              bool reverse, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+              const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& bias) {
+  auto g = lpar::backward(lpar_inputs(pr, z, softplus, reverse), dout, dlast);
+  auto empty = at::empty({0}, pr.u.options().dtype(at::kFloat));
+  return {g[0], g[1], g[2].to(A.scalar_type()), g[3].to(B.scalar_type()), g[4].to(C.scalar_type()),
+          D ? g[5].to(D->scalar_type()) : empty, z.defined() ? g[6] : empty,
+          bias ? g[7].to(bias->scalar_type()) : empty};
+}
+
 std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                                  const at::Tensor& B, const at::Tensor& C,
                                                  const std::optional<at::Tensor>& D,
@@ -597,12 +614,10 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u, const at::
                                                  const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                                                  bool reverse) {
   c10::cuda::CUDAGuard guard(u.device());
-  Prepared pr = prepare(u, delta, A, B, C, D, delta_bias);
+  Prepared pr = prepare("zoo_scan.scan_fwd", u, delta, A, B, C, D, z, delta_bias);
   at::Tensor zc;
-  if (z) {
-    TORCH_CHECK(z->sizes() == u.sizes(), "zoo_scan: z must have u's shape");
-    zc = z->to(u.scalar_type()).contiguous();
-  }
+  if (z) zc = z->to(u.scalar_type()).contiguous();
+  if (lpar::enabled()) return lpar::forward(lpar_inputs(pr, zc, delta_softplus, reverse));
   auto out = at::empty_like(pr.u);
   auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(at::kFloat));
   Params p = make_params(pr, delta_softplus);
@@ -651,8 +666,8 @@ std::vector<at::Tensor> finish_bwd(const BwdBuffers& bb, const at::Tensor& A, co
   return {bb.du,
           bb.ddelta,
           bb.dA_part.sum(0).to(A.scalar_type()),
-          bb.dB_part.sum(0).to(B.scalar_type()),
-          bb.dC_part.sum(0).to(C.scalar_type()),
+          bb.dB_part.sum(0).reshape(B.sizes()).to(B.scalar_type()),  // a 3-D B/C gets a 3-D gradient
+          bb.dC_part.sum(0).reshape(C.sizes()).to(C.scalar_type()),
           D ? bb.dD_part.sum(0).to(D->scalar_type()) : empty,
           bias ? bb.dbias_part.sum(0).to(bias->scalar_type()) : empty};
 }
@@ -663,12 +678,13 @@ scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlast, co
               const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
               const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool reverse) {
   c10::cuda::CUDAGuard guard(u.device());
-  Prepared pr = prepare(u, delta, A, B, C, D, delta_bias);
-  TORCH_CHECK(dout.sizes() == u.sizes(), "zoo_scan: dout must have u's shape");
+  Prepared pr = prepare("zoo_scan.scan_bwd", u, delta, A, B, C, D, z, delta_bias);
+  checks::check_grad_inputs("zoo_scan.scan_bwd", dout, dlast, pr.dims, pr.dims.L, u.device());
   auto dout_c = dout.to(u.scalar_type()).contiguous();
   at::Tensor zc, dlast_c;
   if (z) zc = z->to(u.scalar_type()).contiguous();
   if (dlast) dlast_c = dlast->to(at::kFloat).contiguous();
+  if (lpar::enabled()) return lpar_backward(pr, zc, dout_c, dlast_c, delta_softplus, reverse, A, B, C, D, delta_bias);
   Params p = make_params(pr, delta_softplus);
   const int tb = bwd_tile(states_per_thread(p.N));
   p.nchunks = (p.L + tb - 1) / tb;
@@ -698,11 +714,15 @@ at::Tensor bidir_fwd_cuda(const at::Tensor& u, const at::Tensor& delta, const at
                           const std::optional<at::Tensor>& delta_bias_r, const std::optional<at::Tensor>& z,
                           bool delta_softplus, double scale) {
   c10::cuda::CUDAGuard guard(u.device());
-  Prepared pf = prepare(u, delta, A, B, C, D, delta_bias);
-  Prepared pb = prepare(u_r, delta_r, A_r, B_r, C_r, D_r, delta_bias_r);
+  Prepared pf = prepare("zoo_scan.bidir_fwd", u, delta, A, B, C, D, z, delta_bias);
+  Prepared pb = prepare("zoo_scan.bidir_fwd (reverse direction)", u_r, delta_r, A_r, B_r, C_r, D_r, z, delta_bias_r);
   check_pair(pf, pb);
   at::Tensor zc;
   if (z) zc = z->to(u.scalar_type()).contiguous();
+  if (lpar::enabled()) {
+    return lpar::bidir_forward(lpar_inputs(pf, zc, delta_softplus, false), lpar_inputs(pb, zc, delta_softplus, true),
+                               scale);
+  }
   auto acc = at::zeros(u.sizes(), u.options().dtype(at::kFloat));
   auto last = at::empty({2, u.size(0), u.size(1), A.size(1)}, acc.options());
   Params p = make_params(pf, delta_softplus);
@@ -718,6 +738,25 @@ at::Tensor bidir_fwd_cuda(const at::Tensor& u, const at::Tensor& delta, const at
   return u.scalar_type() == at::kFloat ? acc : acc.to(u.scalar_type());
 }
 
+// gradients of (A, B, C, D, bias) are returned in these tensors' dtypes (D/bias may be absent)
+using ParamRefs = std::array<const at::Tensor*, 5>;
+
+std::vector<at::Tensor> lpar_bidir_backward(const Prepared& pf, const Prepared& pb, const at::Tensor& z,
+                                            const at::Tensor& dout, bool softplus, double scale, ParamRefs pf_refs,
+                                            ParamRefs pb_refs) {
+  auto g = lpar::bidir_backward(lpar_inputs(pf, z, softplus, false), lpar_inputs(pb, z, softplus, true), dout, scale);
+  auto empty = at::empty({0}, pf.u.options().dtype(at::kFloat));
+  for (int dir = 0; dir < 2; ++dir) {
+    const ParamRefs& refs = dir == 0 ? pf_refs : pb_refs;
+    for (int k = 0; k < 5; ++k) {  // g[dir * 7 + 2 ..]: dA, dB, dC, dD, dbias
+      at::Tensor& t = g[dir * 7 + 2 + k];
+      t = refs[k] ? t.to(refs[k]->scalar_type()) : empty;
+    }
+  }
+  if (!g[14].defined()) g[14] = empty;
+  return g;
+}
+
 std::vector<at::Tensor> bidir_bwd_cuda(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                        const std::optional<at::Tensor>& D,
@@ -727,12 +766,18 @@ std::vector<at::Tensor> bidir_bwd_cuda(const at::Tensor& dout, const at::Tensor&
                                        const std::optional<at::Tensor>& delta_bias_r,
                                        const std::optional<at::Tensor>& z, bool delta_softplus, double scale) {
   c10::cuda::CUDAGuard guard(u.device());
-  Prepared pf = prepare(u, delta, A, B, C, D, delta_bias);
-  Prepared pb = prepare(u_r, delta_r, A_r, B_r, C_r, D_r, delta_bias_r);
+  Prepared pf = prepare("zoo_scan.bidir_bwd", u, delta, A, B, C, D, z, delta_bias);
+  Prepared pb = prepare("zoo_scan.bidir_bwd (reverse direction)", u_r, delta_r, A_r, B_r, C_r, D_r, z, delta_bias_r);
   check_pair(pf, pb);
+  checks::check_grad_inputs("zoo_scan.bidir_bwd", dout, std::nullopt, pf.dims, pf.dims.L, u.device());
   auto dout_c = dout.to(u.scalar_type()).contiguous();
   at::Tensor zc;
   if (z) zc = z->to(u.scalar_type()).contiguous();
+  if (lpar::enabled()) {
+    return lpar_bidir_backward(pf, pb, zc, dout_c, delta_softplus, scale,
+                               {&A, &B, &C, D ? &*D : nullptr, delta_bias ? &*delta_bias : nullptr},
+                               {&A_r, &B_r, &C_r, D_r ? &*D_r : nullptr, delta_bias_r ? &*delta_bias_r : nullptr});
+  }
   Params p = make_params(pf, delta_softplus);
   const int tb = bwd_tile(states_per_thread(p.N));
   p.nchunks = (p.L + tb - 1) / tb;

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from _scan_oracle import oracle_scan
 from zoo.ops import compiled, selective_scan, selective_scan_bidirectional, selective_scan_naive
 from zoo.ops.reference import selective_scan_reference
 
@@ -102,13 +103,15 @@ def test_gradcheck_float64(case):
     assert torch.autograd.gradcheck(fn, [inputs[i] for i in present], eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_low_precision_inputs_match_reference():
-    for dtype in (torch.bfloat16, torch.float16):
+def test_low_precision_inputs_match_oracle_on_the_same_rounded_inputs():
+    # what remains is the fp32 accumulation and the output's rounding (measured max |err| / (|ref| + 1):
+    # bf16 2.8e-3, fp16 4.2e-4)
+    for dtype, tol in ((torch.bfloat16, 8e-3), (torch.float16, 1.5e-3)):
         u, delta, A, B, C, D, z, bias = make_inputs(2, 8, 33, 16, 2, True, True, True, True, True, dtype=dtype)
         out = selective_scan(u, delta, A, B, C, D, z, bias, True, backend="compiled")
-        ref = selective_scan_reference(u, delta, A, B, C, D, z, bias, True)
+        ref = oracle_scan(*(t.double() for t in (u, delta, A, B, C, D, z, bias)), delta_softplus=True)
         assert out.dtype == dtype
-        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
 def test_long_sequence_last_state():
@@ -189,7 +192,7 @@ def test_bad_inputs_raise_clear_errors():
     u, delta, A, B, C, D, z, bias = make_inputs(1, 4, 6, 4, 2, True, True, True, True, True)
     with pytest.raises(ValueError, match="groups"):
         selective_scan(u, delta, A, B[:, :, :, :], torch.randn(1, 3, 4, 6), backend="compiled")
-    with pytest.raises(RuntimeError, match="zoo_scan: delta"):
+    with pytest.raises(RuntimeError, match=r"zoo_scan.scan_fwd: delta has shape \(1, 4, 3\)"):
         torch.ops.zoo_scan.scan_fwd(u, delta[..., :3], A, B, C, D, z, bias, True, False)
 
 

@@ -8,7 +8,7 @@ import torch
 import zoo
 from zoo import registry
 
-EXPECTED_FAMILIES = ["vim", "msvmamba", "mambavision", "convllava", "efficientvim", "shvit", "vitamin", "fastvit", "convnext"]
+EXPECTED_FAMILIES = ["vim", "msvmamba", "vmamba", "mambavision", "convllava", "efficientvim", "shvit", "vitamin", "fastvit", "convnext"]
 
 
 def test_families_and_their_models():

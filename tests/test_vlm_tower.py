@@ -352,3 +352,40 @@ def test_convllava_1536px_gives_576_tokens_end_to_end():
     assert out.shape == (1, 576, tower.hidden_size) and tower.config.grid == (24, 24)
     last_stage = hooked_layer_output(tower.vision_tower, x, tower.vision_tower.feature_info[-1]["module"])
     torch.testing.assert_close(out, last_stage.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+# --- options that cannot apply (issue 15 item 9): clear errors, or it works -----------------------------------
+
+def test_select_layer_is_for_token_models_and_select_stage_for_hierarchical_ones():
+    with pytest.raises(ValueError, match=r"select_layer=99 applies to token models.*select_stage in 0\.\.\d"):
+        ZooVisionTower("test_convnext", image_size=64, select_layer=99)  # was silently ignored
+    with pytest.raises(ValueError, match=r"select_stage=3 applies to hierarchical models.*select_layer in 1\.\.6"):
+        ZooVisionTower("test_vit", image_size=64, select_stage=3)  # was silently ignored
+    # LLaVA always passes mm_vision_select_layer (-2 by default): that default stays accepted everywhere
+    llava_args = SimpleNamespace(mm_vision_select_layer=-2, mm_vision_select_feature="patch", image_size=64)
+    assert ZooVisionTower("test_convnext", llava_args).encoder.position == 3  # the last stage
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_convnext"])
+def test_image_size_zero_or_below_one_patch_is_refused(name):
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        ZooVisionTower(name, image_size=0)  # hierarchical models took 0 as "the default"
+    stride = timm.create_model(name, num_classes=0).feature_info[-1]["reduction"]
+    with pytest.raises(ValueError, match=f"too small for one patch token.*smallest accepted size is {stride}"):
+        ZooVisionTower(name, image_size=stride - 1)  # built a tower with 0 patches
+    assert ZooVisionTower(name, image_size=stride).num_patches == 1
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_convnext"])
+def test_keep_tokens_with_an_input_smaller_than_image_size_is_a_clear_error(name):
+    tower = ZooVisionTower(name, image_size=128, keep_tokens=10)
+    with pytest.raises(ValueError, match=r"keep_tokens=10 but a 32x32 input gives only \d+ patch tokens.*128x128"):
+        tower(torch.randn(1, 3, 32, 32))  # hierarchical towers ended in "selected index k out of range"
+
+
+@pytest.mark.parametrize("name", tiny_models())
+def test_batch_of_zero_images_gives_empty_features(name):
+    tower = tower_for(name, select_feature="cls_patch")
+    one = tower(images(name, batch=1))
+    empty = tower(images(name, batch=0))  # Vim and ViT failed in a reshape
+    assert empty.shape == (0,) + one.shape[1:] and empty.dtype == one.dtype

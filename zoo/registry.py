@@ -56,6 +56,8 @@ FAMILIES: Tuple[Family, ...] = (
            description="Vision Mamba: bidirectional Mamba (selective scan) over ViT patch tokens"),
     Family("msvmamba", "zoo", ("msvmamba",), "test_msvmamba",
            description="MSVMamba: hierarchical multi-scale 2D selective-scan backbone"),
+    Family("vmamba", "zoo", ("vmamba",), "test_vmamba",
+           description="VMamba: hierarchical 2D selective scan (four directions summed), v0/v2/current releases"),
     Family("mambavision", "zoo", ("mambavision",), "test_mambavision",
            description="MambaVision: conv stages + windowed hybrid Mamba / self-attention stages"),
     Family("convllava", "zoo", ("convllava",), "test_convllava",

@@ -40,6 +40,7 @@ from timm.models._features import feature_take_indices
 
 from zoo.checkpoint import extract_state_dict
 from zoo.ops import selective_scan_bidirectional
+from zoo.ops.mixer import bimamba_rows, fused_mixer_enabled
 
 __all__ = [
     "Vim",
@@ -183,7 +184,10 @@ class BiMambaMixer(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2 * d_inner, L)
+        xz = self.in_proj(x)
+        if fused_mixer_enabled(xz):  # CPU inference: row-layout kernels, same result (zoo/ops/mixer.py)
+            return self.out_proj(bimamba_rows(xz, self.fwd, self.bwd, self.out_scale))
+        xz = xz.transpose(1, 2)  # (B, 2 * d_inner, L)
         x, z = xz.chunk(2, dim=1)
         u, delta, A, b, c = self.fwd(x)
         u_r, delta_r, A_r, b_r, c_r = self.bwd(x)

@@ -21,6 +21,7 @@ from .multi_direction import (
     unregister_multi_direction_backend,
 )
 from . import compiled  # noqa: E402  (registers the compiled backend; kernels build on first use)
+from . import mixer  # noqa: E402  (the bimamba_* row-layout mixer ops)
 
 __all__ = [
     "selective_scan",

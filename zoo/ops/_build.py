@@ -10,9 +10,12 @@ install -e .``, see ``zoo_build.py``) are used first when they are importable.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import platform
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -21,23 +24,43 @@ from typing import List, Optional, Tuple
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ["scan_cpu.cpp"]
-CUDA_SOURCES = ["scan_cuda.cu"]
+CPU_SOURCES = ["scan_cpu.cpp", "mixer_cpu.cpp"]
+CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu"]
 # -fno-trapping-math lets GCC if-convert the clamps of the kernels' exp, without which no loop calling
-# it is vectorised (the kernels do not rely on floating-point exceptions)
-CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-march=native"]
+# it is vectorised (the kernels do not rely on floating-point exceptions). No -march: the hot kernels
+# carry one clone per ISA level chosen at load time (csrc/cpu_vec.h), so the library is portable and
+# nothing host-specific belongs in the cache key.
+CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
 _lock = threading.Lock()
 _state = {"cpu": None, "cuda": None}  # None: not tried; True: loaded; str: why it failed
 _warned = set()
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (any case); unset: ``default``."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean; accepted: 1/true/yes/on or 0/false/no/off")
+
+
 def _cache_root() -> Path:
-    return Path(os.environ.get("ZOO_EXT_CACHE", Path.home() / ".cache" / "zoo_ext"))
+    # an empty ZOO_EXT_CACHE means the default, not the current directory
+    return Path(os.environ.get("ZOO_EXT_CACHE") or Path.home() / ".cache" / "zoo_ext")
 
 
 def _sources_hash(names: List[str], flags: List[str] = ()) -> str:
     h = hashlib.sha256(" ".join(flags).encode())  # changed compiler flags rebuild too
-    for name in names + ["scan_common.cuh"]:
+    headers = sorted(p.name for pattern in ("*.h", "*.cuh") for p in CSRC.glob(pattern))
+    for name in list(names) + headers:  # every shared header may be included by the sources
         p = CSRC / name
         if p.exists():
             h.update(p.read_bytes())
@@ -79,9 +102,22 @@ def _try_prebuilt(module: str) -> bool:
     return False
 
 
-def _jit(kind: str) -> None:
-    from torch.utils import cpp_extension
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" warning, which
+    its import logs on every machine with a CUDA toolkit but no GPU (meaningless for the CPU kernels)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    quiet = logging.Filter()
+    quiet.filter = lambda record: "No CUDA runtime is found" not in record.getMessage()
+    log.addFilter(quiet)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.removeFilter(quiet)
+    return cpp_extension
 
+
+def _jit_spec(kind: str) -> Tuple[Path, dict]:
+    """The build directory (one per torch version, target and source hash) and the load() arguments."""
     if kind == "cpu":
         sources, cflags, cuda = CPU_SOURCES, CPU_CFLAGS, ""
         key = f"cpu-{platform.machine()}"
@@ -91,32 +127,94 @@ def _jit(kind: str) -> None:
         key = f"cuda{cuda}-sm" + "_".join(a.replace(".", "") for a in archs)
     tag = f"torch{torch.__version__.split('+')[0]}-{key}-{_sources_hash(sources, cflags)}".replace(".", "")
     build_dir = _cache_root() / tag
-    build_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(
         name=f"zoo_scan_{kind}",
         sources=[str(CSRC / s) for s in sources],
         extra_cflags=cflags,
         build_directory=str(build_dir),
         is_python_module=False,
-        verbose=os.environ.get("ZOO_EXT_VERBOSE") == "1",
+        verbose=env_flag("ZOO_EXT_VERBOSE"),
     )
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = cuda_flags(archs)
         kwargs["extra_include_paths"] = [str(CSRC)]
+    return build_dir, kwargs
+
+
+# written next to a library after a successful build; a cached library is loaded only if it matches
+# (a truncated one killed the process with SIGBUS, a garbage one failed to load forever)
+RECORD_SUFFIX = ".record.json"
+
+
+def _digest(lib: Path) -> str:
+    return hashlib.sha256(lib.read_bytes()).hexdigest()
+
+
+def _record_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + RECORD_SUFFIX)
+
+
+def _write_record(lib: Path) -> None:
+    tmp = lib.with_name(f"{lib.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"size": lib.stat().st_size, "sha256": _digest(lib)}))
+        os.replace(tmp, _record_path(lib))
+    except OSError:  # the library is loaded already; without a record the next process relinks it
+        tmp.unlink(missing_ok=True)
+
+
+def library_problem(lib: Path) -> Optional[str]:
+    """Why a cached library must not be loaded (None: it matches its build record)."""
+    try:
+        record = json.loads(_record_path(lib).read_text())
+        size, digest = int(record["size"]), str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its build record is unreadable"
+    actual = lib.stat().st_size
+    if actual != size:
+        return f"it is {actual} bytes, the build wrote {size}"
+    if _digest(lib) != digest:
+        return "its checksum differs from the one recorded at build time"
+    return None
+
+
+def _load_cached(kind: str) -> bool:
+    """Loads the cached library if it is intact; a damaged one is removed (and said so once)."""
+    build_dir, kwargs = _jit_spec(kind)
+    lib = build_dir / f"{kwargs['name']}.so"
+    if not lib.exists():
+        return False
+    if not _record_path(lib).exists():  # built before records existed, or interrupted: relink quietly
+        lib.unlink()
+        return False
+    problem = library_problem(lib)
+    if problem is None:
+        torch.ops.load_library(str(lib))
+        return True
+    _warn_once(f"damaged-{kind}", f"zoo.ops: the cached {kind} kernel library {lib} is damaged ({problem}); "
+                                  "rebuilding it")
+    lib.unlink()  # ninja relinks it (recompiling only what is missing)
+    return False
+
+
+def _jit(kind: str) -> None:
+    cpp_extension = _cpp_extension()
+    build_dir, kwargs = _jit_spec(kind)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print(f"zoo.ops: building zoo kernels ({kind}; once, cached in {build_dir}) ...", file=sys.stderr, flush=True)
     cpp_extension.load(**kwargs)
+    _write_record(build_dir / f"{kwargs['name']}.so")
 
 
 def _toolchain_missing(kind: str) -> Optional[str]:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler found (set CXX or install g++)"
     try:
-        from torch.utils.cpp_extension import verify_ninja_availability
-
-        verify_ninja_availability()
+        _cpp_extension().verify_ninja_availability()
     except Exception:
         return "ninja is not installed (pip install ninja)"
     if kind == "cuda":
-        from torch.utils.cpp_extension import CUDA_HOME
+        CUDA_HOME = _cpp_extension().CUDA_HOME
 
         if torch.version.cuda is None:
             return "this torch build has no CUDA support"
@@ -126,6 +224,10 @@ def _toolchain_missing(kind: str) -> Optional[str]:
     return None
 
 
+# torch.compile / strict export trace the backend probe; dynamo cannot enter the lock (a cold first call
+# under torch.compile(fullgraph=True) failed), so under tracing this runs eagerly, outside the graph, and
+# its result enters the graph as a constant
+@torch.compiler.assume_constant_result
 def ensure_loaded(kind: str) -> Tuple[bool, str]:
     """Loads (building if needed) the ``cpu`` or ``cuda`` library; returns (ok, reason). Never raises."""
     if _state[kind] is True:  # fast path, also what torch.compile traces after the first call
@@ -140,12 +242,24 @@ def ensure_loaded_unlocked(kind: str) -> Tuple[bool, str]:
         return True, f"compiled {kind} kernels from csrc/"
     if isinstance(st, str):
         return False, st
-    if os.environ.get("ZOO_NO_EXT") == "1":
-        _state[kind] = "disabled by ZOO_NO_EXT=1"
+    try:
+        disabled = env_flag("ZOO_NO_EXT")
+    except ValueError as e:
+        _state[kind] = f"disabled: {e}"
+        _warn_once("no-ext", f"zoo.ops: {e}; the compiled kernels stay off until it is fixed")
+        return False, _state[kind]
+    if disabled:
+        _state[kind] = f"disabled by ZOO_NO_EXT={os.environ['ZOO_NO_EXT']}"
         return False, _state[kind]
     if _try_prebuilt(f"_zoo_scan_{kind}"):
         _state[kind] = True
         return True, f"compiled {kind} kernels (built ahead of time)"
+    try:
+        if _load_cached(kind):
+            _state[kind] = True
+            return True, f"compiled {kind} kernels from csrc/"
+    except OSError:  # unreadable cache entry: a build replaces it
+        pass
     missing = _toolchain_missing(kind)
     if missing is not None:
         _state[kind] = f"cannot build the {kind} kernels: {missing}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -50,9 +49,36 @@ MSVMAMBA_LOW_RES_ORDERS = (ROW_MAJOR_REVERSED, COLUMN_MAJOR, COLUMN_MAJOR_REVERS
 MULTI_DIRECTION_BACKEND_ENV = "ZOO_MULTI_DIRECTION_BACKEND"
 
 
-@lru_cache(maxsize=64)
-@torch.inference_mode(False)  # cached across calls: must not become an inference tensor autograd cannot save
+_INDEX_CACHE: Dict[tuple, object] = {}
+_INDEX_CACHE_SIZE = 256
+
+
+def _memoised(key: tuple, build: Callable[[], object]) -> object:
+    """Index tensors memoised for eager calls only.
+
+    Under torch.compile / torch.export the builders run on fake or functional tensors; caching one of
+    those made every later eager call return FakeTensors, so nothing made while tracing is stored.
+    """
+    if torch.compiler.is_compiling():
+        return build()
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None:
+        return hit
+    with torch.inference_mode(False):  # a cached inference tensor could not be saved by autograd later
+        value = build()
+    parts = value if isinstance(value, tuple) else (value,)
+    if all(type(t) is torch.Tensor for t in parts):  # FakeTensor / FunctionalTensor are subclasses
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        _INDEX_CACHE[key] = value
+    return value
+
+
 def _order_index_cpu(order: str, height: int, width: int) -> torch.Tensor:
+    return _memoised(("order", order, height, width), lambda: _build_order_index(order, height, width))
+
+
+def _build_order_index(order: str, height: int, width: int) -> torch.Tensor:
     row_major = torch.arange(height * width)
     if order == ROW_MAJOR:
         return row_major
@@ -119,8 +145,8 @@ def selective_scan_multi_direction_reference(
     def along_time(t: torch.Tensor) -> torch.Tensor:
         return t.index_select(-1, gather)
 
-    B_seq = along_time(B) if B.dim() == 4 else B
-    C_seq = along_time(C) if C.dim() == 4 else C
+    B_seq = along_time(B) if B.dim() > 2 else B  # variable (batch, [groups,] N, L): reorder its steps
+    C_seq = along_time(C) if C.dim() > 2 else C
     y = selective_scan(
         along_time(u), along_time(delta), A, B_seq, C_seq, D, None, delta_bias, delta_softplus,
         backend=scan_backend,
@@ -130,12 +156,17 @@ def selective_scan_multi_direction_reference(
     return y.transpose(1, 2).contiguous()
 
 
-@lru_cache(maxsize=128)
-@torch.inference_mode(False)  # see _order_index_cpu
 def _gather_scatter_index(
     orders: Tuple[str, ...], height: int, width: int, device: torch.device
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices into row-major tokens laying out all orders, and into the scan output undoing them."""
+    return _memoised(("gather", orders, height, width, str(device)),
+                     lambda: _build_gather_scatter(orders, height, width, device))
+
+
+def _build_gather_scatter(
+    orders: Tuple[str, ...], height: int, width: int, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
     L = height * width
     perms = [_order_index_cpu(o, height, width) for o in orders]
     gather = torch.cat(perms)
@@ -230,8 +261,8 @@ def selective_scan_multi_direction(
 
     Args:
         u, delta: (batch, dim, height * width), tokens in row-major pixel order.
-        A: (dim, d_state). B, C: (batch, groups, d_state, height * width) in row-major order, or
-            (dim, d_state) fixed. D, delta_bias: optional (dim,). Same semantics as
+        A: (dim, d_state). B, C: (batch, groups, d_state, height * width) or (batch, d_state,
+            height * width) in row-major order, or (dim, d_state) fixed. D, delta_bias: optional (dim,). Same semantics as
             :func:`zoo.ops.selective_scan`.
         height, width: the map size.
         orders: traversal orders, names from ``SCAN_ORDERS`` ('row', 'row_reversed', 'col',

@@ -56,6 +56,11 @@ def _time_major_operand(M: torch.Tensor, groups: int, L: int, cdt: torch.dtype) 
     return M.to(cdt).permute(3, 0, 1, 2).unsqueeze(3).contiguous()
 
 
+def _as_grouped(M: torch.Tensor) -> torch.Tensor:
+    """A 3-D variable B/C (batch, N, L) is one group: (batch, 1, N, L); autograd keeps its grad 3-D."""
+    return M.unsqueeze(1) if M.dim() == 3 else M
+
+
 def _num_groups(B: torch.Tensor, C: torch.Tensor) -> int:
     for M in (B, C):
         if M.dim() == 4:
@@ -81,6 +86,7 @@ def selective_scan_reference(
     ``reverse=True`` scans from t = L - 1 down to 0 (the result equals flipping every time-indexed
     input, scanning, and flipping the output back); the last state is then the one after t = 0.
     """
+    B, C = _as_grouped(B), _as_grouped(C)
     if reverse:
         flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
         B_, C_ = (M.flip(-1) if M.dim() == 4 else M for M in (B, C))
@@ -128,6 +134,7 @@ def selective_scan_naive(
     cdt = _compute_dtype(u.dtype)
     batch, dim, L = u.shape
     n = A.shape[1]
+    B, C = _as_grouped(B), _as_grouped(C)
     dt = _prepare_delta(delta, delta_bias, delta_softplus, cdt)
     uc = u.to(cdt)
     Af = A.to(cdt)

@@ -132,6 +132,40 @@ def _check(name: str, t: Optional[torch.Tensor], shape: Tuple[int, ...], what: s
         raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {what} = {shape}")
 
 
+def _check_dtype(name: str, t: Optional[torch.Tensor]) -> None:
+    # integer inputs would be truncated and complex ones lose their imaginary part: neither is meant
+    if t is not None and t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"selective_scan: {name} has dtype {t.dtype}; accepted: float32, float16, bfloat16, float64"
+            + (" (the scan is real-valued)" if t.is_complex() else "")
+        )
+
+
+def _check_state_operand(name: str, M, batch: int, dim: int, n: int, L: int) -> None:
+    """B or C: fixed (dim, N), one group (batch, N, L) as mamba-ssm takes it, or (batch, groups, N, L)."""
+    if not isinstance(M, torch.Tensor):
+        raise TypeError(f"selective_scan: {name} must be a tensor, got {type(M).__name__}")
+    if M.dim() == 2:
+        _check(name, M, (dim, n), "(dim, d_state)")
+    elif M.dim() == 3:
+        _check(name, M, (batch, n, L), "(batch, d_state, L)")
+    elif M.dim() == 4:
+        g = M.shape[1]
+        if g < 1 or dim % g != 0:
+            raise ValueError(f"selective_scan: {name} has {g} groups, which must divide dim = {dim}")
+        _check(name, M, (batch, g, n, L), "(batch, groups, d_state, L)")
+    else:
+        raise ValueError(
+            f"selective_scan: {name} must be (dim, d_state), (batch, d_state, L) or (batch, groups, d_state, L), "
+            f"got shape {tuple(M.shape)}"
+        )
+
+
+def _groups_of(M: torch.Tensor) -> int:
+    """Groups of a variable B/C (a 3-D one is one group); 0 for a fixed one."""
+    return 1 if M.dim() == 3 else (M.shape[1] if M.dim() == 4 else 0)
+
+
 def validate_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> None:
     """Raises a clear error for shapes, dtypes or devices the scan does not accept."""
     if not isinstance(u, torch.Tensor) or u.dim() != 3:
@@ -142,8 +176,7 @@ def validate_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> 
     batch, dim, L = u.shape
     if L < 1:
         raise ValueError("selective_scan: the sequence length L must be >= 1")
-    if u.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"selective_scan: u has dtype {u.dtype}; accepted: float32, float16, bfloat16, float64")
+    _check_dtype("u", u)
     _check("delta", delta, (batch, dim, L), "(batch, dim, L)")
     if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"selective_scan: A must be (dim, d_state) = ({dim}, N), got {getattr(A, 'shape', A)}")
@@ -151,26 +184,15 @@ def validate_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> 
         raise TypeError("selective_scan: complex A is not supported; A must be real")
     n = A.shape[1]
     for name, M in (("B", B), ("C", C)):
-        if not isinstance(M, torch.Tensor):
-            raise TypeError(f"selective_scan: {name} must be a tensor")
-        if M.dim() == 2:
-            _check(name, M, (dim, n), "(dim, d_state)")
-        elif M.dim() == 4:
-            g = M.shape[1]
-            if g < 1 or dim % g != 0:
-                raise ValueError(f"selective_scan: {name} has {g} groups, which must divide dim = {dim}")
-            _check(name, M, (batch, g, n, L), "(batch, groups, d_state, L)")
-        else:
-            raise ValueError(
-                f"selective_scan: {name} must be (dim, d_state) or (batch, groups, d_state, L), "
-                f"got shape {tuple(M.shape)}"
-            )
-    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
-        raise ValueError(f"selective_scan: B and C must have the same groups, got {B.shape[1]} and {C.shape[1]}")
+        _check_state_operand(name, M, batch, dim, n, L)
+    gB, gC = _groups_of(B), _groups_of(C)
+    if gB and gC and gB != gC:
+        raise ValueError(f"selective_scan: B and C must have the same groups, got {gB} and {gC}")
     _check("D", D, (dim,), "(dim,)")
     _check("z", z, (batch, dim, L), "(batch, dim, L)")
     _check("delta_bias", delta_bias, (dim,), "(dim,)")
     for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
+        _check_dtype(name, t)
         if t is not None and t.device != u.device:
             raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}")
 
@@ -195,7 +217,8 @@ def selective_scan(
     Args:
         u, delta: (batch, dim, L).
         A: (dim, d_state), real (fp32 recommended).
-        B, C: (dim, d_state) fixed, or (batch, groups, d_state, L) input-dependent; groups divides dim.
+        B, C: (dim, d_state) fixed, or input-dependent (batch, groups, d_state, L) with groups dividing
+            dim, or (batch, d_state, L) meaning one group (mamba-ssm's 3-D form; its gradient stays 3-D).
         D: optional (dim,) skip connection. z: optional (batch, dim, L) gate, output times silu(z).
         delta_bias: optional (dim,) added to delta; delta_softplus: apply softplus to delta.
         return_last_state: also return the final state (batch, dim, d_state) in fp32.

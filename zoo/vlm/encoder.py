@@ -1,7 +1,7 @@
 """``VisionEncoder``: a backbone plus the layer choice and token reduction shared by every zoo.vlm front end."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -21,7 +21,7 @@ from .reduction import (
     resolve_keep,
 )
 
-__all__ = ["VisionEncoder", "create_backbone", "default_image_size"]
+__all__ = ["VisionEncoder", "create_backbone", "default_image_size", "check_image_size"]
 
 
 def create_backbone(
@@ -40,6 +40,7 @@ def create_backbone(
     ``checkpoint_path`` (safetensors or a weights-only torch file) goes through timm's pretrained path so the
     family's ``checkpoint_filter_fn`` (position-embedding resampling included) applies.
     """
+    check_image_size(image_size)
     kwargs: Dict[str, Any] = dict(model_args or {})
     kwargs.setdefault("num_classes", 0)
     if checkpoint_path:
@@ -68,36 +69,47 @@ def create_backbone(
         return build(**kwargs)
 
 
+def check_image_size(image_size: Any) -> None:
+    """None (the model's default) or a positive int; 0 is not a silent "default"."""
+    if image_size is None:
+        return
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int (or None for the model's default), got {image_size!r}")
+
+
 def default_image_size(model: nn.Module, image_size: Optional[int] = None) -> int:
     """``image_size`` if given, else the square input side of the model's ``pretrained_cfg`` (224 if unset)."""
-    if image_size:
+    check_image_size(image_size)
+    if image_size is not None:
         return int(image_size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return int(cfg.get("input_size", (3, 224, 224))[-1])
 
 
-def probe_grid(model: nn.Module, image_size: int, position: int, layout: FeatureLayout) -> Tuple[int, int]:
-    """Patch grid of one layer at ``image_size``, found by a shape-only (meta tensor) forward pass.
+def probe_grid(
+    model: nn.Module, image_size: Union[int, Tuple[int, int]], position: int, layout: FeatureLayout
+) -> Tuple[int, int]:
+    """Patch grid of one layer at ``image_size`` (a side or (H, W)), found by a shape-only (meta tensor) forward.
 
     Strided convolutions round differently per family (floor or ceil), so for sizes that are not a multiple
-    of the stride the grid is measured rather than derived. Falls back to ``image_size // stride`` if the
-    model cannot run on meta tensors.
+    of the stride the grid is measured rather than derived. Falls back to ``size // stride`` if the model cannot
+    run on meta tensors.
     """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     stride = layout.reductions[position]
-    if image_size % stride == 0:  # every floor/ceil rounding agrees on exact multiples: no probe needed
-        return image_size // stride, image_size // stride
+    if h % stride == 0 and w % stride == 0:  # every floor/ceil rounding agrees on exact multiples: no probe
+        return h // stride, w // stride
     wrapper = _LayerProbe(model, position, layout)
     state = {
         name: torch.empty_like(t, device="meta")
         for name, t in list(wrapper.named_parameters()) + list(wrapper.named_buffers())
     }
-    x = torch.empty(2, 3, image_size, image_size, device="meta")
+    x = torch.empty(2, 3, h, w, device="meta")
     try:
         with torch.no_grad():
             return torch.func.functional_call(wrapper, state, (x,), strict=False)
-    except Exception:  # noqa: BLE001  (any op without a meta kernel)
-        side = image_size // layout.reductions[position]
-        return side, side
+    except Exception:  # noqa: BLE001  (any op without a meta kernel, or a size the model refuses)
+        return h // stride, w // stride
 
 
 class _LayerProbe(nn.Module):
@@ -145,6 +157,10 @@ class VisionEncoder(nn.Module):
         self.select_layer, self.select_stage = select_layer, select_stage
         self.stride = self.layout.reductions[self.position]
         self.grid = probe_grid(model, self.image_size, self.position, self.layout)
+        if self.grid[0] < 1 or self.grid[1] < 1:
+            raise ValueError(
+                f"image_size={self.image_size} is too small for one patch token at the selected layer (stride "
+                f"{self.stride} px, grid {self.grid[0]}x{self.grid[1]}); the smallest accepted size is {self.stride}")
         self.keep = resolve_keep(self.grid[0] * self.grid[1], keep_tokens, keep_ratio)
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; accepted: {', '.join(REDUCTIONS)}")
@@ -181,11 +197,30 @@ class VisionEncoder(nn.Module):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values must be a (B, 3, H, W) tensor, got {shape}")
 
+    def check_keep_fits(self, pixel_values: torch.Tensor) -> None:
+        """Token reduction keeps ``keep`` of the input's patches: an input smaller than ``image_size`` may have
+        fewer than that, which is a clear error rather than an indexing failure deep in top-k."""
+        h, w = pixel_values.shape[-2:]
+        if (h, w) == (self.image_size, self.image_size):
+            return
+        grid = probe_grid(self.model, (int(h), int(w)), self.position, self.layout)
+        if self.reduction != "pool" and grid[0] * grid[1] < self.keep:
+            raise ValueError(
+                f"keep_tokens={self.keep} but a {h}x{w} input gives only {grid[0] * grid[1]} patch tokens "
+                f"({grid[0]}x{grid[1]}); the tower was built for {self.image_size}x{self.image_size} inputs: resize "
+                "to that (the tower's image_processor does) or lower keep_tokens")
+
     def forward_layers(
         self, pixel_values: torch.Tensor, positions: Sequence[int]
     ) -> Tuple[List[TokenFeatures], Optional[torch.Tensor]]:
         """Features of the given layer positions plus the [CLS]-attention scores when the rule needs them."""
         self.check_input(pixel_values)
+        if pixel_values.shape[0] == 0:  # many backbones reshape with -1: run one blank image, return none
+            feats, scores = self.forward_layers(pixel_values.new_zeros((1,) + pixel_values.shape[1:]), positions)
+            empty = [TokenFeatures(f.patches[:0], None if f.prefix is None else f.prefix[:0], f.grid) for f in feats]
+            return empty, None if scores is None else scores[:0]
+        if self.keep is not None:
+            self.check_keep_fits(pixel_values)
         if self.keep is not None and self.reduction == "cls_attention":
             with CLSAttentionProbe(self.attention, cls_index=0) as probe:
                 feats = extract_tokens(self.model, pixel_values, list(positions), self.layout)

@@ -40,6 +40,63 @@ except ImportError:  # pragma: no cover - transformers is optional
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
 
+# PIL modes whose samples are 8-bit: PIL's own convert('RGB') is exact for them
+_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+# a float value this far outside [0, 1] is not resampling overshoot but another convention (0..255)
+_FLOAT_TOLERANCE = 1e-3
+
+
+def pil_to_array(image: Image.Image) -> np.ndarray:
+    """Samples of a high-bit-depth PIL image. PIL stores 16-bit PNG/TIFF greyscale as 'I;16*' or as 'I' (int32);
+    'I' is taken as 16-bit data, as PIL's decoders produce it, and values outside 0..65535 are refused."""
+    arr = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return arr.astype(np.uint16)
+    if image.mode == "I":
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"PIL mode 'I' image with values {arr.min()}..{arr.max()}: read as 16-bit data, "
+                             "accepted 0..65535; pass a uint16/uint8 array or a float array in [0, 1]")
+        return arr.astype(np.uint16)
+    if image.mode == "F":
+        return arr.astype(np.float32)
+    raise ValueError(f"unsupported PIL image mode {image.mode!r}; convert it to 'RGB' or 'L' first")
+
+
+def to_unit_range(arr: np.ndarray) -> np.ndarray:
+    """float64 copy of ``arr`` in [0, 1], one rule per dtype (torchvision's ``ToDtype(scale=True)`` rule):
+
+    * bool: False/True -> 0/1;
+    * unsigned and signed integers: divided by the dtype's maximum (uint8 255, uint16 65535, int16 32767, ...);
+      negative values are refused. For int32/int64, whose range no image fills, content that would scale to a
+      black image (max <= 65535) is refused too: say which range is meant with a uint8 or uint16 array;
+    * floats: already in [0, 1] (values within 1e-3 outside are clipped: resampling overshoot); anything further
+      outside, NaN and inf are refused rather than guessed at (a 0..255 float image must be divided by 255).
+    """
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float64)
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0:
+            raise ValueError(f"{arr.dtype} image has negative values (min {lo}); integer images must be >= 0")
+        if info.bits >= 32 and hi <= 65535:
+            raise ValueError(
+                f"{arr.dtype} image with values {lo}..{hi}: scaling by the {arr.dtype} range (torchvision's rule) "
+                "would give a black image; pass uint8 for 0..255 data or uint16 for 0..65535 data")
+        return arr.astype(np.float64) / float(info.max)
+    if np.issubdtype(arr.dtype, np.floating):
+        x = arr.astype(np.float64)
+        if not np.isfinite(x).all():
+            raise ValueError(f"image contains NaN or inf ({int((~np.isfinite(x)).sum())} values)")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -_FLOAT_TOLERANCE or hi > 1.0 + _FLOAT_TOLERANCE:
+            raise ValueError(
+                f"float image with values {lo:g}..{hi:g}: float images must be in [0, 1]; divide 0..255 data by "
+                "255 (or pass uint8)")
+        return np.clip(x, 0.0, 1.0)
+    raise TypeError(f"unsupported image dtype {arr.dtype}; accepted: bool, integer or float arrays/tensors")
+
+
 class ImageProcessor:
     """Turns images of any size and aspect ratio into normalised ``pixel_values`` at one square resolution.
 
@@ -107,29 +164,33 @@ class ImageProcessor:
 
     @staticmethod
     def to_pil(image: ImageLike) -> Image.Image:
-        """RGB PIL image from a PIL image, an HWC/HW uint8 array, or a CHW tensor (uint8 or float in [0, 1])."""
+        """RGB PIL image from a PIL image (any mode, 16-bit and float included), an HxW / HxWx{1,3,4} array or a
+        (C, H, W) tensor with C in (1, 3, 4). See ``to_unit_range`` for how each dtype is scaled."""
         if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        if isinstance(image, torch.Tensor):
+            if 0 in image.size:
+                raise ValueError(f"empty image: PIL image of size {image.size[0]}x{image.size[1]}")
+            if image.mode in _EIGHT_BIT_MODES:
+                return image.convert("RGB")  # 8-bit modes (palette, RGBA, CMYK, ...): PIL's own conversion
+            image = pil_to_array(image)
+        elif isinstance(image, torch.Tensor):
+            if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+                raise ValueError(f"tensor images must be (C, H, W) with C in (1, 3, 4), got {tuple(image.shape)}")
             t = image.detach().cpu()
-            if t.ndim != 3 or t.shape[0] not in (1, 3):
-                raise ValueError(f"tensor images must be (C, H, W) with C in (1, 3), got {tuple(t.shape)}")
-            if t.is_floating_point():
-                t = (t.clamp(0, 1) * 255).round()
-            image = t.to(torch.uint8).permute(1, 2, 0).numpy()
-        if isinstance(image, np.ndarray):
-            arr = image
-            if arr.ndim == 3 and arr.shape[-1] == 1:
-                arr = arr[..., 0]
-            if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-                raise ValueError(f"array images must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
-            if arr.dtype != np.uint8:
-                if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
-                    arr = arr * 255.0
-                arr = np.clip(arr, 0, 255).round().astype(np.uint8)
-            return Image.fromarray(arr).convert("RGB")
-        raise TypeError(
-            f"unsupported image type {type(image).__name__}; accepted: PIL.Image, numpy array, torch tensor")
+            t = t.float() if t.dtype in (torch.bfloat16, torch.float16) else t  # numpy has no bfloat16
+            image = t.permute(1, 2, 0).numpy()
+        elif not isinstance(image, np.ndarray):
+            raise TypeError(
+                f"unsupported image type {type(image).__name__}; accepted: PIL.Image, numpy array, torch tensor")
+        arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+            raise ValueError(f"array images must be HxW, HxWx1, HxWx3 or HxWx4 (alpha dropped), got shape {arr.shape}")
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ValueError(f"empty image: {arr.shape[0]}x{arr.shape[1]} pixels")
+        unit = to_unit_range(arr)
+        rgb = np.round(unit * 255.0).astype(np.uint8)  # 8 bits after scaling, as transformers' PIL resize path
+        if rgb.ndim == 2:
+            rgb = np.repeat(rgb[..., None], 3, axis=-1)
+        return Image.fromarray(np.ascontiguousarray(rgb[..., :3]), mode="RGB")
 
     def pad_to_square(self, image: Image.Image) -> Image.Image:
         w, h = image.size

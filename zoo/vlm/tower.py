@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .encoder import VisionEncoder, create_backbone, default_image_size
+from .encoder import VisionEncoder, check_image_size, create_backbone, default_image_size
+from .features import FeatureLayout, describe_backbone
 from .processor import ImageProcessor
 
 __all__ = ["ZooVisionTower", "VisionTowerArgs", "TowerConfig", "build_vision_tower"]
 
 SELECT_FEATURES = ("patch", "cls_patch")
+DEFAULT_SELECT_LAYER = -2  # LLaVA's mm_vision_select_layer default: the penultimate block
+DEFAULT_SELECT_STAGE = -1  # the last stage
 
 
 @dataclass
@@ -66,6 +69,25 @@ class TowerConfig:
         return asdict(self)
 
 
+def check_layer_options(
+    name: str, layout: FeatureLayout, select_layer: Optional[int], select_stage: Optional[int]
+) -> Tuple[int, int]:
+    """``select_layer`` picks a block of a token model, ``select_stage`` a stage of a hierarchical one; the other
+    option is refused unless it is unset or its default (LLaVA passes ``mm_vision_select_layer=-2`` always)."""
+    n = layout.num_layers
+    if layout.kind == "tokens" and select_stage not in (None, DEFAULT_SELECT_STAGE):
+        raise ValueError(
+            f"select_stage={select_stage} applies to hierarchical models; {name} is a token model with {n} "
+            f"blocks: use select_layer in 1..{n} or -{n}..-1 (LLaVA's default -2 = penultimate)")
+    if layout.kind == "stages" and select_layer not in (None, DEFAULT_SELECT_LAYER):
+        raise ValueError(
+            f"select_layer={select_layer} applies to token models; {name} is hierarchical with {n} stages: "
+            f"use select_stage in 0..{n - 1} or -{n}..-1 (default -1 = last stage)")
+    layer = DEFAULT_SELECT_LAYER if select_layer is None else select_layer
+    stage = DEFAULT_SELECT_STAGE if select_stage is None else select_stage
+    return layer, stage
+
+
 class ZooVisionTower(nn.Module):
     """LLaVA vision tower interface for every registered backbone.
 
@@ -83,9 +105,9 @@ class ZooVisionTower(nn.Module):
             raise ValueError(f"vision_tower must be a model name, got {vision_tower!r}")
         args = args if args is not None else VisionTowerArgs()
         opt = dict(
-            select_layer=_option(args, "select_layer", -2),
+            select_layer=_option(args, "select_layer", None),
             select_feature=_option(args, "select_feature", "patch"),
-            select_stage=_option(args, "select_stage", -1),
+            select_stage=_option(args, "select_stage", None),
             image_size=_option(args, "image_size", None),
             keep_tokens=_option(args, "keep_tokens", None),
             keep_ratio=_option(args, "keep_ratio", None),
@@ -106,7 +128,7 @@ class ZooVisionTower(nn.Module):
             opt["image_aspect_ratio"] = "pad"  # LLaVA's 'anyres'/'square' etc. tile or stretch upstream
         self.vision_tower_name = vision_tower
         self.options = opt
-        self.select_layer = opt["select_layer"]
+        self.select_layer = DEFAULT_SELECT_LAYER if opt["select_layer"] is None else opt["select_layer"]
         self.select_feature = opt["select_feature"]
         self.is_loaded = False
         # kept outside the module tree so the weights appear once, under ``vision_tower.``
@@ -122,13 +144,16 @@ class ZooVisionTower(nn.Module):
 
     def _make_encoder(self, meta: bool) -> VisionEncoder:
         o = self.options
+        check_image_size(o["image_size"])
         model = create_backbone(
             self.vision_tower_name, image_size=o["image_size"], pretrained=o["pretrained"],
             checkpoint_path=o["checkpoint_path"], model_args=o["model_args"], meta=meta,
         )
         size = default_image_size(model, o["image_size"])
+        select_layer, select_stage = check_layer_options(
+            self.vision_tower_name, describe_backbone(model), o["select_layer"], o["select_stage"])
         return VisionEncoder(
-            model, size, select_layer=o["select_layer"], select_stage=o["select_stage"],
+            model, size, select_layer=select_layer, select_stage=select_stage,
             keep_tokens=o["keep_tokens"], keep_ratio=o["keep_ratio"], reduction=o["reduction"],
         )
 
@@ -199,7 +224,7 @@ class ZooVisionTower(nn.Module):
         return TowerConfig(
             model_name=self.vision_tower_name, image_size=e.image_size, patch_size=e.stride,
             hidden_size=e.hidden_size, num_patches=e.num_patches, grid=tuple(e.grid), kind=e.layout.kind,
-            select_layer=self.select_layer, select_stage=self.options["select_stage"],
+            select_layer=e.select_layer, select_stage=e.select_stage,
             select_feature=self.select_feature, reduction=e.reduction if e.keep else None, keep_tokens=e.keep,
         )
 

@@ -1,0 +1,219 @@
+"""Helpers of benchmarks/device_run.sh: the mixer timing, the bf16 training check, and the report.
+
+    python benchmarks/device_report.py mixer --json OUT/mixer.json       # zoo vs mamba-ssm, Vim-Ti shapes
+    python benchmarks/device_report.py train --steps 500 --json OUT/train.json
+    python benchmarks/device_report.py report --dir OUT                  # OUT/result.json + OUT/result.md
+
+``report`` merges whatever the run's steps left in ``--dir`` (a step that timed out leaves nothing,
+and its section stays empty) into the record schema of issue 11:
+``{"device", "torch", "scan": [...], "mixer": [...], "models": [...]}`` plus the default kernel's
+scan times, the test summaries, the training curve and the step log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+# Vim-Ti mixer shapes: (name, batch, d_inner, L, d_state)
+MIXER_SHAPES = [("Vim-Ti 224 (B64 D384 L197 N16)", 64, 384, 197, 16),
+                ("Vim-Ti 1248 (B8 D384 L6085 N16)", 8, 384, 6085, 16)]
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mixer(args) -> None:
+    """Both directions of a Vim mixer's scan: zoo's bidirectional op vs two mamba-ssm scans (adapter)."""
+    import torch
+
+    import mamba_adapter
+    from bench_scan import cuda_median_ms, make
+    from zoo.ops import selective_scan_bidirectional
+
+    have_mamba = mamba_adapter.enable()
+    rows = []
+    for name, batch, dim, L, N in MIXER_SHAPES:
+        f, r = (make(batch, dim, L, N, 1, torch.bfloat16, "cuda", grad=True) for _ in range(2))
+        dout = torch.randn(batch, dim, L, device="cuda", dtype=torch.bfloat16)
+        keys = ("u", "delta", "A", "B", "C", "D", "bias")
+        leaves = [f[k] for k in keys] + [r[k] for k in keys] + [f["z"]]
+
+        def call(backend):
+            return selective_scan_bidirectional(*[f[k] for k in keys], *[r[k] for k in keys], z=f["z"],
+                                                backend=backend)
+
+        def fwdbwd(backend):
+            return lambda: torch.autograd.grad(call(backend), leaves, dout)
+
+        row = dict(shape=name)
+        for side, backend in (("zoo", "compiled"), ("mamba", "mamba_ssm")):
+            if side == "mamba" and not have_mamba:
+                continue
+            with torch.no_grad():
+                row[f"{side}_ms"] = cuda_median_ms(lambda: call(backend))
+            row[f"{side}_fwdbwd_ms"] = cuda_median_ms(fwdbwd(backend), warmup=3, iters=10, reps=2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def train(args) -> None:
+    """bf16-autocast training of Vim-Ti on synthetic data; the loss must stay finite."""
+    import timm
+    import torch
+
+    import zoo  # noqa: F401
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=100, img_size=args.img_size).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=dev)
+    target = torch.randint(0, 100, (args.batch,), device=dev)
+    curve, t0 = [], time.time()
+    for step in range(args.steps):
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == args.steps - 1:
+            value = loss.item()
+            curve.append([step, value])
+            Path(args.json).write_text(json.dumps(dict(model=args.model, batch=args.batch, steps=step + 1,
+                                                       finite=all(math.isfinite(v) for _, v in curve),
+                                                       seconds=time.time() - t0, curve=curve)))
+            if not math.isfinite(value):
+                break
+    print(json.dumps(_load(Path(args.json))))
+
+
+def _scan_rows(lpar: Optional[dict], default: Optional[dict]) -> List[dict]:
+    by_shape: Dict[str, dict] = {}
+    for r in (lpar or {}).get("rows", []):
+        by_shape[r["shape"]] = dict(shape=r["shape"], zoo_fwd_ms=r.get("fwd_ms"), zoo_fwdbwd_ms=r.get("fwdbwd_ms"),
+                                    mamba_fwd_ms=r.get("mamba_fwd_ms"), mamba_fwdbwd_ms=r.get("mamba_fwdbwd_ms"))
+    for r in (default or {}).get("rows", []):
+        row = by_shape.setdefault(r["shape"], dict(shape=r["shape"]))
+        row.update(default_fwd_ms=r.get("fwd_ms"), default_fwdbwd_ms=r.get("fwdbwd_ms"))
+        for k in ("mamba_fwd_ms", "mamba_fwdbwd_ms"):
+            if row.get(k) is None:
+                row[k] = r.get(k)
+    return list(by_shape.values())
+
+
+def _model_rows(zoo_rows: Optional[list], mamba_rows: Optional[list], default_rows: Optional[list]) -> List[dict]:
+    def key(r):
+        return r["model"], f"{r['mode']} {r['res']}px bs{r['batch']}"
+
+    out: Dict[tuple, dict] = {}
+    for side, rows in (("zoo", zoo_rows), ("mamba", mamba_rows), ("default", default_rows)):
+        for r in rows or []:
+            row = out.setdefault(key(r), dict(model=key(r)[0], workload=key(r)[1]))
+            if "error" in r:
+                row[f"{side}_error"] = r["error"]
+            else:
+                row[f"{side}_img_s"], row[f"{side}_peak_gib"] = r["img_s"], r["peak_gib"]
+    return list(out.values())
+
+
+def _tests(log: Path) -> Optional[str]:
+    try:
+        lines = [ln for ln in log.read_text().splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+    except OSError:
+        return None
+    return lines[-1].strip("= ") if lines else None
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def markdown(res: dict) -> str:
+    lines = [f"## device run: {res['device']}, torch {res['torch']}, {res['date']}", ""]
+    lines += [f"- tests (ZOO_CUDA_SCAN=lparallel): {_fmt(res['tests'].get('lparallel'))}",
+              f"- tests (default kernel): {_fmt(res['tests'].get('default'))}", ""]
+    lines += ["| scan shape | zoo fwd ms | mamba fwd ms | zoo/mamba | zoo fwd+bwd ms | mamba fwd+bwd ms | zoo/mamba "
+              "| default fwd / fwd+bwd ms |", "|---|---|---|---|---|---|---|---|"]
+    for r in res["scan"]:
+        lines.append(f"| {r['shape']} | {_fmt(r.get('zoo_fwd_ms'))} | {_fmt(r.get('mamba_fwd_ms'))} | "
+                     f"{_ratio(r.get('zoo_fwd_ms'), r.get('mamba_fwd_ms'))} | {_fmt(r.get('zoo_fwdbwd_ms'))} | "
+                     f"{_fmt(r.get('mamba_fwdbwd_ms'))} | {_ratio(r.get('zoo_fwdbwd_ms'), r.get('mamba_fwdbwd_ms'))} | "
+                     f"{_fmt(r.get('default_fwd_ms'))} / {_fmt(r.get('default_fwdbwd_ms'))} |")
+    lines += ["", "| mixer (both directions) | zoo ms | mamba ms | zoo/mamba | zoo fwd+bwd ms | mamba fwd+bwd ms |",
+              "|---|---|---|---|---|---|"]
+    for r in res["mixer"]:
+        lines.append(f"| {r['shape']} | {_fmt(r.get('zoo_ms'))} | {_fmt(r.get('mamba_ms'))} | "
+                     f"{_ratio(r.get('zoo_ms'), r.get('mamba_ms'))} | {_fmt(r.get('zoo_fwdbwd_ms'))} | "
+                     f"{_fmt(r.get('mamba_fwdbwd_ms'))} |")
+    lines += ["", "| model | workload | zoo img/s | mamba img/s | zoo/mamba | zoo peak GiB | mamba peak GiB "
+              "| default-kernel img/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in res["models"]:
+        lines.append(f"| {r['model']} | {r['workload']} | {_fmt(r.get('zoo_img_s'))} | {_fmt(r.get('mamba_img_s'))} | "
+                     f"{_ratio(r.get('zoo_img_s'), r.get('mamba_img_s'))} | {_fmt(r.get('zoo_peak_gib'))} | "
+                     f"{_fmt(r.get('mamba_peak_gib'))} | {_fmt(r.get('default_img_s'))} |")
+    tr = res.get("train") or {}
+    lines += ["", f"- bf16 training ({tr.get('model', '-')}, bs{tr.get('batch', '-')}): {tr.get('steps', 0)} steps, "
+                  f"finite: {tr.get('finite', '-')}, loss curve (step, loss): {tr.get('curve', [])[::5]}",
+              "", "steps (name rc seconds):", "", "```", *res["steps"], "```", ""]
+    return "\n".join(lines)
+
+
+def report(args) -> None:
+    d = Path(args.dir)
+    meta = _load(d / "meta.json") or {}
+    res = dict(
+        device=meta.get("device", "unknown"), torch=meta.get("torch", "unknown"), date=time.strftime("%Y-%m-%d"),
+        scan=_scan_rows(_load(d / "scan_lparallel.json"), _load(d / "scan_default.json")),
+        mixer=_load(d / "mixer.json") or [],
+        models=_model_rows(_load(d / "models_lparallel.json"), _load(d / "models_mamba.json"),
+                           _load(d / "models_default.json")),
+        tests=dict(lparallel=_tests(d / "pytest_lparallel.log"), default=_tests(d / "pytest_default.log")),
+        train=_load(d / "train.json"),
+        steps=(d / "steps.txt").read_text().splitlines() if (d / "steps.txt").exists() else [],
+    )
+    (d / "result.json").write_text(json.dumps(res, indent=1))
+    # the name it is committed under: benchmarks/results/<yyyy-mm-dd>-<device>.json
+    slug = re.sub(r"[^a-z0-9]+", "-", res["device"].lower()).strip("-")
+    (d / f"{res['date']}-{slug}.json").write_text(json.dumps(res, indent=1))
+    (d / "result.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mixer")
+    m.add_argument("--json", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--model", default="vim_tiny_patch16_224")
+    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--batch", type=int, default=128)
+    t.add_argument("--img-size", type=int, default=224)
+    t.add_argument("--json", required=True)
+    r = sub.add_parser("report")
+    r.add_argument("--dir", required=True)
+    args = ap.parse_args()
+    {"mixer": mixer, "train": train, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+// Argument checks of the zoo_scan::bimamba_* ops (Vim's bidirectional mixer in the (batch, L, dim)
+// row layout), shared by every device implementation so they reject the same inputs the same way.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace zoo_scan {
+
+inline void check_float_on(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "zoo_scan::bimamba: ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "zoo_scan::bimamba: ", name, " is on ", t.device(), " but x is on ",
+              like.device());
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* what) {
+  TORCH_CHECK(t.sizes() == expected, "zoo_scan::bimamba: ", name, " must be ", what, " = ", expected, ", got ",
+              t.sizes());
+}
+
+// bimamba_conv(x, weight, bias): x (batch, L, dim), weight (2, dim, K), bias (2, dim)
+inline void check_bimamba_conv_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) >= 1, "zoo_scan::bimamba_conv: x must be (batch, L >= 1, dim), got ",
+              x.sizes());
+  TORCH_CHECK(weight.dim() == 3 && weight.size(2) >= 1,
+              "zoo_scan::bimamba_conv: weight must be (2, dim, kernel), got ", weight.sizes());
+  check_float_on(x, "x", x);
+  check_float_on(weight, "weight", x);
+  check_float_on(bias, "bias", x);
+  check_shape(weight, "weight", {2, x.size(2), weight.size(2)}, "(2, dim, kernel)");
+  check_shape(bias, "bias", {2, x.size(2)}, "(2, dim)");
+}
+
+// bimamba_scan(u, delta, A, B, C, D, delta_bias, z, ...): u, delta (2, batch, L, dim); A (2, dim, N);
+// B, C (2, batch, L, N); D, delta_bias (2, dim); z (batch, L, dim). Index 0 of the leading 2 is the
+// forward direction, 1 the reverse one.
+inline void check_bimamba_scan_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                    const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
+                                    const at::Tensor& delta_bias, const at::Tensor& z) {
+  TORCH_CHECK(u.dim() == 4 && u.size(0) == 2 && u.size(2) >= 1,
+              "zoo_scan::bimamba_scan: u must be (2, batch, L >= 1, dim), got ", u.sizes());
+  TORCH_CHECK(A.dim() == 3, "zoo_scan::bimamba_scan: A must be (2, dim, d_state), got ", A.sizes());
+  const int64_t batch = u.size(1), L = u.size(2), dim = u.size(3), N = A.size(2);
+  const std::pair<const at::Tensor*, const char*> all[] = {{&u, "u"}, {&delta, "delta"}, {&A, "A"},
+                                                           {&B, "B"}, {&C, "C"}, {&D, "D"},
+                                                           {&delta_bias, "delta_bias"}, {&z, "z"}};
+  for (const auto& [t, name] : all) check_float_on(*t, name, u);
+  check_shape(delta, "delta", u.sizes(), "u's shape (2, batch, L, dim)");
+  check_shape(A, "A", {2, dim, N}, "(2, dim, d_state)");
+  check_shape(B, "B", {2, batch, L, N}, "(2, batch, L, d_state)");
+  check_shape(C, "C", {2, batch, L, N}, "(2, batch, L, d_state)");
+  check_shape(D, "D", {2, dim}, "(2, dim)");
+  check_shape(delta_bias, "delta_bias", {2, dim}, "(2, dim)");
+  check_shape(z, "z", {batch, L, dim}, "(batch, L, dim)");
+}
+
+}  // namespace zoo_scan

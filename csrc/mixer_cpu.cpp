@@ -1,0 +1,221 @@
+// Vim's bidirectional ("bimamba v2") mixer on the CPU, in the (batch, L, dim) row layout that the
+// linear layers produce, so no transposed copies are made:
+//
+//   bimamba_conv: both directions' depthwise conv (causal / anti-causal) + bias + SiLU in one pass
+//                 over x, channels in the vector lanes;
+//   bimamba_scan: per (batch, block of kLanes channels), the forward scan then the reverse scan with
+//                 softplus(delta + bias), exp(delta * A) vectorised over the lanes, the D skip, and
+//                 scale * (y_fwd + y_rev) * silu(z) written once.
+//
+// The conv is an op of its own because its output also feeds x_proj (a matmul over all channels)
+// between the two. Both kernels are ZOO_CPU_DISPATCH (one clone per ISA, picked at load time).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu_vec.h"
+#include "mixer_common.h"
+
+namespace zoo_scan {
+namespace {
+
+// channels per block: one AVX-512 register, two AVX2 ones (independent chains for the pipelines)
+constexpr int64_t kLanes = 16;
+// at::parallel_for grain: below ~this many state updates per task the work runs on the calling
+// thread, so small calls never wake (and, on a busy machine, wait for) an OpenMP team
+constexpr int64_t kMinTaskWork = 1 << 16;
+
+int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item)); }
+
+// ---- bimamba_conv ----
+
+struct ConvArgs {
+  int64_t batch, L, dim, K;
+  const float* x;
+  int64_t x_sb, x_st;  // batch / step strides of x (channel stride 1)
+  const float* w;      // (2, K, dim): taps transposed so the channel loop is contiguous
+  const float* bias;   // (2, dim)
+  float* out;          // (2, batch, L, dim)
+};
+
+// rows (b, t) in [begin, end) of the flattened (batch, L); tap k of the forward direction reads
+// step t - (K - 1) + k, of the reverse direction step t + (K - 1) - k (official weight layout)
+ZOO_CPU_DISPATCH void conv_rows(const ConvArgs& a, int64_t begin, int64_t end) {
+  const int64_t L = a.L, dim = a.dim, K = a.K;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / L, t = r % L;
+    const float* xb = a.x + b * a.x_sb;
+    for (int dir = 0; dir < 2; ++dir) {
+      float* o = a.out + (dir * a.batch * L + r) * dim;
+      const float* bias = a.bias + dir * dim;
+      std::copy(bias, bias + dim, o);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t s = dir == 0 ? t - (K - 1) + k : t + (K - 1) - k;
+        if (s < 0 || s >= L) continue;
+        const float* xs = xb + s * a.x_st;
+        const float* wk = a.w + (dir * K + k) * dim;
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) o[c] += wk[c] * xs[c];
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < dim; ++c) o[c] = zoo_vec::silu(o[c]);
+    }
+  }
+}
+
+at::Tensor bimamba_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_bimamba_conv_args(x, weight, bias);
+  const at::Tensor xr = x.stride(2) == 1 ? x : x.contiguous();
+  const at::Tensor w = weight.transpose(1, 2).contiguous();
+  const at::Tensor bc = bias.contiguous();
+  auto out = at::empty({2, x.size(0), x.size(1), x.size(2)}, x.options());
+  ConvArgs a{x.size(0), x.size(1), x.size(2), weight.size(2), xr.data_ptr<float>(), xr.stride(0), xr.stride(1),
+             w.data_ptr<float>(), bc.data_ptr<float>(), out.data_ptr<float>()};
+  at::parallel_for(0, a.batch * a.L, grain_for(2 * a.dim * a.K),
+                   [&](int64_t begin, int64_t end) { conv_rows(a, begin, end); });
+  return out;
+}
+
+// ---- bimamba_scan ----
+
+struct ScanRowsArgs {
+  int64_t batch, L, dim, N;
+  bool softplus;
+  float scale;
+  const float *u, *delta;  // (2, batch, L, dim) contiguous
+  const float* A;          // (2, dim, N)
+  const float *B, *C;      // (2, batch, L, N), state stride 1
+  int64_t bc_sd, bc_sb, bc_st;
+  const float *D, *bias;  // (2, dim)
+  const float* z;         // (batch, L, dim), channel stride 1
+  int64_t z_sb, z_st;
+  float* out;  // (batch, L, dim) contiguous
+};
+
+// One direction over the W channels c0 .. c0 + W of batch b. Forward: y (D skip included) goes to
+// ybuf (L x W). Reverse: combined with ybuf, gated and written to out. At and h hold N x W values.
+template <int64_t W, bool Softplus>
+ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_t c0, float* __restrict At,
+                               float* __restrict h, float* __restrict ybuf) {
+  const int64_t L = a.L, dim = a.dim, N = a.N;
+  const float scale = a.scale;
+  float Dd[W], bias[W];
+  for (int64_t j = 0; j < W; ++j) {
+    Dd[j] = a.D[dir * dim + c0 + j];
+    bias[j] = a.bias[dir * dim + c0 + j];
+    for (int64_t n = 0; n < N; ++n) At[n * W + j] = a.A[(dir * dim + c0 + j) * N + n];
+  }
+  std::fill(h, h + N * W, 0.0f);
+  const int64_t row0 = (dir * a.batch + b) * L;
+  const float* Bb = a.B + dir * a.bc_sd + b * a.bc_sb;
+  const float* Cb = a.C + dir * a.bc_sd + b * a.bc_sb;
+  for (int64_t s = 0; s < L; ++s) {
+    const int64_t t = dir == 0 ? s : L - 1 - s;
+    const float* __restrict up = a.u + (row0 + t) * dim + c0;
+    const float* __restrict dp = a.delta + (row0 + t) * dim + c0;
+    const float* __restrict Bt = Bb + t * a.bc_st;
+    const float* __restrict Ct = Cb + t * a.bc_st;
+    float dt[W], dtu[W], y[W];
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) {
+      const float raw = dp[j] + bias[j];
+      dt[j] = Softplus ? zoo_vec::softplus(raw) : raw;
+      dtu[j] = dt[j] * up[j];
+      y[j] = Dd[j] * up[j];
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const float bn = Bt[n], cn = Ct[n];
+      float* __restrict hn = h + n * W;
+      const float* __restrict an = At + n * W;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) {
+        const float hj = zoo_vec::exp(dt[j] * an[j]) * hn[j] + dtu[j] * bn;
+        hn[j] = hj;
+        y[j] += hj * cn;
+      }
+    }
+    float* __restrict yb = ybuf + t * W;
+    if (dir == 0) {
+      for (int64_t j = 0; j < W; ++j) yb[j] = y[j];
+    } else {
+      const float* __restrict zp = a.z + b * a.z_sb + t * a.z_st + c0;
+      float* __restrict op = a.out + (b * L + t) * dim + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) op[j] = scale * (yb[j] + y[j]) * zoo_vec::silu(zp[j]);
+    }
+  }
+}
+
+template <int64_t W>
+ZOO_INLINE void scan_both(const ScanRowsArgs& a, int64_t b, int64_t c0, float* At, float* h, float* ybuf) {
+  for (int dir = 0; dir < 2; ++dir) {
+    if (a.softplus)
+      scan_direction<W, true>(a, dir, b, c0, At, h, ybuf);
+    else
+      scan_direction<W, false>(a, dir, b, c0, At, h, ybuf);
+  }
+}
+
+// tasks [begin, end) of the flattened (batch, channel block); the last block of a batch holds the
+// dim % kLanes channels left over, scanned one lane at a time
+ZOO_CPU_DISPATCH void scan_blocks(const ScanRowsArgs& a, int64_t begin, int64_t end) {
+  const int64_t blocks = (a.dim + kLanes - 1) / kLanes;
+  std::vector<float> At(a.N * kLanes), h(a.N * kLanes), ybuf(a.L * kLanes);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / blocks, c0 = (task % blocks) * kLanes;
+    if (c0 + kLanes <= a.dim) {
+      scan_both<kLanes>(a, b, c0, At.data(), h.data(), ybuf.data());
+    } else {
+      for (int64_t c = c0; c < a.dim; ++c) scan_both<1>(a, b, c, At.data(), h.data(), ybuf.data());
+    }
+  }
+}
+
+at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias,
+                            const at::Tensor& z, bool delta_softplus, double scale) {
+  check_bimamba_scan_args(u, delta, A, B, C, D, delta_bias, z);
+  auto unit_last = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor uc = u.contiguous(), dc = delta.contiguous(), Ac = A.contiguous(), Dc = D.contiguous();
+  const at::Tensor bc = delta_bias.contiguous(), zs = unit_last(z);
+  at::Tensor Bs = unit_last(B), Cs = unit_last(C);
+  if (Cs.strides() != Bs.strides()) {  // the kernel takes one set of strides for both
+    Bs = Bs.contiguous();
+    Cs = Cs.contiguous();
+  }
+  const int64_t batch = u.size(1), L = u.size(2), dim = u.size(3), N = A.size(2);
+  auto out = at::empty({batch, L, dim}, u.options());
+  ScanRowsArgs a{batch, L, dim, N, delta_softplus, static_cast<float>(scale),
+                 uc.data_ptr<float>(), dc.data_ptr<float>(), Ac.data_ptr<float>(),
+                 Bs.data_ptr<float>(), Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1), Bs.stride(2),
+                 Dc.data_ptr<float>(), bc.data_ptr<float>(), zs.data_ptr<float>(), zs.stride(0), zs.stride(1),
+                 out.data_ptr<float>()};
+  const int64_t blocks = (dim + kLanes - 1) / kLanes;
+  at::parallel_for(0, batch * blocks, grain_for(2 * L * N * kLanes),
+                   [&](int64_t begin, int64_t end) { scan_blocks(a, begin, end); });
+  return out;
+}
+
+// which clone of the dispatched kernels runs here: "avx512", "avx2" or "baseline"
+std::string cpu_isa() {
+#if ZOO_CPU_DISPATCH_ENABLED
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+#endif
+  return "baseline";
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
+  m.impl("bimamba_conv", &bimamba_conv_cpu);
+  m.impl("bimamba_scan", &bimamba_scan_cpu);
+}
+
+// no tensor arguments, so no dispatch key: a catch-all kernel defined with its schema here
+TORCH_LIBRARY_FRAGMENT(zoo_scan, m) { m.def("cpu_isa() -> str", &cpu_isa); }
+
+}  // namespace zoo_scan

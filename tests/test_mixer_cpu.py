@@ -1,0 +1,199 @@
+"""The fused CPU Vim mixer (zoo_scan::bimamba_conv / bimamba_scan) against the unfused reference path."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _parity import parity_files
+import zoo
+from zoo.models import vim as vim_mod
+from zoo.models.vim import BiMambaMixer, checkpoint_filter_fn, from_official_kwargs
+from zoo.ops import selective_scan_naive
+from zoo.ops.compiled import kernels_available
+from zoo.ops.mixer import bimamba_rows, cpu_isa, fused_mixer_enabled
+
+KERNELS, WHY = kernels_available("cpu")
+pytestmark = pytest.mark.skipif(not KERNELS, reason=f"compiled CPU kernels unavailable: {WHY}")
+FIXTURES = parity_files("vim", "vim_*.json")
+
+
+def _mixer(dim: int, d_state: int, dt_bias: tuple, seed: int = 0) -> BiMambaMixer:
+    """A mixer with model-range parameters: A = -(1..16) per channel, dt bias in the given
+    softplus^-1 range, non-trivial conv bias and D."""
+    torch.manual_seed(seed)
+    m = BiMambaMixer(dim, d_state=d_state).eval()
+    with torch.no_grad():
+        for d in (m.fwd, m.bwd):
+            d.A_log.copy_(torch.randint(1, 17, d.A_log.shape).float().log())
+            d.dt_proj.bias.uniform_(*dt_bias)
+            d.D.normal_()
+            d.conv1d.bias.normal_(0, 0.5)
+    return m
+
+
+def _silence(direction) -> None:
+    """Makes a direction contribute nothing (C = 0 and D = 0), to check the other one alone."""
+    with torch.no_grad():
+        direction.x_proj.weight[direction.dt_rank + direction.d_state:] = 0
+        direction.D.zero_()
+
+
+def _reference(m: BiMambaMixer, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    with monkeypatch.context() as mp, torch.no_grad():
+        mp.setenv("ZOO_SCAN_BACKEND", "reference")
+        assert not fused_mixer_enabled(x)
+        return m(x)
+
+
+def _fused(m: BiMambaMixer, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m.out_proj(bimamba_rows(m.in_proj(x), m.fwd, m.bwd, m.out_scale))
+
+
+@pytest.mark.parametrize("which", ["both", "forward", "reverse"])
+@pytest.mark.parametrize(
+    "dim,L,d_state,dt_bias",
+    [
+        (32, 17, 16, (-7.0, -3.0)),  # small delta: slow decay, long memory
+        (32, 17, 16, (2.0, 5.0)),  # large delta: fast decay
+        (20, 1, 8, (-4.0, 1.0)),  # one token; 40 channels = 2 full lane blocks + 8 left over
+        (24, 131, 4, (-4.0, 1.0)),  # odd L, 48 channels
+        (16, 300, 16, (-5.0, 0.5)),  # longer than any block / buffer size
+    ],
+)
+def test_fused_mixer_matches_reference(dim, L, d_state, dt_bias, which, monkeypatch):
+    m = _mixer(dim, d_state, dt_bias)
+    if which == "forward":
+        _silence(m.bwd)
+    elif which == "reverse":
+        _silence(m.fwd)
+    x = torch.randn(3, L, dim, generator=torch.Generator().manual_seed(1))
+    ref = _reference(m, x, monkeypatch)
+    fused = _fused(m, x)
+    assert ref.abs().max() > 1e-2  # the checked direction(s) do reach the output
+    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=2e-5)
+    with torch.no_grad():  # the module dispatches to the fused path under no_grad on CPU
+        assert fused_mixer_enabled(m.in_proj(x))
+        torch.testing.assert_close(m(x), fused, atol=0, rtol=0)
+
+
+def test_scan_op_matches_naive_scans_with_strided_inputs():
+    """bimamba_scan against two naive scans (delta used as given, no softplus), B/C as strided views."""
+    g = torch.Generator().manual_seed(2)
+    batch, L, dim, N = 2, 37, 19, 5
+    u, delta = torch.randn(2, batch, L, dim, generator=g), torch.rand(2, batch, L, dim, generator=g) * 0.5
+    A = -torch.rand(2, dim, N, generator=g) * 4
+    BC = torch.randn(2, batch, L, 3 * N, generator=g)  # B, C are column slices of one buffer
+    B, C = BC[..., :N], BC[..., 2 * N:]
+    D, bias = torch.randn(2, dim, generator=g), torch.randn(2, dim, generator=g) * 0.1
+    zz = torch.randn(batch, L, 2 * dim, generator=g)
+    z = zz[..., dim:]
+    out = torch.ops.zoo_scan.bimamba_scan(u, delta, A, B, C, D, bias, z, False, 0.7)
+
+    def scan(k: int, flip: bool) -> torch.Tensor:
+        def cl(t):  # (batch, L, c) -> (batch, c, L) in that direction's reading order
+            t = t.transpose(1, 2)
+            return t.flip(-1) if flip else t
+
+        y = selective_scan_naive(cl(u[k]), cl(delta[k]), A[k], cl(B[k]).unsqueeze(1), cl(C[k]).unsqueeze(1),
+                                 D[k], None, bias[k], False)
+        return (y.flip(-1) if flip else y).transpose(1, 2)
+
+    expected = 0.7 * (scan(0, False) + scan(1, True)) * F.silu(z)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_op_matches_conv1d():
+    g = torch.Generator().manual_seed(3)
+    batch, L, dim, K = 2, 9, 21, 4
+    x = torch.randn(batch, L, 2 * dim, generator=g)[..., :dim]  # a column slice, like the mixer's
+    w, b = torch.randn(2, dim, K, generator=g), torch.randn(2, dim, generator=g)
+    u = torch.ops.zoo_scan.bimamba_conv(x, w, b)
+    xc = x.transpose(1, 2)
+    fwd = F.silu(F.conv1d(F.pad(xc, (K - 1, 0)), w[0].unsqueeze(1), b[0], groups=dim))
+    # reverse: a causal conv over the flipped sequence, flipped back
+    rev = F.silu(F.conv1d(F.pad(xc.flip(-1), (K - 1, 0)), w[1].unsqueeze(1), b[1], groups=dim)).flip(-1)
+    torch.testing.assert_close(u, torch.stack([fwd, rev]).transpose(2, 3), atol=1e-6, rtol=1e-6)
+
+
+def test_results_do_not_depend_on_thread_count():
+    m = _mixer(64, 16, (-4.0, 1.0))
+    x = torch.randn(4, 50, 64)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _fused(m, x)
+        torch.set_num_threads(2)
+        two = _fused(m, x)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+def test_bad_arguments_get_clear_errors():
+    u = torch.randn(2, 1, 5, 8)
+    args = [u, u, -torch.ones(2, 8, 4), torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4), torch.ones(2, 8),
+            torch.zeros(2, 8), torch.randn(1, 5, 8), True, 0.5]
+    torch.ops.zoo_scan.bimamba_scan(*args)  # the valid call runs
+    bad = list(args)
+    bad[5] = torch.ones(2, 7)
+    with pytest.raises(RuntimeError, match=r"D must be \(2, dim\)"):
+        torch.ops.zoo_scan.bimamba_scan(*bad)
+    bad = list(args)
+    bad[7] = bad[7].double()
+    with pytest.raises(RuntimeError, match="z must be float32"):
+        torch.ops.zoo_scan.bimamba_scan(*bad)
+    with pytest.raises(RuntimeError, match=r"weight must be \(2, dim, kernel\)"):
+        torch.ops.zoo_scan.bimamba_conv(torch.randn(1, 5, 8), torch.randn(2, 9, 4), torch.randn(2, 8))
+
+
+def test_fake_kernels_and_schema():
+    """Shapes without running (torch.compile / export), checked by torch's own op tests."""
+    x = torch.randn(2, 6, 8)
+    torch.library.opcheck(torch.ops.zoo_scan.bimamba_conv, (x, torch.randn(2, 8, 4), torch.randn(2, 8)),
+                          test_utils=("test_schema", "test_faketensor"))
+    u = torch.randn(2, 2, 6, 8)
+    args = (u, u.clone(), -torch.ones(2, 8, 4), torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4), torch.ones(2, 8),
+            torch.zeros(2, 8), torch.randn(2, 6, 8), True, 0.5)
+    torch.library.opcheck(torch.ops.zoo_scan.bimamba_scan, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_training_keeps_the_differentiable_path():
+    m = _mixer(16, 8, (-4.0, 1.0))
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    assert torch.is_grad_enabled() and not fused_mixer_enabled(m.in_proj(x))
+    m(x).square().sum().backward()
+    assert x.grad is not None and m.fwd.A_log.grad.abs().sum() > 0
+
+
+def test_isa_is_named():
+    assert cpu_isa() in ("avx512", "avx2", "baseline")
+
+
+@pytest.mark.skipif(not FIXTURES, reason="no Vim parity fixtures (../shared/parity/vim)")
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.stem)
+def test_official_parity_through_fused_mixer(fixture: Path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.delenv("ZOO_SCAN_BACKEND", raising=False)
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return bimamba_rows(*args)
+
+    monkeypatch.setattr(vim_mod, "bimamba_rows", counted)
+    meta = json.loads(fixture.read_text())
+    tensors = load_file(str(fixture.with_suffix(".safetensors")))
+    state_dict = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    m = from_official_kwargs(**meta["official_kwargs"])
+    m.load_state_dict(checkpoint_filter_fn(state_dict, m), strict=True)
+    m.eval()
+    with torch.no_grad():
+        logits = m(tensors["input"])
+    assert len(calls) == len(m.blocks)
+    torch.testing.assert_close(logits, tensors["logits"], atol=meta["atol"], rtol=meta["rtol"])

@@ -1,0 +1,114 @@
+"""Vim's bidirectional mixer for inference in the (batch, L, dim) row layout: ``zoo_scan::bimamba_*`` ops.
+
+The reference mixer transposes the in-projection to (batch, dim, L), runs one conv and one scan per
+direction and transposes back; on CPU those copies and elementwise passes cost as much as the scan.
+Here the work between the linear layers is two ops on rows with channels in the vector lanes:
+
+* ``zoo_scan::bimamba_conv(x, weight, bias) -> u``: x (batch, L, dim); weight (2, dim, K) and bias
+  (2, dim) of the forward (causal) and reverse (anti-causal) depthwise convs, official tap layout;
+  u (2, batch, L, dim) = silu(conv + bias) of both directions.
+* ``zoo_scan::bimamba_scan(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scale) -> y``:
+  u, delta (2, batch, L, dim); A (2, dim, N); B, C (2, batch, L, N); D, delta_bias (2, dim);
+  z (batch, L, dim); y (batch, L, dim) = scale * (y_fwd + y_rev) * silu(z), the reverse direction
+  scanned from the last step to the first.
+
+Both are inference ops (no autograd formula: training keeps the differentiable path). A device
+implementation registers kernels for these schemas; the CPU ones live in ``csrc/mixer_cpu.cpp``.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from . import compiled  # noqa: F401  (defines the zoo_scan library these ops join)
+from .selective_scan import resolve_backend
+
+__all__ = ["bimamba_rows", "fused_mixer_enabled", "cpu_isa"]
+
+_lib = torch.library.Library("zoo_scan", "FRAGMENT")
+_lib.define("bimamba_conv(Tensor x, Tensor weight, Tensor bias) -> Tensor")
+_lib.define(
+    "bimamba_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor delta_bias, Tensor z, "
+    "bool delta_softplus, float scale) -> Tensor"
+)
+
+
+@torch.library.register_fake("zoo_scan::bimamba_conv")
+def _bimamba_conv_fake(x, weight, bias):
+    return x.new_empty((2, *x.shape))
+
+
+@torch.library.register_fake("zoo_scan::bimamba_scan")
+def _bimamba_scan_fake(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scale):
+    return u.new_empty(u.shape[1:])
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError(
+        "zoo_scan::bimamba_* are inference ops without a backward; the Vim mixer uses them only when "
+        "gradients are off (torch.no_grad / torch.inference_mode)"
+    )
+
+
+for _op in ("zoo_scan::bimamba_conv", "zoo_scan::bimamba_scan"):
+    torch.library.register_autograd(_op, _no_backward)
+
+
+class _Direction(Protocol):
+    """What one scan direction provides (zoo.models.vim.ScanDirection)."""
+
+    conv1d: nn.Conv1d
+    x_proj: nn.Linear
+    dt_proj: nn.Linear
+    A_log: torch.Tensor
+    D: torch.Tensor
+    dt_rank: int
+    d_state: int
+
+
+def fused_mixer_enabled(x: torch.Tensor) -> bool:
+    """Whether :func:`bimamba_rows` serves ``x``: float32 CPU tensors with gradients off, the
+    compiled kernels built, and the selective-scan backend in use ``compiled`` (so
+    ``ZOO_SCAN_BACKEND=reference`` still runs the reference mixer)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return False
+    if resolve_backend(x.device).name != "compiled":
+        return False
+    # a library built ahead of time from older sources may lack these kernels
+    return torch._C._dispatch_has_kernel_for_dispatch_key("zoo_scan::bimamba_scan", "CPU")
+
+
+def _stacked(fwd: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+    return torch.stack([fwd.float(), rev.float()])
+
+
+def bimamba_rows(xz: torch.Tensor, fwd: _Direction, rev: _Direction, scale: float) -> torch.Tensor:
+    """Vim's mixer between its in- and out-projection: xz (batch, L, 2 * d_inner) -> (batch, L, d_inner).
+
+    Same result as the reference path (conv, scan and gate per direction in (batch, dim, L)); the
+    x_proj / dt_proj matmuls of both directions run as one batched matmul each.
+    """
+    batch, L, _ = xz.shape
+    d_inner, rank, N = fwd.D.shape[0], fwd.dt_rank, fwd.d_state
+    x, z = xz[..., :d_inner], xz[..., d_inner:]
+    conv_w = _stacked(fwd.conv1d.weight.squeeze(1), rev.conv1d.weight.squeeze(1))
+    conv_b = _stacked(fwd.conv1d.bias, rev.conv1d.bias)
+    u = torch.ops.zoo_scan.bimamba_conv(x, conv_w, conv_b)  # (2, batch, L, d_inner)
+    x_dbl = torch.bmm(u.view(2, batch * L, d_inner), _stacked(fwd.x_proj.weight, rev.x_proj.weight).transpose(1, 2))
+    delta = torch.bmm(x_dbl[..., :rank], _stacked(fwd.dt_proj.weight, rev.dt_proj.weight).transpose(1, 2))
+    B = x_dbl[..., rank:rank + N].view(2, batch, L, N)
+    C = x_dbl[..., rank + N:].view(2, batch, L, N)
+    A = -torch.exp(_stacked(fwd.A_log, rev.A_log))
+    return torch.ops.zoo_scan.bimamba_scan(
+        u, delta.view(2, batch, L, d_inner), A, B, C, _stacked(fwd.D, rev.D),
+        _stacked(fwd.dt_proj.bias, rev.dt_proj.bias), z, True, float(scale),
+    )
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with here: 'avx512', 'avx2' or 'baseline' (builds
+    the kernels if needed; 'unavailable' when they cannot be built)."""
+    ok, _ = compiled.kernels_available("cpu")
+    return torch.ops.zoo_scan.cpu_isa() if ok else "unavailable"
