@@ -4,7 +4,7 @@ Models run one after another inside each round (interleaved), so drifting machin
 model alike; the table gives the median images/s over rounds and the ratio to the baseline's median.
 Inference under ``torch.inference_mode``, fp32, a fixed thread count (1 by default).
 
-    python benchmarks/bench_cpu_models.py                                   # vmamba_tiny vs convnext_tiny
+    python benchmarks/bench_cpu_models.py                     # vmamba_tiny, mambavision_tiny vs convnext_tiny
     python benchmarks/bench_cpu_models.py --models vmamba_tiny vmamba_v0_tiny msvmamba_tiny --rounds 7
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _seconds_per_batch(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vmamba_tiny"], help="zoo or timm model names")
+    parser.add_argument("--models", nargs="+", default=["vmamba_tiny", "mambavision_tiny"], help="zoo or timm model names")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
