@@ -1,8 +1,9 @@
 // L-parallel selective scan on CUDA (opt-in: ZOO_CUDA_SCAN=lparallel), on the chunk algebra of
 // scan_chunk.h.
 //
-// Decomposition: a row (batch, channel) is walked in chunks of tpr * kRun steps (tpr = 32, 64 or
-// 128 lanes, the fewest that cover L). Each lane loads its run of kRun consecutive steps into
+// Decomposition: a row (batch, channel) is walked in chunks of tpr * kRun steps (tpr = 8, 16, 32,
+// 64 or 128 lanes, the fewest that cover L; below 32, several rows share a warp, which is the
+// short-sequence path of MSVMamba's later stages). Each lane loads its run of kRun consecutive steps into
 // registers (16-byte vector loads when rows are aligned), folds each state's run into a Pair, and a
 // warp scan (shuffles) plus a cross-warp fold (shared memory) gives every lane the state entering
 // its run; the state is carried across chunks. When the grid has too few blocks to fill the GPU
@@ -157,10 +158,13 @@ __device__ __forceinline__ void load_dt(const LParams& p, const T* row, float bi
 
 // ---- the lane scan of one row (tpr lanes, a multiple of 32) ----
 
-__device__ __forceinline__ PairF shfl_walk(PairF v, int offset, bool rev) {
-  return rev ? PairF{__shfl_down_sync(kFull, v.a, offset), __shfl_down_sync(kFull, v.b, offset)}
-             : PairF{__shfl_up_sync(kFull, v.a, offset), __shfl_up_sync(kFull, v.b, offset)};
+// shuffles within segments of `width` lanes (a row's lanes when tpr < 32, else the warp)
+__device__ __forceinline__ PairF shfl_walk(PairF v, int offset, bool rev, int width) {
+  return rev ? PairF{__shfl_down_sync(kFull, v.a, offset, width), __shfl_down_sync(kFull, v.b, offset, width)}
+             : PairF{__shfl_up_sync(kFull, v.a, offset, width), __shfl_up_sync(kFull, v.b, offset, width)};
 }
+
+__device__ __forceinline__ int warps_per_row(int tpr) { return tpr < 32 ? 1 : tpr / 32; }
 
 struct RowScan {
   PairF excl, total;  // the fold of the lanes before this one (walk order), and of all lanes
@@ -170,17 +174,21 @@ struct RowScan {
 // alternated by the caller between calls. Every thread of the block must call it (barrier when
 // tpr > 32).
 __device__ __forceinline__ RowScan row_scan(PairF p, int lane, int tpr, bool rev, PairF* slots) {
-  const int wl = rev ? 31 - (lane & 31) : (lane & 31);
+  const int width = tpr < 32 ? tpr : 32;
+  const int wl = rev ? width - 1 - (lane & (width - 1)) : (lane & (width - 1));
   PairF inc = p;
 #pragma unroll
-  for (int off = 1; off < 32; off <<= 1) inc = chunk::scan_step(shfl_walk(inc, off, rev), inc, wl >= off);
-  const PairF before = shfl_walk(inc, 1, rev);
+  for (int off = 1; off < 32; off <<= 1) {
+    if (off < width) inc = chunk::scan_step(shfl_walk(inc, off, rev, width), inc, wl >= off);
+  }
+  const PairF before = shfl_walk(inc, 1, rev, width);
   const PairF ex_w = wl == 0 ? chunk::identity<float>() : before;
   RowScan rs;
-  const int nw = tpr / 32;
+  const int nw = warps_per_row(tpr);
   if (nw == 1) {
     rs.excl = ex_w;
-    const PairF last = {__shfl_sync(kFull, inc.a, rev ? 0 : 31), __shfl_sync(kFull, inc.b, rev ? 0 : 31)};
+    const int src = rev ? 0 : width - 1;  // the segment's last lane in walk order
+    const PairF last = {__shfl_sync(kFull, inc.a, src, width), __shfl_sync(kFull, inc.b, src, width)};
     rs.total = last;
   } else {
     const int w = lane / 32, ww = rev ? nw - 1 - w : w;
@@ -192,9 +200,12 @@ __device__ __forceinline__ RowScan row_scan(PairF p, int lane, int tpr, bool rev
   return rs;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// sum over the `width` lanes of a segment (the row's lanes within one warp)
+__device__ __forceinline__ float segment_sum(float v, int width) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  for (int off = 16; off > 0; off >>= 1) {
+    if (off < width) v += __shfl_xor_sync(kFull, v, off, width);
+  }
   return v;
 }
 
@@ -210,9 +221,9 @@ __device__ __forceinline__ const in_t* bc_row(const void* M, const LParams& p, i
 template <typename in_t, int kN, bool kVarB, bool kVarC, bool kZ, bool kRev, int kMode>
 __global__ void __launch_bounds__(kThreads) lpar_rows_kernel(const __grid_constant__ LParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  PairF* slots = reinterpret_cast<PairF*>(smem_raw);  // [2][kWarps]
+  PairF* slots = reinterpret_cast<PairF*>(smem_raw);  // [2][kWarps], used when tpr > 32
   PairF* carry = slots + 2 * kWarps;                    // [2][rpb][N]
-  const int tpr = p.tpr, rpb = kThreads / tpr, nw = tpr / 32;
+  const int tpr = p.tpr, rpb = kThreads / tpr, nw = warps_per_row(tpr);
   const int lane = threadIdx.x % tpr, rib = threadIdx.x / tpr;
   const int N = kN > 0 ? kN : p.N;
   const int64_t rows = (int64_t)p.batch * p.dim, L = p.L;
@@ -225,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) lpar_rows_kernel(const __grid_consta
   const in_t* u_row = static_cast<const in_t*>(p.u) + row * L;
   const in_t* delta_row = static_cast<const in_t*>(p.delta) + row * L;
   const float bias = p.bias ? p.bias[d] : 0.f;
-  PairF* my_slots = slots + rib * nw;
+  PairF* my_slots = slots + (tpr > 32 ? rib * nw : 0);
   constexpr bool kSum = kMode == kSummary || kMode == kAdjSummary;
 
   for (int n = lane; n < N; n += tpr) {
@@ -332,7 +343,7 @@ enum Field { fDt = 0, fU, fDy, fDu, fDdt, fY };
 template <typename in_t, int kN, bool kVarB, bool kVarC, bool kZ, bool kRev>
 __global__ void __launch_bounds__(kThreads) lpar_bwd_kernel(const __grid_constant__ LParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int tpr = p.tpr, rpb = kThreads / tpr, nw = tpr / 32, cpr = p.tile / rpb;
+  const int tpr = p.tpr, rpb = kThreads / tpr, nw = warps_per_row(tpr), cpr = p.tile / rpb;
   const int N = kN > 0 ? kN : p.N;
   const int lane = threadIdx.x % tpr, rg = threadIdx.x / tpr, w = lane / 32;
   PairF* slots = reinterpret_cast<PairF*>(smem_raw);                       // [2][kWarps]
@@ -347,7 +358,7 @@ __global__ void __launch_bounds__(kThreads) lpar_bwd_kernel(const __grid_constan
   const int part = (d_first % p.dg) / p.tile;
   const int seg = blockIdx.y;
   const int64_t c0 = (int64_t)seg * p.seg_chunks, c1 = min(p.nchunks, c0 + p.seg_chunks);
-  PairF* my_slots = slots + rg * nw;
+  PairF* my_slots = slots + (tpr > 32 ? rg * nw : 0);
   auto field = [&](int j, int f, int i) -> float& {
     return fields[(((size_t)(rg * cpr + j) * kFields + f) * kRun + i) * tpr + lane];
   };
@@ -440,8 +451,10 @@ __global__ void __launch_bounds__(kThreads) lpar_bwd_kernel(const __grid_constan
           else dCf += out.dC[i];
         }
         // per-warp sums of the (channel, state) scalars, accumulated over chunks in a fixed order
-        const float sA = warp_sum(out.dA), sB = kVarB ? 0.f : warp_sum(dBf), sC = kVarC ? 0.f : warp_sum(dCf);
-        if ((lane & 31) == 0) {
+        const int width = tpr < 32 ? tpr : 32;
+        const float sA = segment_sum(out.dA, width);
+        const float sB = kVarB ? 0.f : segment_sum(dBf, width), sC = kVarC ? 0.f : segment_sum(dCf, width);
+        if ((lane & (width - 1)) == 0) {
           float* acc = part_acc + (((size_t)jt * N + n) * nw + w) * 3;
           acc[0] += sA;
           acc[1] += sB;
@@ -585,7 +598,7 @@ LParams make_params(const Inputs& in) {
   p.N = (int)in.A.size(1);
   p.groups = in.groups;
   p.dg = p.dim / p.groups;
-  p.tpr = 32;
+  p.tpr = 8;
   while (p.tpr < 128 && (int64_t)p.tpr * kRun < p.L) p.tpr *= 2;
   p.chunk = (int64_t)p.tpr * kRun;
   p.nchunks = (p.L + p.chunk - 1) / p.chunk;
@@ -661,21 +674,21 @@ at::Tensor seg_buffer(const LParams& p, const at::Tensor& like) {
   return at::empty({(int64_t)p.batch * p.dim, p.nseg, p.N, 2}, like.options().dtype(at::kFloat));
 }
 
-// Channels per backward block (one group): at most two per row group (the staging in shared memory
-// grows with them) and never fewer than the block's row groups, so lanes per row may grow to 128
+// Channels per backward block (one group): at most two per row group, one above d_state 64 (the
+// staging and the per-state accumulators in shared memory grow with them) and never fewer than the block's row groups, so lanes per row may grow to 128
 // when the group size has no large power-of-two divisor. Sets tpr (and the chunking) to match.
 void choose_backward_tile(LParams& p) {
   int div = 1;
   while (div < 256 && p.dg % (div * 2) == 0) div *= 2;
   while (kThreads / p.tpr > div) p.tpr *= 2;
-  p.tile = std::min(div, 2 * (kThreads / p.tpr));
+  p.tile = std::min(div, (p.N > 64 ? 1 : 2) * (kThreads / p.tpr));
   p.parts = p.dg / p.tile;
   p.chunk = (int64_t)p.tpr * kRun;
   p.nchunks = (p.L + p.chunk - 1) / p.chunk;
 }
 
 size_t bwd_smem(const LParams& p) {
-  const int rpb = kThreads / p.tpr, nw = p.tpr / 32;
+  const int rpb = kThreads / p.tpr, nw = p.tpr < 32 ? 1 : p.tpr / 32;
   const size_t floats = 2 * (size_t)p.tile * p.N + (size_t)p.tile * kFields * kRun * p.tpr +
                         (size_t)rpb * 2 * kRun * p.tpr + (size_t)p.tile * p.N * nw * 3 + (size_t)p.tile * 2 * p.tpr;
   return 2 * kWarps * sizeof(PairF) + floats * sizeof(float);
@@ -692,6 +705,9 @@ bool enabled() {
 }
 
 std::tuple<at::Tensor, at::Tensor> forward(const Inputs& in) {
+  if (in.u.numel() == 0) {  // no rows or no steps: nothing to launch
+    return {at::empty_like(in.u), at::zeros({in.u.size(0), in.u.size(1), in.A.size(1)}, in.u.options().dtype(at::kFloat))};
+  }
   LParams p = make_params(in);
   const int rpb = kThreads / p.tpr;
   choose_segments(p, ((int64_t)p.batch * p.dim + rpb - 1) / rpb);
@@ -705,6 +721,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const Inputs& in) {
 }
 
 std::vector<at::Tensor> backward(const Inputs& in, const at::Tensor& dout, const at::Tensor& dlast) {
+  if (in.u.numel() == 0) {  // no rows or no steps: every gradient is zero
+    const auto f32 = in.u.options().dtype(at::kFloat);
+    auto zeros_or_none = [&](const at::Tensor& t) { return t.defined() ? at::zeros(t.sizes(), f32) : at::Tensor(); };
+    return {at::zeros_like(in.u), at::zeros_like(in.u), at::zeros(in.A.sizes(), f32), at::zeros(in.B.sizes(), f32),
+            at::zeros(in.C.sizes(), f32), zeros_or_none(in.D), in.z.defined() ? at::zeros_like(in.u) : at::Tensor(),
+            zeros_or_none(in.bias)};
+  }
   LParams p = make_params(in);
   const bool var_b = in.B.dim() == 4, var_c = in.C.dim() == 4, has_z = in.z.defined();
   TORCH_CHECK(dout.sizes() == in.u.sizes() && dout.scalar_type() == in.u.scalar_type() && dout.is_contiguous(),

@@ -105,10 +105,12 @@ def lparallel(monkeypatch):
 
 
 def _lpar_cases():
-    """Every L and d_state of the issue's list (long L with few rows, so the two-pass scheme runs),
+    """Every L and d_state of the issue's list (long L with few rows, so the two-pass scheme runs;
+    L 49 / 100 for the rows that share a warp),
     groups, all three dtypes, reverse, fixed/variable B and C, with and without z / softplus."""
     rng = random.Random(11)
     grid = [(L, N) for L in (1, 7, 197, 2048, 2049) for N in (1, 4, 16, 64, 256)]
+    grid += [(49, 1), (100, 1), (100, 16)]  # rows of 8 / 16 lanes sharing a warp
     grid += [(6085, 4), (6085, 16), (6085, 64), (65536, 1), (65536, 16)]
     cases = []
     for i, (L, N) in enumerate(grid):

@@ -5,7 +5,7 @@ csrc/scan_chunk_host.cpp runs the header's functions lane by lane in the CUDA ke
 forward's chunk-boundary states reused by the backward, the adjoint as a reverse scan). Here it is
 wrapped as an autograd function and composed with softplus / D / z / groups exactly as the kernels
 do, then compared with zoo.ops.selective_scan_reference (float64 autograd) on model-range inputs:
-A = -(1..N), delta 1e-4..30, L in {1, 7, 197, 2048, 2049}, runs and chunks that do not divide L.
+A = -(1..N), delta 1e-4..30, L in {1, 7, 49, 197, 2048, 2049}, runs and chunks that do not divide L.
 """
 from __future__ import annotations
 
@@ -138,6 +138,7 @@ CASES = [
     dict(L=7, N=4, groups=2, layout=(2, 2, 3, 1), reverse=True),
     dict(L=7, N=16, groups=1, layout=(1, 1, 4, 1), reverse=False, var_c=False),
     dict(L=197, N=16, groups=1, layout=(8, 4, 3, 2), reverse=False),
+    dict(L=49, N=1, groups=2, layout=(8, 8, 8, 1), reverse=True),
     dict(L=197, N=1, groups=4, layout=(12, 4, 4, 3), reverse=True, var_b=False),
     dict(L=2048, N=4, groups=1, layout=(64, 32, 8, 1), reverse=False),
     dict(L=2049, N=2, groups=2, layout=(32, 32, 8, 3), reverse=True),
@@ -166,8 +167,9 @@ def test_chunk_algebra_matches_naive_oracle_and_every_layout_agrees(lib):
     t = _inputs(1, 3, 197, 16, 1, seed=3)
     args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "bias")]
     naive = selective_scan_naive(*args, True, True)
-    outs = [chunk_selective_scan(lib, layout, *args, True) for layout in [(1, 1, 1, 1), (5, 2, 3, 2), (32, 32, 8, 1),
-                                                                          (3, 32, 4, 7)]]
+    # (8, 8, 8, .) and (16, 16, 8, .): the device's rows of 8 / 16 lanes sharing a warp (short L)
+    layouts = [(1, 1, 1, 1), (5, 2, 3, 2), (32, 32, 8, 1), (3, 32, 4, 7), (8, 8, 8, 2), (16, 16, 8, 1)]
+    outs = [chunk_selective_scan(lib, layout, *args, True) for layout in layouts]
     for y, last in outs:
         assert _rel(y, naive[0]) < 1e-10
         assert _rel(last, naive[1]) < 1e-10
