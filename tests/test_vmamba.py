@@ -267,6 +267,22 @@ def test_forward_backward_odd_sizes(layout):
     assert {"stages.0.blocks.0.mixer.A_logs", "stages.3.blocks.0.mixer.Ds"} <= model.no_weight_decay()
 
 
+@pytest.mark.parametrize("layout", [{}, TEST_V0], ids=["current", "v0"])
+def test_bfloat16_model_and_autocast_follow_fp32(layout):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vmamba", **layout).eval()
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(x)
+        half = model.bfloat16()(x.bfloat16())  # fp32 scan outputs meet bf16 norm weights here
+    assert autocast.dtype == half.dtype == torch.bfloat16
+    scale = reference.abs().max()
+    assert (autocast.float() - reference).abs().max() < 0.05 * scale
+    assert (half.float() - reference).abs().max() < 0.05 * scale
+
+
 @pytest.mark.parametrize("shape", [(1, 4, 32, 32), (3, 32, 32), (1, 3, 2, 40)])
 def test_bad_input_is_named(shape):
     model = timm.create_model("test_vmamba")

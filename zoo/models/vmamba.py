@@ -226,6 +226,8 @@ class SS2D(nn.Module):
                 z = self.act(z)
         x = self.act(self.conv(x.permute(0, 3, 1, 2)))
         y = self._scan(x).transpose(1, 2).reshape(batch, height, width, self.d_inner)
+        if isinstance(self.out_norm, nn.LayerNorm):  # an fp32 scan output meets bf16 weights in a bf16 model
+            y = y.to(self.out_norm.weight.dtype)
         y = self.out_act(self.out_norm(y)).to(x.dtype)
         if self.gate:
             y = y * z
