@@ -216,7 +216,10 @@ class ImageProcessor:
         return image.crop((left, top, left + s, top + s))
 
     def preprocess_one(self, image: ImageLike) -> torch.Tensor:
-        pil = self._resize_and_crop(self.to_pil(image))
+        return self.normalise(self._resize_and_crop(self.to_pil(image)))
+
+    def normalise(self, pil: Image.Image) -> torch.Tensor:
+        """(3, H, W) float tensor of an RGB PIL image: scaled to [0, 1], then (x - mean) / std."""
         x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
