@@ -6,6 +6,7 @@ step is forward + backward + SGD step. DeiT uses timm's fused attention (SDPA).
 
     python benchmarks/bench_models.py                 # all workloads
     python benchmarks/bench_models.py --only vim      # Vim vs DeiT only
+    python benchmarks/bench_models.py --cpu           # the CPU table instead (benchmarks/bench_cpu.py)
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401
+import bench_cpu  # noqa: E402  (same directory)
 from bench_scan import cuda_median_ms  # noqa: E402  (same directory; the one CUDA-event timer)
 
 # (group, label, model name, kwargs, mode, batch, resolution)
@@ -86,7 +88,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json")
+    ap.add_argument("--cpu", action="store_true", help="CPU inference table (fp32, 1 and all threads) instead")
+    bench_cpu.add_arguments(ap)
     args = ap.parse_args()
+    if args.cpu:
+        prefix = {"vim": "vim", "msv": "msvmamba", None: ""}[args.only]
+        pairs = [p for p in bench_cpu.PAIRS if p[0].startswith(prefix)]
+        bench_cpu.run_table(pairs, [int(t) for t in args.threads.split(",")], args.rounds)
+        return
+    if not torch.cuda.is_available():
+        ap.exit(2, "bench_models.py: no CUDA device is usable here (torch.cuda.is_available() is False; torch "
+                   f"{torch.__version__}); these workloads are GPU ones. Run with --cpu for the CPU table.\n")
     from zoo.ops import resolve_backend
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, scan backend: "
