@@ -6,6 +6,7 @@ step is forward + backward + SGD step. DeiT uses timm's fused attention (SDPA).
 
     python benchmarks/bench_models.py                 # all workloads
     python benchmarks/bench_models.py --only vim      # Vim vs DeiT only
+    python benchmarks/bench_models.py --cpu           # the CPU table instead (benchmarks/bench_cpu.py)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401
+import bench_cpu  # noqa: E402  (same directory)
 from bench_scan import cuda_median_ms  # noqa: E402  (same directory; the one CUDA-event timer)
 
 # (group, label, model name, kwargs, mode, batch, resolution)
@@ -94,7 +96,17 @@ def main():
                                       "(benchmarks/mamba_adapter.py)")
     ap.add_argument("--compile", dest="compile_mode", choices=["default", "max-autotune-no-cudagraphs"],
                     help="torch.compile(model, fullgraph=True) with this mode")
+    ap.add_argument("--cpu", action="store_true", help="CPU inference table (fp32, 1 and all threads) instead")
+    bench_cpu.add_arguments(ap)
     args = ap.parse_args()
+    if args.cpu:
+        prefix = {"vim": "vim", "msv": "msvmamba", None: ""}[args.only]
+        pairs = [p for p in bench_cpu.PAIRS if p[0].startswith(prefix)]
+        bench_cpu.run_table(pairs, [int(t) for t in args.threads.split(",")], args.rounds)
+        return
+    if not torch.cuda.is_available():
+        ap.exit(2, "bench_models.py: no CUDA device is usable here (torch.cuda.is_available() is False; torch "
+                   f"{torch.__version__}); these workloads are GPU ones. Run with --cpu for the CPU table.\n")
     from zoo.ops import resolve_backend
 
     if args.backend == "mamba_ssm":

@@ -95,4 +95,11 @@ ZOO_INLINE float softplus(float x) { return std::max(x, 0.0f) + log1p_nonneg(exp
 
 ZOO_INLINE float silu(float x) { return x / (1.0f + exp(-x)); }
 
+// at::parallel_for grain for items of `work_per_item` inner steps each: a call with fewer than ~2^16
+// steps per task runs on the calling thread, so small calls never wake (and, on a busy machine, wait
+// for) the OpenMP team
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_item));
+}
+
 }  // namespace zoo_vec

@@ -23,11 +23,6 @@ namespace {
 
 // channels per block: one AVX-512 register, two AVX2 ones (independent chains for the pipelines)
 constexpr int64_t kLanes = 16;
-// at::parallel_for grain: below ~this many state updates per task the work runs on the calling
-// thread, so small calls never wake (and, on a busy machine, wait for) an OpenMP team
-constexpr int64_t kMinTaskWork = 1 << 16;
-
-int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item)); }
 
 // ---- bimamba_conv ----
 
@@ -73,7 +68,7 @@ at::Tensor bimamba_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const
   auto out = at::empty({2, x.size(0), x.size(1), x.size(2)}, x.options());
   ConvArgs a{x.size(0), x.size(1), x.size(2), weight.size(2), xr.data_ptr<float>(), xr.stride(0), xr.stride(1),
              w.data_ptr<float>(), bc.data_ptr<float>(), out.data_ptr<float>()};
-  at::parallel_for(0, a.batch * a.L, grain_for(2 * a.dim * a.K),
+  at::parallel_for(0, a.batch * a.L, zoo_vec::grain_for(2 * a.dim * a.K),
                    [&](int64_t begin, int64_t end) { conv_rows(a, begin, end); });
   return out;
 }
@@ -193,7 +188,7 @@ at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const 
                  Dc.data_ptr<float>(), bc.data_ptr<float>(), zs.data_ptr<float>(), zs.stride(0), zs.stride(1),
                  out.data_ptr<float>()};
   const int64_t blocks = (dim + kLanes - 1) / kLanes;
-  at::parallel_for(0, batch * blocks, grain_for(2 * L * N * kLanes),
+  at::parallel_for(0, batch * blocks, zoo_vec::grain_for(2 * L * N * kLanes),
                    [&](int64_t begin, int64_t end) { scan_blocks(a, begin, end); });
   return out;
 }

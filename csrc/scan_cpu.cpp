@@ -160,7 +160,7 @@ ZOO_CPU_DISPATCH void forward_range(const ScanArgs<in_t, acc_t>& a, in_t* out, a
 
 template <typename in_t, typename acc_t>
 void forward_cpu(const ScanArgs<in_t, acc_t>& a, in_t* out, acc_t* last) {
-  at::parallel_for(0, a.batch * a.dim, 1,
+  at::parallel_for(0, a.batch * a.dim, zoo_vec::grain_for(a.Ls * a.N),
                    [&](int64_t begin, int64_t end) { forward_range(a, out, last, begin, end); });
 }
 
@@ -275,7 +275,7 @@ ZOO_CPU_DISPATCH void backward_range(const ScanArgs<in_t, acc_t>& a, const in_t*
 template <typename in_t, typename acc_t>
 void backward_cpu(const ScanArgs<in_t, acc_t>& a, const in_t* dout, const acc_t* dlast,
                   const GradOut<in_t, acc_t>& o) {
-  at::parallel_for(0, a.batch * a.groups, 1,
+  at::parallel_for(0, a.batch * a.groups, zoo_vec::grain_for(3 * (a.dim / a.groups) * a.Ls * a.N),
                    [&](int64_t begin, int64_t end) { backward_range(a, dout, dlast, o, begin, end); });
 }
 

@@ -1,0 +1,120 @@
+"""CPU inference throughput: zoo's Vim / MSVMamba next to the timm models users pick instead, one run.
+
+Every pair runs in the same process, interleaved round by round (one timed forward of each model per
+round, so a load change on a shared machine hits all of them alike); the table shows the median
+images/s over the rounds and the zoo / baseline ratio. fp32, ``torch.inference_mode``, random weights
+and inputs. Runs once per thread count (default: 1 thread, then all cores).
+
+    python benchmarks/bench_cpu.py                      # the full table, 1 and all threads
+    python benchmarks/bench_cpu.py --only vim_tiny --threads 1 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm  # noqa: E402
+
+import zoo  # noqa: E402,F401
+
+# (zoo model, baseline model, batch, resolution)
+PAIRS: List[Tuple[str, str, int, int]] = [
+    ("vim_tiny_patch16_224", "deit_tiny_patch16_224", 8, 224),
+    ("vim_small_patch16_224", "deit_small_patch16_224", 8, 224),
+    ("msvmamba_nano", "convnext_atto", 8, 224),
+    ("msvmamba_tiny", "convnext_tiny", 8, 224),
+    ("vim_tiny_patch16_224", "deit_tiny_patch16_224", 2, 512),
+]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def kernel_isa() -> str:
+    try:
+        from zoo.ops.mixer import cpu_isa
+    except ImportError:  # a tree without the dispatched kernels
+        return "n/a"
+    return cpu_isa()
+
+
+def build(name: str, res: int) -> torch.nn.Module:
+    kwargs = {"img_size": res} if res != 224 else {}
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def time_rounds(workloads: Dict[str, Tuple[torch.nn.Module, torch.Tensor]], rounds: int) -> Dict[str, List[float]]:
+    """Seconds per forward of every workload, one forward of each per round."""
+    times: Dict[str, List[float]] = {key: [] for key in workloads}
+    with torch.inference_mode():
+        for model, x in workloads.values():  # warm-up: kernel builds, allocator, oneDNN primitives
+            model(x)
+        for r in range(rounds):
+            for key, (model, x) in workloads.items():
+                start = time.perf_counter()
+                model(x)
+                times[key].append(time.perf_counter() - start)
+            print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return times
+
+
+def run(pairs: List[Tuple[str, str, int, int]], threads: int, rounds: int) -> None:
+    torch.set_num_threads(threads)
+    workloads = {}
+    for zoo_name, base_name, batch, res in pairs:
+        for name in (zoo_name, base_name):
+            key = (name, batch, res)
+            if key not in workloads:
+                workloads[key] = (build(name, res), torch.randn(batch, 3, res, res))
+    times = time_rounds(workloads, rounds)
+    ips = {key: key[1] / statistics.median(t) for key, t in times.items()}
+    print(f"\n{threads} thread(s), fp32, median of {rounds} interleaved rounds")
+    print("| zoo model | res | batch | img/s | baseline | img/s | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for zoo_name, base_name, batch, res in pairs:
+        a, b = ips[(zoo_name, batch, res)], ips[(base_name, batch, res)]
+        print(f"| {zoo_name} | {res} | {batch} | {a:.2f} | {base_name} | {b:.2f} | {a / b:.3f} |")
+
+
+def run_table(pairs: List[Tuple[str, str, int, int]], thread_counts: List[int], rounds: int) -> None:
+    """The header line, then one table per thread count."""
+    print(f"torch {torch.__version__}, timm {timm.__version__}, CPU: {cpu_name()} ({os.cpu_count()} cores), "
+          f"ATen ISA: {torch.backends.cpu.get_cpu_capability()}, zoo kernels: {kernel_isa()}", flush=True)
+    for threads in sorted(set(thread_counts)):
+        run(pairs, threads, rounds)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated thread counts")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.add_argument("--only", default="", help="keep pairs whose zoo or baseline name contains this")
+    args = p.parse_args()
+    pairs = [pr for pr in PAIRS if args.only in pr[0] or args.only in pr[1]]
+    if not pairs:
+        p.error(f"--only {args.only!r} matches no pair; names: {sorted({n for pr in PAIRS for n in pr[:2]})}")
+    run_table(pairs, [int(t) for t in args.threads.split(",")], args.rounds)
+
+
+if __name__ == "__main__":
+    main()
