@@ -13,16 +13,26 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from zoo.train import ConfigError, config_from_args, run
+from zoo.train import TrainingError, config_from_args, run
 from zoo.train.distributed import cleanup
 
 
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own message
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the script; a bad value, path or file, a full disk or a diverged loss ends it with one line on
+    stderr and exit code 2 (no traceback)."""
     try:
         cfg = config_from_args(argv)
         run(cfg)
-    except (ConfigError, FileNotFoundError) as err:  # bad values or paths: the message says what, no traceback
-        print(f"train_imagenet.py: error: {err}", file=sys.stderr)
+    except (TrainingError, FileNotFoundError) as err:
+        print(f"train_imagenet.py: error: {_one_line(err)}", file=sys.stderr)
         return 2
     finally:
         cleanup()

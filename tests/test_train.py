@@ -249,7 +249,14 @@ def test_repeated_augmentation_gives_each_copy_its_own_seed():
     assert order(1) == order(1) and order(1) != order(2)
 
 
+class _NoSchedule:
+    def step_update(self, num_updates):
+        pass
+
+
 def test_nonfinite_loss_stops_with_a_clear_error():
+    """The loss is read at log intervals (no per-step host sync): a NaN/inf loss stops the epoch at the next
+    read, naming the steps; with amp none the hint does not suggest --amp none (it printed amp=None)."""
     from zoo.train import NonFiniteLossError
     from zoo.train.engine import TrainState, train_one_epoch
 
@@ -263,12 +270,15 @@ def test_nonfinite_loss_stops_with_a_clear_error():
 
     model = Exploding()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = [(torch.ones(2, 4), torch.zeros(2, dtype=torch.long))]
-    with pytest.raises(NonFiniteLossError, match="epoch 0 step 0"):
-        train_one_epoch(model, batches, criterion=torch.nn.CrossEntropyLoss(), optimizer=optimizer, scheduler=None,
-                        scaler=torch.amp.GradScaler("cpu", enabled=False), state=TrainState(), steps=1,
-                        accum_steps=1, device=torch.device("cpu"), dtype=None)
-    assert torch.equal(model.w, torch.ones(3))  # no update was applied
+    batches = [(torch.ones(2, 4), torch.zeros(2, dtype=torch.long))] * 4
+    for dtype, amp_text in ((None, "amp none"), (torch.bfloat16, "amp bf16")):
+        with pytest.raises(NonFiniteLossError, match=f"between global step 0 and 2 .*{amp_text}") as info:
+            train_one_epoch(model, batches, criterion=torch.nn.CrossEntropyLoss(), optimizer=optimizer,
+                            scheduler=_NoSchedule(), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                            state=TrainState(), steps=4, accum_steps=1, device=torch.device("cpu"), dtype=dtype,
+                            log_interval=2)
+        assert ("--amp none" in str(info.value)) == (dtype is not None)
+        assert "None" not in str(info.value)
 
 
 def test_rejected_keyword_after_dropping_img_size_is_still_a_config_error(monkeypatch):

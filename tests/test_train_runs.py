@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 import zoo  # noqa: F401
+from _train_data import as_flags, subprocess_env, tiny_run_config, write_imagefolder
 from zoo.train import ConfigError, make_config, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,38 +35,17 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_imagefolder(tmp_path_factory) -> Path:
     """3 classes of 20 px images (a bright bar at a class-specific place, plus noise): 16 train, 4 val each."""
-    root = tmp_path_factory.mktemp("tinyfolder")
-    rng = np.random.RandomState(0)
-    for split, per_class in (("train", 16), ("val", 4)):
-        for c in range(3):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                img = rng.randint(0, 80, (20, 20, 3)).astype(np.uint8)
-                img[:, 6 * c: 6 * c + 6, c] = 230
-                Image.fromarray(img).save(folder / f"{i}.png")
-    return root
+    return write_imagefolder(tmp_path_factory.mktemp("tinyfolder"))
 
 
-def _tiny_run_config(data_dir: Path, out: Path, experiment: str, **overrides) -> dict:
-    values = dict(
-        model="test_vim", img_size=16, data_dir=str(data_dir), output=str(out), experiment=experiment,
-        epochs=2, global_batch_size=8, lr=2e-3, warmup_epochs=0.5, min_lr=1e-5, weight_decay=0.05,
-        workers=0, amp="none", progress=False, seed=7, ema=True, ema_decay=0.9,
-    )
-    values.update(overrides)
-    return values
+_tiny_run_config = tiny_run_config
 
 
 def _weights(path: Path, key: str = "model") -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)[key]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+_env = subprocess_env
 
 
 def test_tiny_vim_learns_digits(tmp_path):
@@ -149,13 +127,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_imagefolder):
                                              **common)))
 
     values = _tiny_run_config(tiny_imagefolder, tmp_path, "ddp", device="cpu", **common)
-    flags = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            flags += [flag, json.dumps(value) if not isinstance(value, str) else value]
+    flags = as_flags(values)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "train_imagenet.py")] + flags
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)

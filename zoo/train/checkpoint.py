@@ -15,12 +15,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .config import ConfigError, TrainingError
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (the message names the file and the reason)."""
+
 __all__ = [
     "atomic_save",
     "load_training_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
     "load_finetune_weights",
+    "load_state_strict",
+    "CheckpointWriteError",
 ]
 
 
@@ -28,6 +36,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
 
     A crash mid-write leaves the previous checkpoint intact: readers see the old file or the new one.
+    A write that fails (a full disk, a lost mount) raises :class:`CheckpointWriteError` saying so.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -37,23 +46,60 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is intact" if path.is_file() else "no earlier checkpoint exists"
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {reason} ({kept}); free space or "
+                                   "point --output elsewhere, then --resume") from err
     except BaseException:
-        tmp.unlink(missing_ok=True)  # e.g. disk full or an unsaveable object: no stray partial file
+        tmp.unlink(missing_ok=True)  # e.g. an unsaveable object: no stray partial file
         raise
 
 
-def load_training_checkpoint(path: str | Path) -> Dict[str, Any]:
-    """Loads a checkpoint written by this trainer (tensors and plain values only)."""
+def load_training_checkpoint(path: str | Path, need_training_state: bool = True) -> Dict[str, Any]:
+    """Loads a checkpoint written by this trainer (tensors and plain values only).
+
+    ``need_training_state``: the file must hold what ``--resume`` restores (optimizer, scheduler, epoch),
+    which ``best.pth`` (weights and metrics only) does not.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
-        raise ValueError(
-            f"{path} is not a zoo training checkpoint (needs 'model' and 'epoch' entries); "
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torn, truncated or foreign files fail in many ways
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot read checkpoint {path}: {first}") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ConfigError(
+            f"{path} is not a zoo training checkpoint (no 'model' entry); "
             "to start from plain or official weights use --finetune instead of --resume"
         )
+    missing = [k for k in ("optimizer", "scheduler", "epoch", "global_step") if k not in ckpt]
+    if need_training_state and missing:
+        raise ConfigError(
+            f"{path} holds weights only (no {', '.join(missing)} state; best.pth is such a file), so a run "
+            f"cannot be resumed from it; resume from the run's last.pth, or start a new run from these "
+            f"weights with --finetune {path}"
+        )
     return ckpt
+
+
+def load_state_strict(model: nn.Module, state: Dict[str, torch.Tensor], path: str | Path, what: str) -> None:
+    """``load_state_dict(strict=True)`` whose failure names the keys that did not fit, as a ConfigError."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing (first: {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (first: {unexpected[:3]})" if unexpected else "",
+                 f"{len(wrong)} of another shape (first: {wrong[:3]})" if wrong else ""]
+        raise ConfigError(f"{what} {path} does not fit model {type(model).__name__}: "
+                          + "; ".join(p for p in parts if p))
+    model.load_state_dict(state)
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -158,7 +204,7 @@ def load_finetune_weights(model: nn.Module, path: str | Path, prefer_ema: bool =
     head_like = ("head", "fc", "classifier")
     bad_missing = [k for k in missing if not any(h in k for h in head_like)]
     if len(bad_missing) > 0.5 * max(len(own), 1):
-        raise ValueError(
+        raise ConfigError(
             f"{path} does not fit model {type(model).__name__}: {len(bad_missing)} of {len(own)} weights are "
             f"missing (first: {bad_missing[:5]}); check the model name"
         )

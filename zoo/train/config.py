@@ -16,12 +16,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "build_arg_parser", "config_from_args", "save_config"]
+__all__ = ["TrainConfig", "TrainingError", "ConfigError", "load_config", "build_arg_parser", "config_from_args", "save_config"]
 
 AMP_CHOICES = ("bf16", "fp16", "none")
 
 
-class ConfigError(ValueError):
+class TrainingError(Exception):
+    """The run cannot go on for a reason its message explains (bad input, a full disk, a diverged loss);
+    ``train_imagenet.py`` prints it as one line and exits with code 2."""
+
+
+class ConfigError(TrainingError, ValueError):
     """A configuration value (or file) is invalid; the message says which key and what is accepted."""
 
 
@@ -42,6 +47,7 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     workers: int = 4
+    skip_corrupt: bool = False  # an unreadable image is replaced by the next readable one (with a warning)
     pin_memory: bool = True
     persistent_workers: bool = True
     repeated_aug: int = 1  # >1: each image seen this many times per epoch, on different ranks (DeiT)
@@ -88,9 +94,11 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # intra-op CPU threads per process; None: torch's default
     output: str = "runs"
     experiment: Optional[str] = None  # run folder under output; None: <model>-<timestamp>
     resume: Optional[str] = None  # a last.pth path, or "auto": <output>/<experiment>/last.pth if present
+    overwrite: bool = False  # replace an earlier run's checkpoints in the same folder (else: an error)
     eval_only: bool = False
     save_every_steps: int = 0  # 0: checkpoint at the end of each epoch only
     log_interval: int = 10
@@ -115,6 +123,12 @@ class TrainConfig:
                 fail(key, "must be a positive integer")
         if self.batch_size is not None and self.batch_size < 1:
             fail("batch_size", "must be a positive integer or null")
+        if self.img_size is not None and self.img_size < 1:
+            fail("img_size", "must be a positive integer (pixels) or null (the model's own input size)")
+        if self.threads is not None and self.threads < 1:
+            fail("threads", "must be a positive integer or null (torch's default)")
+        if self.resume is not None and self.overwrite:
+            fail("overwrite", "cannot be combined with --resume (continue the run, or start it over)")
         for key in ("workers", "save_every_steps"):
             if getattr(self, key) < 0:
                 fail(key, "must be >= 0")
@@ -202,14 +216,27 @@ def load_config(path: str | Path) -> Dict[str, Any]:
 
 def _parse_value(text: str) -> Any:
     # flags are parsed as YAML scalars/lists so "null", "0.1", "[0.08, 1.0]" or "{a: 1}" all work
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:  # argparse turns this into "argument --x: ..." and exit code 2
+        first = str(err).splitlines()[0]
+        raise argparse.ArgumentTypeError(f"{text!r} is not a YAML value ({first})") from err
+
+
+def _default_help(name: str, f: dataclasses.Field) -> str:
+    generic = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if name in DIGITS_PRESET and DIGITS_PRESET[name] != generic:
+        return f"default: {DIGITS_PRESET[name]} [with --config/--data-dir: {generic}]"
+    return f"default: {generic}"
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train or evaluate a zoo/timm backbone on ImageNet-style data (or the embedded digits set). "
         "Every config key is a flag; values are read as YAML (null, 1e-3, [0.08, 1.0], {depth: 12}). "
-        "Without --config and --data-dir the embedded digits default (configs/digits_test_vim.yaml) runs.",
+        "Without --config and --data-dir the embedded digits default (configs/digits_test_vim.yaml) runs; "
+        "the defaults shown are that bare run's, with the generic default used under --config/--data-dir "
+        "in brackets where it differs.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("-c", "--config", default=None, help="YAML recipe (see configs/); flags override it")
@@ -219,13 +246,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         if name == "eval_only":
             continue
         flag = "--" + name.replace("_", "-")
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        text = _default_help(name, f)
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                help=f"default: {default}")
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(flag, dest=name, type=_parse_value, metavar=name.upper(),
-                                help=f"default: {default}")
+            parser.add_argument(flag, dest=name, type=_parse_value, metavar=name.upper(), help=text)
     return parser
 
 

@@ -8,6 +8,7 @@ exactly the images (and crops) the uninterrupted run would have used.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, TrainingError
 
 __all__ = [
     "DigitsDataset",
@@ -29,6 +30,8 @@ __all__ = [
     "build_datasets",
     "build_loader",
     "DataBundle",
+    "CheckedImages",
+    "CorruptImageError",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -75,7 +78,50 @@ class DigitsDataset(Dataset):
         return img, self.targets[index]
 
 
-def _image_folder(root: Path, split: str) -> Dataset:
+class CorruptImageError(TrainingError):
+    """An image could not be read; the message names it."""
+
+
+class CheckedImages(Dataset):
+    """Reads ``base[index]`` and names the sample when its image cannot be decoded.
+
+    With ``skip`` an unreadable sample is replaced by the next readable one (a warning per file, once), so a
+    few broken files in a large set do not end a run; the replacement is deterministic, so exact resume
+    still holds.
+    """
+
+    def __init__(self, base: Dataset, describe: Callable[[int], str], skip: bool = False):
+        self.base = base
+        self.describe = describe
+        self.skip = skip
+        self._warned: set = set()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getattr__(self, name: str) -> Any:  # classes, targets, samples... of the wrapped set
+        if name in ("base", "describe", "skip", "_warned"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __getitem__(self, index: int):
+        n = len(self.base)
+        for attempt in range(min(n, 64)):
+            i = (index + attempt) % n
+            try:
+                return self.base[i]
+            except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for broken files
+                what = self.describe(i)
+                if not self.skip:
+                    raise CorruptImageError(f"cannot read image {what}: {err}; remove or replace it, or pass "
+                                            "--skip-corrupt to train past unreadable images") from err
+                if i not in self._warned:
+                    self._warned.add(i)
+                    print(f"[data] skipping unreadable image {what}: {err}", file=sys.stderr, flush=True)
+        raise CorruptImageError(f"64 images in a row from {self.describe(index)} on cannot be read")
+
+
+def _image_folder(root: Path, split: str, skip_corrupt: bool) -> Dataset:
     from torchvision.datasets import ImageFolder
 
     path = root / split
@@ -90,7 +136,23 @@ def _image_folder(root: Path, split: str) -> Dataset:
         raise ConfigError(f"data path {path} holds no images in class folders ({err})") from err
     if len(ds) == 0:
         raise ConfigError(f"data path {path} is empty: expected images under {path}/<class>/")
-    return ds
+    return CheckedImages(ds, lambda i: ds.samples[i][0], skip_corrupt)
+
+
+def _check_same_classes(train: List[str], val: List[str], where_train: str, where_val: str) -> None:
+    if list(train) == list(val):
+        return
+    only_train = sorted(set(train) - set(val))
+    only_val = sorted(set(val) - set(train))
+    detail = []
+    if only_train:
+        detail.append(f"only in {where_train}: {only_train[:10]}{' ...' if len(only_train) > 10 else ''}")
+    if only_val:
+        detail.append(f"only in {where_val}: {only_val[:10]}{' ...' if len(only_val) > 10 else ''}")
+    if not detail:
+        detail.append("same names in a different order")
+    raise ConfigError(f"{where_train} and {where_val} have different classes ({len(train)} vs {len(val)}; "
+                      + "; ".join(detail) + "): the labels would not mean the same thing")
 
 
 @dataclass
@@ -109,13 +171,9 @@ def build_datasets(cfg: TrainConfig) -> DataBundle:
     root = Path(cfg.data_dir).expanduser()
     if not root.is_dir():
         raise ConfigError(f"--data-dir {root} does not exist (expected an ImageFolder root with train/ and val/)")
-    train = _image_folder(root, cfg.train_split)
-    val = _image_folder(root, cfg.val_split)
-    if train.classes != val.classes:
-        raise ConfigError(
-            f"{root}/{cfg.train_split} and {root}/{cfg.val_split} have different class folders "
-            f"({len(train.classes)} vs {len(val.classes)})"
-        )
+    train = _image_folder(root, cfg.train_split, cfg.skip_corrupt)
+    val = _image_folder(root, cfg.val_split, cfg.skip_corrupt)
+    _check_same_classes(train.classes, val.classes, f"{root}/{cfg.train_split}", f"{root}/{cfg.val_split}")
     return DataBundle(train, val, len(train.classes), list(train.classes))
 
 

@@ -8,6 +8,8 @@ from typing import Any, List, Sequence
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 __all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "all_gather_objects", "barrier", "cleanup"]
 
 
@@ -31,7 +33,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """Reads torchrun's environment; NCCL on GPUs, gloo on CPU. A plain ``python`` run is world size 1."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device "
+                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
+                          "use --device cpu or --device auto")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

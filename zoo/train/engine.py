@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Tuple
@@ -19,22 +20,25 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, TrainingError
 
 __all__ = [
     "NonFiniteLossError",
     "build_model",
+    "check_input_size",
     "build_mixup",
     "build_criterion",
     "build_optimizer_and_scheduler",
     "amp_dtype",
     "TrainState",
+    "LossMeter",
+    "peak_memory_mb",
     "train_one_epoch",
     "evaluate",
 ]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(TrainingError, FloatingPointError):
     """The training loss became NaN/inf; the run stops instead of silently corrupting the weights."""
 
 
@@ -69,12 +73,39 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
                 kwargs.pop("img_size")
                 continue
             if "unexpected keyword" not in text:
-                raise
+                raise _build_error(cfg, err) from err
             bad = [k for k in kwargs if f"'{k}'" in text]
             which = bad[0] if bad else text
             extra = (" (layer_shuffle_prob is the ShuffleMamba option of the plain Vim models only)"
                      if which == "layer_shuffle_prob" else "")
             raise ConfigError(f"model '{cfg.model}' does not accept the keyword {which!r}{extra}") from err
+        except (ValueError, AssertionError, RuntimeError, ZeroDivisionError, IndexError) as err:
+            raise _build_error(cfg, err) from err
+
+
+def _build_error(cfg: TrainConfig, err: BaseException) -> ConfigError:
+    given = {k: getattr(cfg, k) for k in ("img_size", "drop_path", "drop", "layer_shuffle_prob")
+             if getattr(cfg, k)}
+    given.update(cfg.model_kwargs)
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"model '{cfg.model}' cannot be built with {given}: {text}")
+
+
+def check_input_size(model_fn: Callable[[], nn.Module], cfg: TrainConfig, input_size: Tuple[int, ...]) -> None:
+    """Runs the model once on the meta device (no memory, no compute) at the data's input size, so a size
+    the architecture cannot take (e.g. --img-size 15 with 16 px patches) fails before the run starts."""
+    try:
+        with torch.device("meta"):
+            probe = model_fn()
+            probe.eval()
+            with torch.no_grad():
+                probe(torch.empty(2, *input_size))
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure here is the input size's fault or the model's
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model '{cfg.model}' cannot take {input_size[1]}x{input_size[2]} inputs "
+                          f"(--img-size {cfg.img_size}): {text}") from err
 
 
 def build_mixup(cfg: TrainConfig, num_classes: int) -> Optional[Mixup]:
@@ -144,6 +175,88 @@ class TrainState:
     best_top1: float = -1.0
     best_epoch: int = -1
     history: list = field(default_factory=list)
+    # the current epoch's loss sum / sample count / seconds so far (carried in mid-epoch checkpoints, so the
+    # epoch's train loss after a resume still covers every step of it)
+    epoch_loss_sum: float = 0.0
+    epoch_samples: int = 0
+    epoch_seconds: float = 0.0
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class LossMeter:
+    """Running loss sums kept on the device, so a training step never waits for the host.
+
+    Reading (:meth:`sync`, :meth:`read_window`) is the only host sync; the loop does it every ``log_interval`` steps, before a
+    checkpoint and at the end of an epoch. A NaN/inf loss anywhere makes the sums non-finite, so every
+    read is also the divergence check.
+    """
+
+    def __init__(self, device: torch.device, state: TrainState, amp: str = "none"):
+        self.state = state
+        self.amp = amp
+        dtype = _sum_dtype(device)
+        self.epoch_sum = torch.tensor(float(state.epoch_loss_sum), dtype=dtype, device=device)
+        self.window_sum = torch.zeros((), dtype=dtype, device=device)
+        self.window_count = 0
+        self.checked_step = state.global_step  # the last step known to be finite
+
+    def add(self, loss: torch.Tensor, count: int) -> None:
+        weighted = loss.detach().to(self.epoch_sum.dtype) * count
+        self.epoch_sum += weighted
+        self.window_sum += weighted
+        self.window_count += count
+        self.state.epoch_samples += count
+
+    def _fetch(self) -> Tuple[float, float]:
+        window, total = torch.stack([self.window_sum, self.epoch_sum]).tolist()
+        if not (math.isfinite(window) and math.isfinite(total)):
+            hint = "; lower the lr, enable --clip-grad" + (", or try --amp none" if self.amp != "none" else "")
+            raise NonFiniteLossError(
+                f"loss became {window if not math.isfinite(window) else total} between global step "
+                f"{self.checked_step} and {self.state.global_step} (epoch {self.state.epoch}, step "
+                f"{self.state.step_in_epoch} of it; amp {self.amp}){hint}. No checkpoint was written after "
+                f"step {self.checked_step}")
+        self.checked_step = self.state.global_step
+        self.state.epoch_loss_sum = total
+        return window, total
+
+    def sync(self) -> float:
+        """Checks finiteness and brings the epoch's loss sum to the host (before a checkpoint); returns it."""
+        return self._fetch()[1]
+
+    def read_window(self) -> float:
+        """The mean loss since the last window read (checked like :meth:`sync`); starts a new window."""
+        window, _ = self._fetch()
+        mean = window / max(self.window_count, 1)
+        self.window_sum.zero_()
+        self.window_count = 0
+        return mean
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated device memory on CUDA, resident host memory otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / (2**20 if sys.platform == "darwin" else 2**10)
+    except (ImportError, OSError):  # pragma: no cover - not on Linux/macOS
+        return float("nan")
+
+
+def _clip_gradients(model: nn.Module, clip_grad: Optional[float], clip_mode: str, scaler, optimizer):
+    if clip_grad is None:
+        return None
+    scaler.unscale_(optimizer)
+    if clip_mode == "value":
+        nn.utils.clip_grad_value_(model.parameters(), clip_grad)
+        return None
+    return nn.utils.clip_grad_norm_(model.parameters(), clip_grad)  # a device tensor, read at log time
 
 
 def train_one_epoch(
@@ -164,20 +277,27 @@ def train_one_epoch(
     clip_grad: Optional[float] = None,
     clip_mode: str = "norm",
     channels_last: bool = False,
+    log_interval: int = 1,
+    meter: Optional[LossMeter] = None,
     on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
     progress=None,
 ) -> Dict[str, float]:
     """Runs optimizer steps ``state.step_in_epoch .. steps`` of the current epoch.
 
-    Returns this process's loss sum / sample count (the caller reduces over ranks) and timing.
+    ``on_step`` gets every step's counters; every ``log_interval`` steps (and at the epoch's last step) it
+    also gets the window's mean ``loss``, ``lr``, ``img_per_s`` (this process), ``grad_norm`` and
+    ``peak_mem_mb`` -- reading those is the loop's only host sync. Returns this process's loss sum / sample
+    count for the whole epoch (the caller reduces over ranks) and its training seconds.
     """
     model.train()
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     bare = model.module if is_ddp else model
-    loss_sum, samples, micro = 0.0, 0, 0
+    meter = meter or LossMeter(device, state, {None: "none", torch.bfloat16: "bf16"}.get(dtype, "fp16"))
+    micro = 0
     remaining_micro = (steps - state.step_in_epoch) * accum_steps
     window_start, window_images = time.perf_counter(), 0
-    epoch_start = time.perf_counter()
+    epoch_start, seconds_before = time.perf_counter(), state.epoch_seconds
+    grad_norm = None
     for images, targets in loader:
         if micro >= remaining_micro:
             break
@@ -194,26 +314,12 @@ def train_one_epoch(
             with autocast_context(device, dtype):
                 output = model(images)
             loss = criterion(output.float(), targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {state.epoch} step {state.step_in_epoch} "
-                    f"(amp={dtype}); lower the lr, enable --clip-grad, or try --amp none"
-                )
             scaler.scale(loss / accum_steps).backward()
-        n = images.shape[0]
-        loss_sum += loss_value * n
-        samples += n
-        window_images += n
+        meter.add(loss, images.shape[0])
+        window_images += images.shape[0]
         if not do_step:
             continue
-        grad_norm = None
-        if clip_grad is not None:
-            scaler.unscale_(optimizer)
-            if clip_mode == "value":
-                nn.utils.clip_grad_value_(bare.parameters(), clip_grad)
-            else:
-                grad_norm = float(nn.utils.clip_grad_norm_(bare.parameters(), clip_grad))
+        grad_norm = _clip_gradients(bare, clip_grad, clip_mode, scaler, optimizer)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -222,30 +328,41 @@ def train_one_epoch(
         scheduler.step_update(num_updates=state.global_step)
         if ema is not None:
             ema.update(bare, step=state.global_step)
-        now = time.perf_counter()
-        info = {
-            "loss": loss_value,
-            "lr": optimizer.param_groups[0]["lr"],
-            "img_per_s": window_images / max(now - window_start, 1e-9),
-            "grad_norm": grad_norm,
-        }
-        window_start, window_images = now, 0
+        info: Dict[str, Any] = {}
+        if state.global_step % log_interval == 0 or state.step_in_epoch == steps:
+            mean_loss = meter.read_window()
+            now = time.perf_counter()
+            info = {
+                "loss": mean_loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "img_per_s": window_images / max(now - window_start, 1e-9),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "peak_mem_mb": peak_memory_mb(device),
+            }
+            window_start, window_images = now, 0
+        state.epoch_seconds = seconds_before + time.perf_counter() - epoch_start
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{info['lr']:.2e}",
-                                 img_s=f"{info['img_per_s']:.0f}", refresh=False)
+            if info:
+                progress.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}",
+                                     img_s=f"{info['img_per_s']:.0f}", mem=f"{info['peak_mem_mb']:.0f}MB",
+                                     refresh=False)
         if on_step is not None:
             on_step(info)
-    elapsed = time.perf_counter() - epoch_start
-    return {"loss_sum": loss_sum, "samples": samples, "seconds": elapsed}
+    loss_sum = meter.sync()
+    state.epoch_seconds = seconds_before + time.perf_counter() - epoch_start
+    return {"loss_sum": loss_sum, "samples": state.epoch_samples, "seconds": state.epoch_seconds}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: Optional[torch.dtype],
              channels_last: bool = False) -> Dict[str, float]:
-    """Sums of loss / top-1 / top-5 hits and the image count on this process (reduce over ranks)."""
+    """Sums of loss / top-1 / top-5 hits and the image count on this process (reduce over ranks).
+
+    The sums stay on the device until the end (one host sync per evaluation)."""
     model.eval()
-    loss_sum, top1, top5, count = 0.0, 0.0, 0.0, 0
+    sums = torch.zeros(3, dtype=_sum_dtype(device), device=device)
+    count = 0
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -254,10 +371,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: Op
         with autocast_context(device, dtype):
             output = model(images)
         output = output.float()
-        loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
         k = min(5, output.shape[1])
         hits = output.topk(k, dim=1).indices.eq(targets[:, None])
-        top1 += hits[:, :1].sum().item()
-        top5 += hits.any(dim=1).sum().item()
+        sums += torch.stack([F.cross_entropy(output, targets, reduction="sum"), hits[:, :1].sum(),
+                             hits.any(dim=1).sum()]).to(sums.dtype)
         count += targets.shape[0]
+    loss_sum, top1, top5 = sums.tolist()
     return {"loss_sum": loss_sum, "top1_hits": top1, "top5_hits": top5, "count": count}
