@@ -9,6 +9,7 @@ install -e .``, see ``zoo_build.py``) are used first when they are importable.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -178,10 +179,26 @@ def library_problem(lib: Path) -> Optional[str]:
     return None
 
 
-def _load_cached(kind: str) -> bool:
-    """Loads the cached library if it is intact; a damaged one is removed (and said so once)."""
-    build_dir, kwargs = _jit_spec(kind)
-    lib = build_dir / f"{kwargs['name']}.so"
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One process at a time checks, builds and records a build directory (e.g. DDP ranks starting
+    together): otherwise one could remove a library another is still linking, before its record."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "zoo_build.lock", "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): cpp_extension's own baton still guards the build
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached_library_ok(kind: str, lib: Path) -> bool:
+    """Whether the cached library is intact; a damaged one is removed (and said so once)."""
     if not lib.exists():
         return False
     if not _record_path(lib).exists():  # built before records existed, or interrupted: relink quietly
@@ -189,7 +206,6 @@ def _load_cached(kind: str) -> bool:
         return False
     problem = library_problem(lib)
     if problem is None:
-        torch.ops.load_library(str(lib))
         return True
     _warn_once(f"damaged-{kind}", f"zoo.ops: the cached {kind} kernel library {lib} is damaged ({problem}); "
                                   "rebuilding it")
@@ -197,13 +213,24 @@ def _load_cached(kind: str) -> bool:
     return False
 
 
-def _jit(kind: str) -> None:
-    cpp_extension = _cpp_extension()
+def _load_or_build(kind: str) -> Optional[str]:
+    """Loads the cached library, building it first if needed; returns why it cannot be built (None:
+    loaded). Compiler errors raise."""
     build_dir, kwargs = _jit_spec(kind)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    print(f"zoo.ops: building zoo kernels ({kind}; once, cached in {build_dir}) ...", file=sys.stderr, flush=True)
-    cpp_extension.load(**kwargs)
-    _write_record(build_dir / f"{kwargs['name']}.so")
+    lib = build_dir / f"{kwargs['name']}.so"
+    with _build_lock(build_dir):
+        if _cached_library_ok(kind, lib):
+            torch.ops.load_library(str(lib))
+            return None
+        missing = _toolchain_missing(kind)
+        if missing is not None:
+            return missing
+        cpp_extension = _cpp_extension()
+        print(f"zoo.ops: building zoo kernels ({kind}; once, cached in {build_dir}) ...", file=sys.stderr,
+              flush=True)
+        cpp_extension.load(**kwargs)
+        _write_record(lib)
+    return None
 
 
 def _toolchain_missing(kind: str) -> Optional[str]:
@@ -255,22 +282,14 @@ def ensure_loaded_unlocked(kind: str) -> Tuple[bool, str]:
         _state[kind] = True
         return True, f"compiled {kind} kernels (built ahead of time)"
     try:
-        if _load_cached(kind):
+        missing = _load_or_build(kind)
+        if missing is None:
             _state[kind] = True
             return True, f"compiled {kind} kernels from csrc/"
-    except OSError:  # unreadable cache entry: a build replaces it
-        pass
-    missing = _toolchain_missing(kind)
-    if missing is not None:
         _state[kind] = f"cannot build the {kind} kernels: {missing}"
-    else:
-        try:
-            _jit(kind)
-            _state[kind] = True
-            return True, f"compiled {kind} kernels from csrc/"
-        except Exception as e:  # compiler errors, missing headers...
-            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            _state[kind] = f"building the {kind} kernels failed ({first}); set ZOO_EXT_VERBOSE=1 for the log"
+    except Exception as e:  # compiler errors, missing headers, an unwritable cache...
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        _state[kind] = f"building the {kind} kernels failed ({first}); set ZOO_EXT_VERBOSE=1 for the log"
     _warn_once(
         kind,
         f"zoo.ops: {_state[kind]}. Falling back to the pure-PyTorch reference scan (slower). See docs/kernels.md.",
