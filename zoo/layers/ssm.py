@@ -284,7 +284,7 @@ class ScanDirection1d(nn.Module):
 # --- 2-D cross scan -------------------------------------------------------------------------------------
 @register_notrace_function  # runs on real shapes when traced
 @torch.jit.ignore
-def _check_orders(orders: List[str], num_directions: int) -> None:
+def check_scan_orders(orders: List[str], num_directions: int) -> None:
     bad = [o for o in orders if o not in SCAN_ORDERS]
     if not orders or bad:
         raise ValueError(f"scan orders {tuple(orders)} must be names from {SCAN_ORDERS}")
@@ -297,7 +297,7 @@ def cross_scan_2d(x: torch.Tensor, orders: List[str]) -> torch.Tensor:
 
     Orders: ``'row'`` (row-major), ``'row_reversed'``, ``'col'`` (column-major), ``'col_reversed'``.
     """
-    _check_orders(orders, -1)
+    check_scan_orders(orders, -1)
     row = x.flatten(2)
     col = x.transpose(-1, -2).flatten(2)
     seqs = []
@@ -309,7 +309,7 @@ def cross_scan_2d(x: torch.Tensor, orders: List[str]) -> torch.Tensor:
 
 def cross_merge_2d(y: torch.Tensor, height: int, width: int, orders: List[str]) -> torch.Tensor:
     """(B, K, D, H * W) outputs of :func:`cross_scan_2d`'s orders -> (B, D, H * W) row-major, summed."""
-    _check_orders(orders, y.shape[1])
+    check_scan_orders(orders, y.shape[1])
     out = torch.zeros_like(y[:, 0])
     for k, order in enumerate(orders):
         seq = y[:, k].flip(-1) if order.endswith("_reversed") else y[:, k]
