@@ -8,7 +8,7 @@ import torch
 import zoo
 from zoo import registry
 
-EXPECTED_FAMILIES = ["vim", "msvmamba", "convllava", "efficientvim", "shvit", "vitamin", "convnext"]
+EXPECTED_FAMILIES = ["vim", "msvmamba", "vmamba", "convllava", "efficientvim", "shvit", "vitamin", "convnext"]
 
 
 def test_families_and_their_models():
@@ -17,7 +17,7 @@ def test_families_and_their_models():
     # families reused from timm list timm's own models plus the zoo's test variant
     for family, released in [("efficientvim", "efficientvim_m1"), ("shvit", "shvit_s1"),
                              ("vitamin", "vitamin_small_224"), ("convnext", "convnext_tiny"),
-                             ("convllava", "convllava_large")]:
+                             ("convllava", "convllava_large"), ("vmamba", "vmamba_tiny")]:
         names = zoo.list_models(family=family)
         assert released in names and f"test_{family}" in names, family
         assert all(timm.is_model(n) for n in names)
