@@ -37,6 +37,7 @@ setup(
             "transformers>=5.23,<6",
             "open_clip_torch>=3.3,<4",
             "ninja",
+            "datasets>=4",  # train_imagenet.py --dataset hfds (tests/test_train_datasets.py)
         ],
     },
     ext_modules=ext_modules,

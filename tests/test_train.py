@@ -309,3 +309,26 @@ def test_script_reports_a_missing_resume_checkpoint_without_traceback(tmp_path, 
     assert code == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(missing) in err and "Traceback" not in err
+
+
+def test_loss_is_read_from_the_device_only_at_log_intervals(monkeypatch):
+    """No per-step host sync: over 10 steps with log_interval 5 the loss sums are fetched at steps 5 and 10
+    and once at the epoch's end, and each logged loss is the mean over its window."""
+    from zoo.train.engine import LossMeter, TrainState, train_one_epoch
+
+    fetches = []
+    original = LossMeter._fetch
+    monkeypatch.setattr(LossMeter, "_fetch", lambda self: fetches.append(self.state.global_step) or original(self))
+    model = torch.nn.Linear(4, 2)
+    batches = [(torch.full((2, 4), float(i)), torch.zeros(2, dtype=torch.long)) for i in range(10)]
+    logged = []
+    state = TrainState()
+    stats = train_one_epoch(model, batches, criterion=lambda out, t: out.sum() * 0 + float(len(logged) + 1),
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.0), scheduler=_NoSchedule(),
+                            scaler=torch.amp.GradScaler("cpu", enabled=False), state=state, steps=10,
+                            accum_steps=1, device=torch.device("cpu"), dtype=None, log_interval=5,
+                            on_step=lambda info: info and logged.append(info))
+    assert fetches == [5, 10, 10]
+    assert [info["loss"] for info in logged] == [1.0, 2.0]  # window means of the constant losses
+    assert stats["samples"] == 20 and stats["loss_sum"] == 2 * (5 * 1.0 + 5 * 2.0)
+    assert all({"img_per_s", "peak_mem_mb"} <= set(info) for info in logged)

@@ -43,7 +43,8 @@ class TrainConfig:
     finetune: Optional[str] = None  # a zoo or official checkpoint to start from
 
     # data
-    data_dir: Optional[str] = None  # ImageFolder root with train/ and val/; None: embedded digits set
+    dataset: str = ""  # "" / folder: ImageFolder tree; hfds/NAME or hfds (local --data-dir): HF datasets
+    data_dir: Optional[str] = None  # folder root with train/ and val/ (hfds: the cache); None: embedded digits
     train_split: str = "train"
     val_split: str = "val"
     workers: int = 4
@@ -286,7 +287,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     config_path = args.pop("config", None)
     if config_path:
         values.update(load_config(config_path))
-    elif args.get("data_dir") is None:
+    elif args.get("data_dir") is None and not args.get("dataset"):
         values.update(DIGITS_PRESET)
     values.update(args)
     return make_config(values)

@@ -163,8 +163,48 @@ class DataBundle:
     class_names: List[str]
 
 
+def _hf_dataset(cfg: TrainConfig, split: str) -> Dataset:
+    """A Hugging Face dataset through timm's reader (``hfds/NAME`` with ``--data-dir`` as its cache, or
+    ``hfds`` alone with ``--data-dir`` a local dataset folder, e.g. parquet shards ``train-*.parquet``)."""
+    from timm.data import create_dataset
+
+    name = cfg.dataset.partition("/")[2]
+    root = cfg.data_dir
+    if not name:
+        if not cfg.data_dir:
+            raise ConfigError("--dataset hfds needs --data-dir (a local dataset folder) or a name: hfds/NAME")
+        name, root = str(Path(cfg.data_dir).expanduser()), None
+    try:
+        ds = create_dataset(f"hfds/{name}", root=root, split=split, is_training=False)
+    except ImportError as err:
+        raise ConfigError(f"--dataset {cfg.dataset} needs the Hugging Face datasets package "
+                          "(pip install datasets)") from err
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--dataset {cfg.dataset}: cannot load split '{split}' of {name}: {first}") from err
+    return CheckedImages(ds, lambda i: f"sample {i} of {name} [{split}]", cfg.skip_corrupt)
+
+
+def _class_names(ds: Dataset) -> List[str]:
+    classes = getattr(ds, "classes", None)
+    if classes is not None:
+        return list(classes)
+    mapping = ds.reader.class_to_idx  # timm readers
+    return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+
+
 def build_datasets(cfg: TrainConfig) -> DataBundle:
     """The training and validation sets, untransformed (PIL image, label)."""
+    kind = cfg.dataset.partition("/")[0].lower()
+    if kind == "hfds":
+        train, val = _hf_dataset(cfg, cfg.train_split), _hf_dataset(cfg, cfg.val_split)
+        names_train, names_val = _class_names(train), _class_names(val)
+        _check_same_classes(names_train, names_val, f"{cfg.dataset} [{cfg.train_split}]",
+                            f"{cfg.dataset} [{cfg.val_split}]")
+        return DataBundle(train, val, len(names_train), names_train)
+    if kind not in ("", "folder", "imagefolder"):
+        raise ConfigError(f"config key 'dataset'={cfg.dataset!r}: accepted are '' or folder (an ImageFolder "
+                          "tree), hfds/NAME or hfds (with --data-dir a local Hugging Face dataset folder)")
     if cfg.data_dir is None:
         train, val = DigitsDataset("train"), DigitsDataset("val")
         return DataBundle(train, val, DigitsDataset.num_classes, train.classes)
