@@ -197,3 +197,13 @@ def test_official_parity_through_fused_mixer(fixture: Path, monkeypatch):
         logits = m(tensors["input"])
     assert len(calls) == len(m.blocks)
     torch.testing.assert_close(logits, tensors["logits"], atol=meta["atol"], rtol=meta["rtol"])
+
+
+def test_torch_compile_traces_the_fused_path():
+    """fullgraph: the dispatch condition and both ops trace (fake kernels) without a graph break."""
+    torch.manual_seed(0)
+    m = vim_mod.Vim(img_size=32, patch_size=8, embed_dim=32, depth=2, d_state=8, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), m(x), atol=1e-6, rtol=1e-6)
