@@ -350,6 +350,25 @@ ScanArgs<in_t, acc_t> make_args(const at::Tensor& u, const at::Tensor& dt, const
                                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                \
                                              AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
+ZOO_CPU_DISPATCH void softplus_range(const float* x, float* y, int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) y[i] = zoo_vec::softplus(x[i]);
+}
+
+// the scan's step: softplus(delta + bias) (vectorised for fp32; ATen's softplus is a scalar loop
+// there) or delta + bias as it is
+at::Tensor delta_step(const at::Tensor& raw, bool softplus) {
+  if (!softplus) return raw.contiguous();
+  if (raw.scalar_type() != at::kFloat) return at::softplus(raw).contiguous();
+  const at::Tensor x = raw.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel(), zoo_vec::grain_for(64),
+                   [&](int64_t begin, int64_t end) { softplus_range(xp, yp, begin, end); });
+  return y;
+}
+
 struct Prepared {
   at::Tensor u, dt, raw, z, A, B, C, D, bias;  // dt: step after bias/softplus; raw: before softplus
   bool has_z, has_D, has_bias;
@@ -386,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cpu(const at::Tensor& u, const at::T
                                                 const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                                                 bool reverse) {
   Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
-  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  p.dt = delta_step(p.raw, delta_softplus);
   at::Tensor gate = p.has_z ? at::silu(p.z.to(p.acc)).contiguous() : at::Tensor();
   auto out = at::empty_like(p.u);
   auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(p.acc));
@@ -411,7 +430,7 @@ GradTuple scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool reverse) {
   Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
   TORCH_CHECK(dout.sizes() == u.sizes(), "zoo_scan: dout must have u's shape");
-  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  p.dt = delta_step(p.raw, delta_softplus);
   at::Tensor dsp = delta_softplus ? at::sigmoid(p.raw).contiguous() : at::Tensor();
   at::Tensor sz = p.has_z ? at::sigmoid(p.z.to(p.acc)).contiguous() : at::Tensor();
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1), G = p.groups;
@@ -473,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_indexed_cpu(const at::Tensor& u, con
                                                         const at::Tensor& index, bool delta_softplus) {
   Prepared p = prepare(u, delta, A, B, C, D, std::nullopt, delta_bias);
   at::Tensor idx = check_index(index, u.size(2));
-  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  p.dt = delta_step(p.raw, delta_softplus);
   const int64_t Ls = idx.numel();
   auto out = at::empty({u.size(0), u.size(1), Ls}, p.u.options());
   auto last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options().dtype(p.acc));
@@ -500,7 +519,7 @@ scan_bwd_indexed_cpu(const at::Tensor& dout, const at::Tensor& u, const at::Tens
   const int64_t Ls = idx.numel();
   TORCH_CHECK(dout.dim() == 3 && dout.size(0) == batch && dout.size(1) == dim && dout.size(2) == Ls,
               "zoo_scan: dout must be (batch, dim, len(index))");
-  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  p.dt = delta_step(p.raw, delta_softplus);
   at::Tensor dsp = delta_softplus ? at::sigmoid(p.raw).contiguous() : at::Tensor();
   auto dout_c = dout.to(u.scalar_type()).contiguous();
   auto fopt = u.options().dtype(p.acc);
