@@ -297,6 +297,25 @@ at::Tensor state_operand(const at::Tensor& M, at::ScalarType acc) {
                                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                \
                                              AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
+ZOO_CPU_DISPATCH void softplus_range(const float* x, float* y, int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) y[i] = zoo_vec::softplus(x[i]);
+}
+
+// the scan's step: softplus(delta + bias) (vectorised for fp32; ATen's softplus is a scalar loop
+// there) or delta + bias as it is
+at::Tensor delta_step(const at::Tensor& raw, bool softplus) {
+  if (!softplus) return raw.contiguous();
+  if (raw.scalar_type() != at::kFloat) return at::softplus(raw).contiguous();
+  const at::Tensor x = raw.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel(), zoo_vec::grain_for(64),
+                   [&](int64_t begin, int64_t end) { softplus_range(xp, yp, begin, end); });
+  return y;
+}
+
 // Checked inputs, converted and contiguous. dt: the step after bias/softplus; raw: before softplus.
 struct Prepared {
   at::Tensor u, dt, raw, z, A, B, C, D, bias;
@@ -328,7 +347,7 @@ Prepared prepare(const char* op, const at::Tensor& u, const at::Tensor& delta, c
   p.bias = p.has_bias ? delta_bias->to(p.acc).contiguous() : at::Tensor();
   if (p.has_bias) p.raw = p.raw + p.bias.unsqueeze(-1);
   p.softplus = delta_softplus;
-  p.dt = (delta_softplus ? at::softplus(p.raw) : p.raw).contiguous();
+  p.dt = delta_step(p.raw, delta_softplus);
   return p;
 }
 

@@ -170,8 +170,23 @@ def test_training_keeps_the_differentiable_path():
     assert x.grad is not None and m.fwd.A_log.grad.abs().sum() > 0
 
 
-def test_isa_is_named():
-    assert cpu_isa() in ("avx512", "avx2", "baseline")
+def test_build_is_portable_and_dispatches_on_this_cpu():
+    """No host-specific -m flags (issue 15 item 4: a cached library built with -march=native died with
+    SIGILL on another CPU); the clone in use matches what this CPU supports."""
+    import platform
+
+    from zoo.ops import _build
+
+    assert not any(f.startswith(("-march", "-mtune", "-mavx", "-mfma")) for f in _build.CPU_CFLAGS)
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.exists():
+        assert cpu_isa() == "baseline"
+        return
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+    v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    expected = "avx512" if v4 <= flags else "avx2" if v3 <= flags else "baseline"
+    assert cpu_isa() == expected
 
 
 @pytest.mark.skipif(not FIXTURES, reason="no Vim parity fixtures (../shared/parity/vim)")
