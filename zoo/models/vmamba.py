@@ -107,6 +107,43 @@ def cross_merge(y: torch.Tensor, orders: Sequence[str], height: int, width: int)
 # --- blocks -------------------------------------------------------------------------------------------
 
 
+class Permute(nn.Module):
+    """``x.permute(*dims)`` as a module (keeps the official Sequential indices of the out norms)."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+class SpatialSoftmax(nn.Module):
+    """Softmax over the pixels of each channel of a channels-last map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1, 2).softmax(dim=1).view_as(x)
+
+
+OUT_NORMS = ("ln", "none", "sigmoid", "softmax", "dwconv3", "cnorm")
+
+
+def _make_out_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """SS2D's output normalisation on (B, H, W, D); module indices as the official Sequentials."""
+    def dwconv3() -> nn.Module:
+        return nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+
+    if kind == "ln":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind in ("none", "sigmoid", "softmax"):
+        return {"none": nn.Identity, "sigmoid": nn.Sigmoid, "softmax": SpatialSoftmax}[kind]()
+    if kind == "dwconv3":
+        return nn.Sequential(Permute(0, 3, 1, 2), dwconv3(), Permute(0, 2, 3, 1))
+    if kind == "cnorm":
+        return nn.Sequential(nn.LayerNorm(dim, eps=eps), Permute(0, 3, 1, 2), dwconv3(), Permute(0, 2, 3, 1))
+    raise ValueError(f"SS2D: unknown out_norm {kind!r}; accepted: {', '.join(map(repr, OUT_NORMS))}")
+
+
 class SS2D(nn.Module):
     """The 2-D selective-scan mixer on channels-last maps (official ``SS2D``, v0 and v2 forward types).
 
@@ -116,7 +153,8 @@ class SS2D(nn.Module):
         act_layer: activation after the depthwise conv (and of the gate).
         conv_kernel: depthwise conv size; < 2 disables the conv. gate: the z branch (``in_proj`` gives
             2 * d_inner); gate_act: apply ``act_layer`` to z. out_act: GELU after ``out_norm``.
-        out_norm: 'ln' (LayerNorm over channels), 'none', or 'sigmoid'.
+        out_norm: one of :data:`OUT_NORMS`: 'ln' (LayerNorm over channels), 'none', 'sigmoid', 'softmax'
+            (over pixels), 'dwconv3' (3x3 depthwise conv), 'cnorm' (LayerNorm then 3x3 depthwise conv).
         scan_mode: traversal orders, a key of :data:`SCAN_MODES`.
         force_fp32: half-precision scan inputs upcast to float32 (official v0/v2; matters under autocast).
         init: SSM parameter init: 'v0' (Mamba's), 'v1' / 'v2' (the official "simple" inits).
@@ -166,12 +204,7 @@ class SS2D(nn.Module):
         self.dt_projs_bias = nn.Parameter(torch.empty(num_dirs, d_inner))
         self.A_logs = nn.Parameter(torch.empty(num_dirs * d_inner, self.d_state))
         self.Ds = nn.Parameter(torch.empty(num_dirs * d_inner))
-        if out_norm == "ln":
-            self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps)
-        elif out_norm in ("none", "sigmoid"):
-            self.out_norm = nn.Identity() if out_norm == "none" else nn.Sigmoid()
-        else:
-            raise ValueError(f"SS2D: unknown out_norm {out_norm!r}; accepted: 'ln', 'none', 'sigmoid'")
+        self.out_norm = _make_out_norm(out_norm, d_inner, norm_eps)
         self.out_act = nn.GELU() if out_act else nn.Identity()
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
@@ -226,8 +259,9 @@ class SS2D(nn.Module):
                 z = self.act(z)
         x = self.act(self.conv(x.permute(0, 3, 1, 2)))
         y = self._scan(x).transpose(1, 2).reshape(batch, height, width, self.d_inner)
-        if isinstance(self.out_norm, nn.LayerNorm):  # an fp32 scan output meets bf16 weights in a bf16 model
-            y = y.to(self.out_norm.weight.dtype)
+        norm_weight = next(self.out_norm.parameters(), None)
+        if norm_weight is not None:  # an fp32 scan output meets bf16 weights in a bf16 model
+            y = y.to(norm_weight.dtype)
         y = self.out_act(self.out_norm(y)).to(x.dtype)
         if self.gate:
             y = y * z
@@ -574,8 +608,8 @@ def checkpoint_filter_fn(
 
 # official forward_type postfixes, stripped from the end in the official order
 _GATE_POSTFIXES = (("_no32", "no_fp32"), ("_oact", "out_act"), ("_noz", "no_gate"), ("_nozact", "no_gate_act"))
-_OUT_NORM_POSTFIXES = (("_onnone", "none"), ("_ondwconv3", None), ("_oncnorm", None), ("_onsoftmax", None),
-                       ("_onsigmoid", "sigmoid"))
+_OUT_NORM_POSTFIXES = (("_onnone", "none"), ("_ondwconv3", "dwconv3"), ("_oncnorm", "cnorm"),
+                       ("_onsoftmax", "softmax"), ("_onsigmoid", "sigmoid"))
 # v2-style forward types: (scan mode, scan inputs forced to fp32 unless '_no32')
 _V2_FORWARD_TYPES = {
     "v01": ("cross2d", True), "v02": ("cross2d", True), "v03": ("cross2d", True), "v2": ("cross2d", True),
@@ -597,15 +631,11 @@ def _forward_type_args(forward_type: str, problems: List[str]) -> Dict[str, Any]
     out_norm = "ln"
     for tag, name in _OUT_NORM_POSTFIXES:
         if rest.endswith(tag):
-            rest = rest[:-len(tag)]
-            if name is None:
-                problems.append(f"forward_type={forward_type!r}: out-norm {tag!r} is not supported "
-                                "(accepted: default LayerNorm, '_onnone', '_onsigmoid')")
-            out_norm = name or out_norm
+            rest, out_norm = rest[:-len(tag)], name
     if rest not in _V2_FORWARD_TYPES:
         problems.append(f"forward_type={forward_type!r} (accepted: 'v0', 'v0seq', or one of "
-                        f"{', '.join(map(repr, _V2_FORWARD_TYPES))} with postfixes _onnone/_onsigmoid, _nozact, "
-                        "_noz, _oact, _no32)")
+                        f"{', '.join(map(repr, _V2_FORWARD_TYPES))}, then optionally one of "
+                        f"{', '.join(t for t, _ in _OUT_NORM_POSTFIXES)}, then _nozact or _noz, _oact, _no32)")
         return {}
     scan_mode, fp32 = _V2_FORWARD_TYPES[rest]
     return dict(gate=not flags["no_gate"], gate_act=not flags["no_gate_act"], out_act=flags["out_act"],
