@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from _parity import parity_dir, parity_files
 import zoo
+from zoo.layers import ssm as ssm_layers
 from zoo.models import vim as vim_mod
 from zoo.models.vim import Vim, checkpoint_filter_fn, from_official_kwargs, resample_vim_pos_embed
 from zoo.ops import selective_scan_naive
@@ -271,13 +272,13 @@ def test_mixer_gradcheck_float64():
 
 def test_mixer_calls_the_bidirectional_op(monkeypatch):
     calls = []
-    real = vim_mod.selective_scan_bidirectional
+    real = ssm_layers.selective_scan_bidirectional
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vim_mod, "selective_scan_bidirectional", spy)
+    monkeypatch.setattr(ssm_layers, "selective_scan_bidirectional", spy)
     m = _small().eval()
     with torch.no_grad():
         m(torch.randn(1, 3, 32, 32))

@@ -38,8 +38,8 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
 from ..checkpoint import extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
-from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS, selective_scan_multi_direction
-from ..ops.selective_scan import selective_scan
+from ..layers.ssm import ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, stacked_ssm_inputs
+from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS
 
 __all__ = [
     "MSVMamba",
@@ -101,7 +101,7 @@ class MultiScaleSS2D(nn.Module):
         self.d_inner = d_inner = int(ssm_ratio * dim)
         self.d_state = d_state
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
-        self.low_res_orders = tuple(low_res_orders)
+        self.low_res_orders: List[str] = list(low_res_orders)
         num_slots = 2
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
@@ -126,29 +126,16 @@ class MultiScaleSS2D(nn.Module):
         self._dt_init = (dt_min, dt_max, dt_init_floor)
         self.reset_ssm_parameters()
 
-    @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
         """Mamba's initialisation: S4D-real A, D = 1, dt bias = softplus^-1(LogUniform[dt_min, dt_max])."""
         dt_min, dt_max, floor = self._dt_init
-        nn.init.uniform_(self.x_proj_weight, -self.d_inner ** -0.5, self.d_inner ** -0.5)
-        nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        log_dt = torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        dt = log_dt.exp().clamp(min=floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
-        self.A_logs.copy_(A.log().expand_as(self.A_logs))
-        self.Ds.fill_(1.0)
+        init_stacked_ssm_(self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
+                          dt_min=dt_min, dt_max=dt_max, dt_init_floor=floor)
 
-    def _scan_inputs(self, x: torch.Tensor, slot: int) -> Tuple[torch.Tensor, ...]:
-        """delta, A, B, C, D, delta_bias of one slot for tokens x (B, d_inner, L)."""
-        proj = torch.einsum("bdl,cd->bcl", x, self.x_proj_weight[slot])
-        dt, B, C = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.einsum("brl,dr->bdl", dt, self.dt_projs_weight[slot])
-        rows = slice(slot * self.d_inner, (slot + 1) * self.d_inner)
-        A = -torch.exp(self.A_logs[rows].float())
-        D = self.Ds[rows].float()
-        delta_bias = self.dt_projs_bias[slot].float()
-        return delta, A, B.unsqueeze(1).contiguous(), C.unsqueeze(1).contiguous(), D, delta_bias
+    def _scan_inputs(self, x: torch.Tensor, slot: int) -> ScanInputs:
+        """The scan inputs of one parameter slot for tokens x (B, d_inner, L)."""
+        return stacked_ssm_inputs(x, slot, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
+                                  self.A_logs, self.Ds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
@@ -158,17 +145,13 @@ class MultiScaleSS2D(nn.Module):
         x = x.permute(0, 3, 1, 2)  # both branches start from x, before any conv
 
         x_full = self.act(self.conv_full(x)).flatten(2)  # (B, D, H * W), row-major
-        delta, A, B, C, D, delta_bias = self._scan_inputs(x_full, FULL_RES_SLOT)
-        y_full = selective_scan(x_full, delta, A, B, C, D, None, delta_bias, delta_softplus=True)
+        y_full = scan(self._scan_inputs(x_full, FULL_RES_SLOT))
 
         x_low = self.act(self.conv_low(x))
-        low_h, low_w = x_low.shape[-2:]
-        x_low = x_low.flatten(2)
-        delta, A, B, C, D, delta_bias = self._scan_inputs(x_low, LOW_RES_SLOT)
-        y_low = selective_scan_multi_direction(
-            x_low, delta, A, B, C, D, delta_bias, height=low_h, width=low_w, orders=self.low_res_orders,
-            delta_softplus=True,
-        )  # (B, n_orders, D, h * w), every direction already back in row-major pixel order
+        low_h, low_w = x_low.shape[-2], x_low.shape[-1]
+        y_low = scan_multi_direction(self._scan_inputs(x_low.flatten(2), LOW_RES_SLOT), low_h, low_w,
+                                     self.low_res_orders)
+        # (B, n_orders, D, h * w), every direction already back in row-major pixel order
 
         # shared per-token LayerNorm, then merge
         y_full = self.out_norm(y_full.transpose(1, 2)).view(batch, height, width, self.d_inner)

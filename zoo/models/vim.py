@@ -39,7 +39,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from zoo.checkpoint import extract_state_dict
-from zoo.ops import selective_scan_bidirectional
+from zoo.layers.ssm import ScanDirection1d, fp32_or_wider, init_dt_bias_, init_dt_proj_weight_, scan_bidirectional
 
 __all__ = [
     "Vim",
@@ -57,11 +57,6 @@ _CLS_POSITIONS = ("middle", "first")
 def _class_token_index(num_patches: int, position: str) -> int:
     """Where the class token sits among ``num_patches + 1`` tokens."""
     return num_patches // 2 if position == "middle" else 0
-
-
-def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
-    """SSM parameters enter the scan in fp32 (as officially), or fp64 for float64 checks."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 class FP32RMSNorm(nn.Module):
@@ -84,9 +79,9 @@ class FP32RMSNorm(nn.Module):
             return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        xf = _fp32_or_wider(x)
+        xf = fp32_or_wider(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * _fp32_or_wider(self.weight)).to(self.weight.dtype)
+        return (xf * fp32_or_wider(self.weight)).to(self.weight.dtype)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -127,49 +122,12 @@ class OverlapPatchEmbed(nn.Module):
         return x, grid
 
 
-class ScanDirection(nn.Module):
-    """Parameters and input preparation of one scan direction of the bimamba v2 mixer.
-
-    ``reverse=True`` means the direction reads the sequence from the last token to the first; its
-    depthwise conv is then applied anti-causally. ``conv1d.weight`` keeps the official layout (tap k
-    multiplies the token K-1-k steps earlier in that direction's reading order), so official weights
-    load unchanged.
-    """
-
-    def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, reverse: bool):
-        super().__init__()
-        self.reverse = reverse
-        self.d_state = d_state
-        self.dt_rank = dt_rank
-        self.conv1d = nn.Conv1d(d_inner, d_inner, kernel_size=d_conv, groups=d_inner, bias=True)
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        # S4D-real init: A = -(1..N) for every channel; kept in fp32
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
-        self.D = nn.Parameter(torch.ones(d_inner))
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (B, d_inner, L) in original token order -> scan inputs (u, delta, A, B, C), same order."""
-        k = self.conv1d.kernel_size[0]
-        if self.reverse:
-            # a causal conv over the reversed sequence == an anti-causal conv with mirrored taps
-            u = F.conv1d(F.pad(x, (0, k - 1)), self.conv1d.weight.flip(-1), self.conv1d.bias, groups=x.shape[1])
-        else:
-            u = F.conv1d(F.pad(x, (k - 1, 0)), self.conv1d.weight, self.conv1d.bias, groups=x.shape[1])
-        u = F.silu(u)
-        x_dbl = self.x_proj(u.transpose(1, 2))  # per token, so token order does not matter
-        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes to the scan (delta_bias)
-        b = b.transpose(1, 2).unsqueeze(1)  # (B, 1, N, L)
-        c = c.transpose(1, 2).unsqueeze(1)
-        A = -torch.exp(_fp32_or_wider(self.A_log))
-        return u, delta, A, b, c
-
-
 class BiMambaMixer(nn.Module):
-    """Vim's bidirectional ("bimamba v2") Mamba mixer: (B, L, dim) -> (B, L, dim)."""
+    """Vim's bidirectional ("bimamba v2") Mamba mixer: (B, L, dim) -> (B, L, dim).
+
+    ``fwd`` reads the tokens first to last, ``bwd`` last to first (anti-causal conv, reverse scan);
+    both hand their inputs to the scan in the original token order.
+    """
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank: Optional[int] = None, divide_out: bool = True):
@@ -178,20 +136,14 @@ class BiMambaMixer(nn.Module):
         self.dt_rank = math.ceil(dim / 16) if dt_rank is None else int(dt_rank)
         self.out_scale = 0.5 if divide_out else 1.0
         self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
-        self.fwd = ScanDirection(self.d_inner, d_state, self.dt_rank, d_conv, reverse=False)
-        self.bwd = ScanDirection(self.d_inner, d_state, self.dt_rank, d_conv, reverse=True)
+        self.fwd = ScanDirection1d(self.d_inner, d_state, self.dt_rank, d_conv, reverse=False)
+        self.bwd = ScanDirection1d(self.d_inner, d_state, self.dt_rank, d_conv, reverse=True)
         self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x).transpose(1, 2)  # (B, 2 * d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        u, delta, A, b, c = self.fwd(x)
-        u_r, delta_r, A_r, b_r, c_r = self.bwd(x)
-        y = selective_scan_bidirectional(
-            u, delta, A, b, c, _fp32_or_wider(self.fwd.D), _fp32_or_wider(self.fwd.dt_proj.bias),
-            u_r, delta_r, A_r, b_r, c_r, _fp32_or_wider(self.bwd.D), _fp32_or_wider(self.bwd.dt_proj.bias),
-            z=z, delta_softplus=True, scale=self.out_scale,
-        )
+        y = scan_bidirectional(self.fwd(x), self.bwd(x), z=z, scale=self.out_scale)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -207,7 +159,7 @@ class VimBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _fp32_or_wider(x)
+        x = fp32_or_wider(x)
         return x + self.drop_path(self.mixer(self.norm(x))).to(x.dtype)
 
 
@@ -355,11 +307,8 @@ class Vim(nn.Module):
         for blk in self.blocks:
             mixer = blk.mixer
             # forward dt: softplus(bias) log-uniform in [1e-3, 0.1], weight U(+-dt_rank^-0.5)
-            std = mixer.dt_rank ** -0.5
-            nn.init.uniform_(mixer.fwd.dt_proj.weight, -std, std)
-            dt = torch.exp(torch.rand(mixer.d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-            dt = dt.clamp(min=1e-4)
-            mixer.fwd.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            init_dt_proj_weight_(mixer.fwd.dt_proj.weight, mixer.dt_rank)
+            init_dt_bias_(mixer.fwd.dt_proj.bias, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4)
             # the official code leaves the reverse dt_proj at the default Linear init and zeroes its bias
             nn.init.zeros_(mixer.bwd.dt_proj.bias)
             nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
@@ -414,12 +363,12 @@ class Vim(nn.Module):
         x, grid = self.patch_embed(x)
         # the residual stream is fp32 (also under autocast / a half-precision model); widen before
         # inserting the class token so that autocast does not round it to the conv's half precision
-        x = _fp32_or_wider(x)
+        x = fp32_or_wider(x)
         if self.cls_token is not None:
             i = self.cls_token_index(grid)
             cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :i], cls, x[:, i:]], dim=1)
-        x = x + _fp32_or_wider(self._pos_embed_for(grid))
+        x = x + fp32_or_wider(self._pos_embed_for(grid))
         return self.pos_drop(x), grid
 
     def _shuffle_probability(self, index: int) -> float:

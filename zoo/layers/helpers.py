@@ -1,0 +1,21 @@
+"""Small helpers shared by the zoo's model files."""
+from typing import Callable, TypeVar
+
+import torch
+from timm.layers import register_notrace_function
+
+__all__ = ["leaf_function"]
+
+F = TypeVar("F", bound=Callable)
+
+
+def leaf_function(fn: F) -> F:
+    """Marks ``fn`` as opaque to TorchScript (``torch.jit.ignore``) and to timm's FX tracing (a leaf).
+
+    For checks and shape logic that must see real values: under ``torch.jit.script`` the function
+    runs as Python, and an FX graph records one call to it instead of tracing through it, so a clear
+    ``ValueError`` on bad input survives scripting and tracing. Callers must pass every argument
+    (TorchScript drops the defaults of ignored functions), and its name must not start with ``_``
+    (FX wraps only public names of the caller's module).
+    """
+    return register_notrace_function(torch.jit.ignore(fn))
