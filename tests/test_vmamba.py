@@ -13,16 +13,9 @@ import torch.nn.functional as F
 
 from _parity import parity_dir, parity_files
 import zoo  # noqa: F401  (registers the models)
+from zoo.layers.ssm import cross_merge_2d, cross_scan_2d
 from zoo.ops import scan_order_index, selective_scan_naive
-from zoo.models.vmamba import (
-    SCAN_MODES,
-    SS2D,
-    checkpoint_filter_fn,
-    cross_merge,
-    cross_scan,
-    from_official_kwargs,
-    official_kwargs_to_model_args,
-)
+from zoo.models.vmamba import SCAN_MODES, SS2D, checkpoint_filter_fn, from_official_kwargs, official_kwargs_to_model_args
 
 PARITY_DIR = parity_dir("vmamba")
 FIXTURES = parity_files("vmamba", "vmamba_*.json")
@@ -57,14 +50,14 @@ def test_cross_scan_and_merge_follow_the_traversal_orders():
     height, width = 3, 5  # non-square: a swapped transpose cannot pass
     x = torch.randn(2, 4, height, width, dtype=torch.float64)
     for mode, orders in SCAN_MODES.items():
-        xs = cross_scan(x, orders)
+        xs = cross_scan_2d(x, orders)
         for k, order in enumerate(orders):  # step t of order k reads pixel scan_order_index(order)[t]
             torch.testing.assert_close(xs[:, k], x.flatten(2)[..., scan_order_index(order, height, width)])
         y = torch.randn(2, len(orders), 4, height * width, dtype=torch.float64)
         expected = torch.zeros(2, 4, height * width, dtype=torch.float64)
         for k, order in enumerate(orders):
             expected[..., scan_order_index(order, height, width)] += y[:, k]
-        torch.testing.assert_close(cross_merge(y, orders, height, width), expected, msg=mode)
+        torch.testing.assert_close(cross_merge_2d(y, height, width, orders), expected, msg=mode)
     assert SCAN_MODES["cross2d"] == ("row", "col", "row_reversed", "col_reversed")  # the official k order
 
 

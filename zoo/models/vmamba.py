@@ -31,13 +31,21 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, GluMlp, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
 from ..checkpoint import STATE_DICT_KEYS, extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
+from ..layers.ssm import (
+    ScanInputs,
+    cross_merge_2d,
+    cross_scan_2d,
+    dt_bc_projection_stacked,
+    fp32_or_wider,
+    init_stacked_ssm_,
+    scan,
+    ssm_parameters,
+)
 from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED
-from ..ops.selective_scan import selective_scan
 from .msvmamba import _LEGACY_RENAMES, MSVMamba
 
 __all__ = [
@@ -45,8 +53,6 @@ __all__ = [
     "VSSBlock",
     "SS2D",
     "SCAN_MODES",
-    "cross_scan",
-    "cross_merge",
     "checkpoint_filter_fn",
     "from_official_kwargs",
     "official_kwargs_to_model_args",
@@ -66,42 +72,6 @@ def _activation(name: str) -> type:
         return _ACTIVATIONS[str(name).lower()]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(map(repr, _ACTIVATIONS))}") from None
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """SSM parameters and (optionally) scan inputs run in float32 or wider, never in half precision."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-# --- cross scan / merge ------------------------------------------------------------------------------
-
-
-def _read_in_order(x: torch.Tensor, order: str) -> torch.Tensor:
-    """(B, D, H, W) -> (B, D, H*W) tokens in traversal ``order``."""
-    seq = x.flatten(2) if order in (ROW_MAJOR, ROW_MAJOR_REVERSED) else x.transpose(2, 3).flatten(2)
-    return seq.flip(-1) if order in (ROW_MAJOR_REVERSED, COLUMN_MAJOR_REVERSED) else seq
-
-
-def _back_to_row_major(y: torch.Tensor, order: str, height: int, width: int) -> torch.Tensor:
-    """(B, D, H*W) in traversal ``order`` -> (B, D, H*W) row-major."""
-    if order in (ROW_MAJOR_REVERSED, COLUMN_MAJOR_REVERSED):
-        y = y.flip(-1)
-    if order in (COLUMN_MAJOR, COLUMN_MAJOR_REVERSED):
-        y = y.unflatten(-1, (width, height)).transpose(-1, -2).flatten(-2)
-    return y
-
-
-def cross_scan(x: torch.Tensor, orders: Sequence[str]) -> torch.Tensor:
-    """(B, D, H, W) -> (B, K, D, H*W): the map read once per traversal order."""
-    return torch.stack([_read_in_order(x, o) for o in orders], dim=1)
-
-
-def cross_merge(y: torch.Tensor, orders: Sequence[str], height: int, width: int) -> torch.Tensor:
-    """(B, K, D, H*W) per-order outputs -> (B, D, H*W) row-major, the K directions summed."""
-    out = _back_to_row_major(y[:, 0], orders[0], height, width)
-    for k in range(1, len(orders)):
-        out = out + _back_to_row_major(y[:, k], orders[k], height, width)
-    return out
 
 
 # --- blocks -------------------------------------------------------------------------------------------
@@ -213,17 +183,14 @@ class SS2D(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """'v0': Mamba's init (S4D-real A, D = 1, dt bias = softplus^-1(LogUniform[1e-3, 0.1])); 'v1'/'v2': simple."""
+        """'v0': Mamba's init (S4D-real A, D = 1, dt bias = softplus^-1(LogUniform[1e-3, 0.1])); 'v1'/'v2':
+        the official "simple" inits (A_logs normal / zero, small random dt projection and bias)."""
+        if self.init == "v0":
+            init_stacked_ssm_(self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
+            return
         nn.init.uniform_(self.x_proj_weight, -self.d_inner ** -0.5, self.d_inner ** -0.5)
         self.Ds.fill_(1.0)
-        if self.init == "v0":
-            nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-            log_dt = torch.rand_like(self.dt_projs_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
-            dt = log_dt.exp().clamp(min=1e-4)
-            self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_logs.device)
-            self.A_logs.copy_(A.log().expand_as(self.A_logs))
-        elif self.init == "v1":
+        if self.init == "v1":
             self.A_logs.normal_()
             self.dt_projs_weight.normal_().mul_(0.1)
             self.dt_projs_bias.normal_().mul_(0.1)
@@ -235,19 +202,14 @@ class SS2D(nn.Module):
     def _scan(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d_inner, H, W) -> (B, d_inner, H*W): the K direction scans, merged back row-major."""
         batch, _, height, width = x.shape
-        num_dirs = len(self.orders)
-        xs = cross_scan(x, self.orders)  # (B, K, D, L)
-        proj = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        if self.force_fp32:
-            xs, dts, Bs, Cs = (_at_least_fp32(t) for t in (xs, dts, Bs, Cs))
-        ys = selective_scan(
-            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(_at_least_fp32(self.A_logs)), Bs.contiguous(),
-            Cs.contiguous(), _at_least_fp32(self.Ds), None, _at_least_fp32(self.dt_projs_bias.flatten()),
-            delta_softplus=True,
-        )  # (B, K * D, L), one group of B/C per direction
-        return cross_merge(ys.view(batch, num_dirs, self.d_inner, -1), self.orders, height, width)
+        xs = cross_scan_2d(x, self.orders)  # (B, K, D, L)
+        delta, B, C = dt_bc_projection_stacked(xs, self.x_proj_weight, self.dt_projs_weight, self.d_state)
+        if self.force_fp32 and xs.dtype in (torch.float16, torch.bfloat16):
+            xs, delta, B, C = (fp32_or_wider(t) for t in (xs, delta, B, C))
+        A, D, delta_bias = ssm_parameters(self.A_logs, self.Ds, self.dt_projs_bias.flatten())
+        # one scan over K * D channels, one group of B/C per direction
+        ys = scan(ScanInputs(xs.flatten(1, 2), delta.flatten(1, 2), A, B, C, D, delta_bias))
+        return cross_merge_2d(ys.view(batch, len(self.orders), self.d_inner, -1), height, width, self.orders)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
