@@ -15,7 +15,8 @@ is read in four orders (row-major, column-major and their reverses), each order 
 and summed, then ``out_norm`` (LayerNorm), times the gate, ``out_proj``. ``dt_rank = ceil(C / 16)``.
 
 Everything runs channels-last (B, H, W, C) internally, whatever the official ``norm_layer`` layout
-('ln' is channels-last, 'ln2d' channels-first: both are a LayerNorm over C).
+('ln' is channels-last, 'ln2d' channels-first: both are a LayerNorm over C). The SSM maths (init, fp32
+rule, projections, cross scan/merge, the scan call) comes from :mod:`zoo.layers.ssm`.
 """
 from __future__ import annotations
 
