@@ -13,16 +13,9 @@ import torch.nn.functional as F
 
 from _parity import parity_dir, parity_files
 import zoo  # noqa: F401  (registers the models)
+from zoo.layers.ssm import cross_merge_2d, cross_scan_2d
 from zoo.ops import scan_order_index, selective_scan_naive
-from zoo.models.vmamba import (
-    SCAN_MODES,
-    SS2D,
-    checkpoint_filter_fn,
-    cross_merge,
-    cross_scan,
-    from_official_kwargs,
-    official_kwargs_to_model_args,
-)
+from zoo.models.vmamba import SCAN_MODES, SS2D, checkpoint_filter_fn, from_official_kwargs, official_kwargs_to_model_args
 
 PARITY_DIR = parity_dir("vmamba")
 FIXTURES = parity_files("vmamba", "vmamba_*.json")
@@ -57,14 +50,14 @@ def test_cross_scan_and_merge_follow_the_traversal_orders():
     height, width = 3, 5  # non-square: a swapped transpose cannot pass
     x = torch.randn(2, 4, height, width, dtype=torch.float64)
     for mode, orders in SCAN_MODES.items():
-        xs = cross_scan(x, orders)
+        xs = cross_scan_2d(x, orders)
         for k, order in enumerate(orders):  # step t of order k reads pixel scan_order_index(order)[t]
             torch.testing.assert_close(xs[:, k], x.flatten(2)[..., scan_order_index(order, height, width)])
         y = torch.randn(2, len(orders), 4, height * width, dtype=torch.float64)
         expected = torch.zeros(2, 4, height * width, dtype=torch.float64)
         for k, order in enumerate(orders):
             expected[..., scan_order_index(order, height, width)] += y[:, k]
-        torch.testing.assert_close(cross_merge(y, orders, height, width), expected, msg=mode)
+        torch.testing.assert_close(cross_merge_2d(y, height, width, orders), expected, msg=mode)
     assert SCAN_MODES["cross2d"] == ("row", "col", "row_reversed", "col_reversed")  # the official k order
 
 
@@ -309,8 +302,8 @@ def test_pos_embed_resizes_for_other_inputs():
 def test_from_official_kwargs_refuses_unsupported_flags():
     with pytest.raises(ValueError, match=r"forward_type='m0_noz'.*downsample_version='none'.*unknown kwargs \['bogus'\]"):
         from_official_kwargs(depths=[1, 1, 1, 1], dims=8, forward_type="m0_noz", downsample_version="none", bogus=1)
-    with pytest.raises(ValueError, match=r"out-norm '_ondwconv3' is not supported"):
-        from_official_kwargs(depths=[1, 1, 1, 1], dims=8, forward_type="v05_ondwconv3")
+    with pytest.raises(ValueError, match=r"forward_type='v052dc_noz'"):  # cascade2d is not implemented
+        from_official_kwargs(depths=[1, 1, 1, 1], dims=8, forward_type="v052dc_noz")
     with pytest.raises(ValueError, match=r"'v0' needs norm_layer='ln'"):
         from_official_kwargs(depths=[1, 1, 1, 1], dims=8, forward_type="v0", norm_layer="ln2d")
     # postfixes as the official parser reads them
@@ -321,6 +314,25 @@ def test_from_official_kwargs_refuses_unsupported_flags():
     assert not official_kwargs_to_model_args(forward_type="v2_no32")["force_fp32"]
     with pytest.raises(RuntimeError, match="No pretrained weights exist"):
         timm.create_model("test_vmamba", pretrained=True)
+
+
+@pytest.mark.parametrize("forward_type,keys", [
+    ("v05_ondwconv3_noz", {"out_norm.1.weight": (8, 1, 3, 3)}),
+    ("v05_oncnorm", {"out_norm.0.weight": (8,), "out_norm.0.bias": (8,), "out_norm.2.weight": (8, 1, 3, 3)}),
+    ("v05_onsoftmax_noz", {}),
+])
+def test_out_norm_variants_keep_official_keys(forward_type, keys):
+    model = from_official_kwargs(depths=[1, 1, 1, 1], dims=8, ssm_ratio=1.0, forward_type=forward_type,
+                                 mlp_ratio=0.0, downsample_version="v3", patchembed_version="v2").eval()
+    mixer = model.stages[0].blocks[0].mixer
+    own = {k[len("stages.0.blocks.0.mixer."):]: tuple(v.shape) for k, v in model.state_dict().items()
+           if k.startswith("stages.0.blocks.0.mixer.out_norm")}
+    assert own == keys
+    y = torch.randn(2, 3, 5, 8)
+    if forward_type.startswith("v05_onsoftmax"):  # a softmax over the pixels of every channel
+        torch.testing.assert_close(mixer.out_norm(y), y.flatten(1, 2).softmax(1).view_as(y))
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 36, 44))).all()
 
 
 def test_vlm_tower():

@@ -15,7 +15,8 @@ is read in four orders (row-major, column-major and their reverses), each order 
 and summed, then ``out_norm`` (LayerNorm), times the gate, ``out_proj``. ``dt_rank = ceil(C / 16)``.
 
 Everything runs channels-last (B, H, W, C) internally, whatever the official ``norm_layer`` layout
-('ln' is channels-last, 'ln2d' channels-first: both are a LayerNorm over C).
+('ln' is channels-last, 'ln2d' channels-first: both are a LayerNorm over C). The SSM maths (init, fp32
+rule, projections, cross scan/merge, the scan call) comes from :mod:`zoo.layers.ssm`.
 """
 from __future__ import annotations
 
@@ -31,13 +32,21 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, GluMlp, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
 from ..checkpoint import STATE_DICT_KEYS, extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
+from ..layers.ssm import (
+    ScanInputs,
+    cross_merge_2d,
+    cross_scan_2d,
+    dt_bc_projection_stacked,
+    fp32_or_wider,
+    init_stacked_ssm_,
+    scan,
+    ssm_parameters,
+)
 from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED
-from ..ops.selective_scan import selective_scan
 from .msvmamba import _LEGACY_RENAMES, MSVMamba
 
 __all__ = [
@@ -45,8 +54,6 @@ __all__ = [
     "VSSBlock",
     "SS2D",
     "SCAN_MODES",
-    "cross_scan",
-    "cross_merge",
     "checkpoint_filter_fn",
     "from_official_kwargs",
     "official_kwargs_to_model_args",
@@ -68,43 +75,44 @@ def _activation(name: str) -> type:
         raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(map(repr, _ACTIVATIONS))}") from None
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """SSM parameters and (optionally) scan inputs run in float32 or wider, never in half precision."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-# --- cross scan / merge ------------------------------------------------------------------------------
-
-
-def _read_in_order(x: torch.Tensor, order: str) -> torch.Tensor:
-    """(B, D, H, W) -> (B, D, H*W) tokens in traversal ``order``."""
-    seq = x.flatten(2) if order in (ROW_MAJOR, ROW_MAJOR_REVERSED) else x.transpose(2, 3).flatten(2)
-    return seq.flip(-1) if order in (ROW_MAJOR_REVERSED, COLUMN_MAJOR_REVERSED) else seq
-
-
-def _back_to_row_major(y: torch.Tensor, order: str, height: int, width: int) -> torch.Tensor:
-    """(B, D, H*W) in traversal ``order`` -> (B, D, H*W) row-major."""
-    if order in (ROW_MAJOR_REVERSED, COLUMN_MAJOR_REVERSED):
-        y = y.flip(-1)
-    if order in (COLUMN_MAJOR, COLUMN_MAJOR_REVERSED):
-        y = y.unflatten(-1, (width, height)).transpose(-1, -2).flatten(-2)
-    return y
-
-
-def cross_scan(x: torch.Tensor, orders: Sequence[str]) -> torch.Tensor:
-    """(B, D, H, W) -> (B, K, D, H*W): the map read once per traversal order."""
-    return torch.stack([_read_in_order(x, o) for o in orders], dim=1)
-
-
-def cross_merge(y: torch.Tensor, orders: Sequence[str], height: int, width: int) -> torch.Tensor:
-    """(B, K, D, H*W) per-order outputs -> (B, D, H*W) row-major, the K directions summed."""
-    out = _back_to_row_major(y[:, 0], orders[0], height, width)
-    for k in range(1, len(orders)):
-        out = out + _back_to_row_major(y[:, k], orders[k], height, width)
-    return out
-
-
 # --- blocks -------------------------------------------------------------------------------------------
+
+
+class Permute(nn.Module):
+    """``x.permute(*dims)`` as a module (keeps the official Sequential indices of the out norms)."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+class SpatialSoftmax(nn.Module):
+    """Softmax over the pixels of each channel of a channels-last map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1, 2).softmax(dim=1).view_as(x)
+
+
+OUT_NORMS = ("ln", "none", "sigmoid", "softmax", "dwconv3", "cnorm")
+
+
+def _make_out_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """SS2D's output normalisation on (B, H, W, D); module indices as the official Sequentials."""
+    def dwconv3() -> nn.Module:
+        return nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+
+    if kind == "ln":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind in ("none", "sigmoid", "softmax"):
+        return {"none": nn.Identity, "sigmoid": nn.Sigmoid, "softmax": SpatialSoftmax}[kind]()
+    if kind == "dwconv3":
+        return nn.Sequential(Permute(0, 3, 1, 2), dwconv3(), Permute(0, 2, 3, 1))
+    if kind == "cnorm":
+        return nn.Sequential(nn.LayerNorm(dim, eps=eps), Permute(0, 3, 1, 2), dwconv3(), Permute(0, 2, 3, 1))
+    raise ValueError(f"SS2D: unknown out_norm {kind!r}; accepted: {', '.join(map(repr, OUT_NORMS))}")
 
 
 class SS2D(nn.Module):
@@ -116,7 +124,8 @@ class SS2D(nn.Module):
         act_layer: activation after the depthwise conv (and of the gate).
         conv_kernel: depthwise conv size; < 2 disables the conv. gate: the z branch (``in_proj`` gives
             2 * d_inner); gate_act: apply ``act_layer`` to z. out_act: GELU after ``out_norm``.
-        out_norm: 'ln' (LayerNorm over channels), 'none', or 'sigmoid'.
+        out_norm: one of :data:`OUT_NORMS`: 'ln' (LayerNorm over channels), 'none', 'sigmoid', 'softmax'
+            (over pixels), 'dwconv3' (3x3 depthwise conv), 'cnorm' (LayerNorm then 3x3 depthwise conv).
         scan_mode: traversal orders, a key of :data:`SCAN_MODES`.
         force_fp32: half-precision scan inputs upcast to float32 (official v0/v2; matters under autocast).
         init: SSM parameter init: 'v0' (Mamba's), 'v1' / 'v2' (the official "simple" inits).
@@ -166,12 +175,7 @@ class SS2D(nn.Module):
         self.dt_projs_bias = nn.Parameter(torch.empty(num_dirs, d_inner))
         self.A_logs = nn.Parameter(torch.empty(num_dirs * d_inner, self.d_state))
         self.Ds = nn.Parameter(torch.empty(num_dirs * d_inner))
-        if out_norm == "ln":
-            self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps)
-        elif out_norm in ("none", "sigmoid"):
-            self.out_norm = nn.Identity() if out_norm == "none" else nn.Sigmoid()
-        else:
-            raise ValueError(f"SS2D: unknown out_norm {out_norm!r}; accepted: 'ln', 'none', 'sigmoid'")
+        self.out_norm = _make_out_norm(out_norm, d_inner, norm_eps)
         self.out_act = nn.GELU() if out_act else nn.Identity()
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
@@ -180,17 +184,14 @@ class SS2D(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """'v0': Mamba's init (S4D-real A, D = 1, dt bias = softplus^-1(LogUniform[1e-3, 0.1])); 'v1'/'v2': simple."""
+        """'v0': Mamba's init (S4D-real A, D = 1, dt bias = softplus^-1(LogUniform[1e-3, 0.1])); 'v1'/'v2':
+        the official "simple" inits (A_logs normal / zero, small random dt projection and bias)."""
+        if self.init == "v0":
+            init_stacked_ssm_(self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
+            return
         nn.init.uniform_(self.x_proj_weight, -self.d_inner ** -0.5, self.d_inner ** -0.5)
         self.Ds.fill_(1.0)
-        if self.init == "v0":
-            nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-            log_dt = torch.rand_like(self.dt_projs_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
-            dt = log_dt.exp().clamp(min=1e-4)
-            self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_logs.device)
-            self.A_logs.copy_(A.log().expand_as(self.A_logs))
-        elif self.init == "v1":
+        if self.init == "v1":
             self.A_logs.normal_()
             self.dt_projs_weight.normal_().mul_(0.1)
             self.dt_projs_bias.normal_().mul_(0.1)
@@ -202,19 +203,14 @@ class SS2D(nn.Module):
     def _scan(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d_inner, H, W) -> (B, d_inner, H*W): the K direction scans, merged back row-major."""
         batch, _, height, width = x.shape
-        num_dirs = len(self.orders)
-        xs = cross_scan(x, self.orders)  # (B, K, D, L)
-        proj = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        if self.force_fp32:
-            xs, dts, Bs, Cs = (_at_least_fp32(t) for t in (xs, dts, Bs, Cs))
-        ys = selective_scan(
-            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(_at_least_fp32(self.A_logs)), Bs.contiguous(),
-            Cs.contiguous(), _at_least_fp32(self.Ds), None, _at_least_fp32(self.dt_projs_bias.flatten()),
-            delta_softplus=True,
-        )  # (B, K * D, L), one group of B/C per direction
-        return cross_merge(ys.view(batch, num_dirs, self.d_inner, -1), self.orders, height, width)
+        xs = cross_scan_2d(x, self.orders)  # (B, K, D, L)
+        delta, B, C = dt_bc_projection_stacked(xs, self.x_proj_weight, self.dt_projs_weight, self.d_state)
+        if self.force_fp32 and xs.dtype in (torch.float16, torch.bfloat16):
+            xs, delta, B, C = (fp32_or_wider(t) for t in (xs, delta, B, C))
+        A, D, delta_bias = ssm_parameters(self.A_logs, self.Ds, self.dt_projs_bias.flatten())
+        # one scan over K * D channels, one group of B/C per direction
+        ys = scan(ScanInputs(xs.flatten(1, 2), delta.flatten(1, 2), A, B, C, D, delta_bias))
+        return cross_merge_2d(ys.view(batch, len(self.orders), self.d_inner, -1), height, width, self.orders)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
@@ -226,8 +222,9 @@ class SS2D(nn.Module):
                 z = self.act(z)
         x = self.act(self.conv(x.permute(0, 3, 1, 2)))
         y = self._scan(x).transpose(1, 2).reshape(batch, height, width, self.d_inner)
-        if isinstance(self.out_norm, nn.LayerNorm):  # an fp32 scan output meets bf16 weights in a bf16 model
-            y = y.to(self.out_norm.weight.dtype)
+        norm_weight = next(self.out_norm.parameters(), None)
+        if norm_weight is not None:  # an fp32 scan output meets bf16 weights in a bf16 model
+            y = y.to(norm_weight.dtype)
         y = self.out_act(self.out_norm(y)).to(x.dtype)
         if self.gate:
             y = y * z
@@ -574,8 +571,8 @@ def checkpoint_filter_fn(
 
 # official forward_type postfixes, stripped from the end in the official order
 _GATE_POSTFIXES = (("_no32", "no_fp32"), ("_oact", "out_act"), ("_noz", "no_gate"), ("_nozact", "no_gate_act"))
-_OUT_NORM_POSTFIXES = (("_onnone", "none"), ("_ondwconv3", None), ("_oncnorm", None), ("_onsoftmax", None),
-                       ("_onsigmoid", "sigmoid"))
+_OUT_NORM_POSTFIXES = (("_onnone", "none"), ("_ondwconv3", "dwconv3"), ("_oncnorm", "cnorm"),
+                       ("_onsoftmax", "softmax"), ("_onsigmoid", "sigmoid"))
 # v2-style forward types: (scan mode, scan inputs forced to fp32 unless '_no32')
 _V2_FORWARD_TYPES = {
     "v01": ("cross2d", True), "v02": ("cross2d", True), "v03": ("cross2d", True), "v2": ("cross2d", True),
@@ -597,15 +594,11 @@ def _forward_type_args(forward_type: str, problems: List[str]) -> Dict[str, Any]
     out_norm = "ln"
     for tag, name in _OUT_NORM_POSTFIXES:
         if rest.endswith(tag):
-            rest = rest[:-len(tag)]
-            if name is None:
-                problems.append(f"forward_type={forward_type!r}: out-norm {tag!r} is not supported "
-                                "(accepted: default LayerNorm, '_onnone', '_onsigmoid')")
-            out_norm = name or out_norm
+            rest, out_norm = rest[:-len(tag)], name
     if rest not in _V2_FORWARD_TYPES:
         problems.append(f"forward_type={forward_type!r} (accepted: 'v0', 'v0seq', or one of "
-                        f"{', '.join(map(repr, _V2_FORWARD_TYPES))} with postfixes _onnone/_onsigmoid, _nozact, "
-                        "_noz, _oact, _no32)")
+                        f"{', '.join(map(repr, _V2_FORWARD_TYPES))}, then optionally one of "
+                        f"{', '.join(t for t, _ in _OUT_NORM_POSTFIXES)}, then _nozact or _noz, _oact, _no32)")
         return {}
     scan_mode, fp32 = _V2_FORWARD_TYPES[rest]
     return dict(gate=not flags["no_gate"], gate_act=not flags["no_gate_act"], out_act=flags["out_act"],
