@@ -18,7 +18,8 @@ The mixer is a non-causal Mamba: ``in_proj`` splits into halves ``x`` and ``z``;
 depthwise conv1d with symmetric ('same') padding and SiLU; only ``x`` is scanned (one forward scan over
 the window's tokens) and the scan output is concatenated with ``z`` (not multiplied) before
 ``out_proj``. As officially, ``dt_proj``'s bias is applied by the Linear and again as the scan's
-``delta_bias``. The scan goes through :func:`zoo.ops.selective_scan` (compiled kernels when built).
+``delta_bias``. The SSM maths (init, dt/B/C projection, fp32 rule, the scan over
+:func:`zoo.ops.selective_scan`, compiled kernels when built) comes from :mod:`zoo.layers.ssm`.
 """
 from __future__ import annotations
 
@@ -36,7 +37,15 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..checkpoint import extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
-from ..ops.selective_scan import selective_scan
+from ..layers.ssm import (
+    ScanInputs,
+    dt_bc_projection,
+    init_dt_bias_,
+    init_dt_proj_weight_,
+    s4d_real_A_log,
+    scan,
+    ssm_parameters,
+)
 
 __all__ = [
     "MambaVision",
@@ -126,25 +135,19 @@ class MambaVisionMixer(nn.Module):
         :class:`MambaVision` re-initialises every Linear afterwards (dt_proj included), as the official model.
         """
         dt_min, dt_max, floor = self._dt_init
-        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        log_dt = torch.rand_like(self.dt_proj.bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        dt = log_dt.exp().clamp(min=floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log.copy_(torch.arange(1, self.d_state + 1, dtype=torch.float32).log().expand_as(self.A_log))
+        init_dt_proj_weight_(self.dt_proj.weight, self.dt_rank)
+        init_dt_bias_(self.dt_proj.bias, dt_min, dt_max, floor)
+        self.A_log.copy_(s4d_real_A_log(self.d_half, self.d_state))
         self.D.fill_(1.0)
 
     def _ssm(self, x: torch.Tensor) -> torch.Tensor:
         """The selective scan of the SSM branch over x (B, d_half, L)."""
-        proj = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2 N)
-        dt, B, C = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = self.dt_proj(dt).transpose(1, 2)  # bias included here and again as delta_bias below
-        B = B.transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, N, L)
-        C = C.transpose(1, 2).unsqueeze(1).contiguous()
-        A = -torch.exp(self.A_log.float())
-        return selective_scan(
-            x.contiguous(), delta.contiguous(), A, B, C, self.D.float(), None, self.dt_proj.bias.float(),
-            delta_softplus=True,
-        )
+        delta, B, C = dt_bc_projection(x.transpose(1, 2), self.x_proj.weight, self.dt_proj.weight, self.d_state,
+                                       tokens_last=True)
+        # as officially, dt_proj's bias is added by the Linear and again by the scan (delta_bias)
+        delta = delta + self.dt_proj.bias.to(delta.dtype)[:, None]
+        A, D, delta_bias = ssm_parameters(self.A_log, self.D, self.dt_proj.bias)
+        return scan(ScanInputs(x, delta.contiguous(), A, B, C, D, delta_bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, C) -> (B, L, C)."""
