@@ -175,3 +175,23 @@ def test_official_kwargs_without_fifth_stage_is_a_stride_32_trunk():
         tokens = model.forward_tokens(torch.randn(1, 3, 96, 160))
     assert token_grid(96, 160, num_stages=4) == (3, 5)
     assert tokens.shape == (1, 15, 16)
+
+
+def test_appended_stage_gets_the_trunk_initialisation():
+    """The official tower initialises every stage, the appended one included, as ConvNeXt does:
+    conv / linear weights ~ N(0, 0.02) with zero biases, LayerNorms at (1, 0), layer scale at
+    ls_init_value. PyTorch's default init (what a stage left uninitialised keeps) has biases != 0 and
+    weight std 1/sqrt(3 fan_in), e.g. 0.08 for a 7x7 depthwise conv."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_convllava", dims=(16, 24, 32, 48, 256), depths=(1, 1, 1, 1, 2))
+    extra = model.stages[4]
+    weights = [m for m in extra.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(weights) >= 7  # downsample conv, and per block: depthwise conv, fc1, fc2
+    for m in weights:
+        assert m.bias is None or bool((m.bias == 0).all()), m
+        std = m.weight.std().item()
+        assert 0.016 < std < 0.024, (m, std)
+    norms = [m for m in extra.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(bool((n.weight == 1).all() and (n.bias == 0).all()) for n in norms)
+    for block in extra.blocks:
+        torch.testing.assert_close(block.gamma, torch.full_like(block.gamma, 1e-6))

@@ -141,6 +141,11 @@ def test_multi_direction_backend_hook_and_errors():
 
 
 # --- the mixer against an explicit construction on an odd map --------------------------------------
+# written from the official multiscale_4scan_12 forward, not imported from the code under test: the
+# low-resolution map is read back to front row-major, then column-major, then column-major back to
+# front (one concatenated sequence), with parameter slot 0; the full-resolution scan uses slot 1
+OFFICIAL_LOW_RES_ORDERS = ("row_reversed", "col", "col_reversed")
+OFFICIAL_LOW_RES_SLOT, OFFICIAL_FULL_RES_SLOT = 0, 1
 
 
 def test_mixer_matches_explicit_construction_on_odd_map(monkeypatch):
@@ -185,9 +190,10 @@ def test_mixer_matches_explicit_construction_on_odd_map(monkeypatch):
                         A=-mixer.A_logs[slot * d:(slot + 1) * d].exp(), B=Bm[:, None], C=Cm[:, None],
                         D=mixer.Ds[slot * d:(slot + 1) * d], delta_bias=mixer.dt_projs_bias[slot])
 
-        p = params(full.flatten(2), FULL_RES_SLOT)
+        p = params(full.flatten(2), OFFICIAL_FULL_RES_SLOT)
         y_full = selective_scan_naive(**p, delta_softplus=True).transpose(1, 2)
-        y_low = _materialised_multi_direction(params(low.flatten(2), LOW_RES_SLOT), 3, 4, MSVMAMBA_LOW_RES_ORDERS)
+        y_low = _materialised_multi_direction(params(low.flatten(2), OFFICIAL_LOW_RES_SLOT), 3, 4,
+                                             OFFICIAL_LOW_RES_ORDERS)
         y_low = mixer.out_norm(y_low.transpose(-1, -2)).sum(1).transpose(1, 2).reshape(2, -1, 3, 4)
         y = mixer.out_norm(y_full).reshape(2, 5, 7, -1) + F.interpolate(
             y_low, size=(5, 7), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)

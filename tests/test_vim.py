@@ -240,11 +240,13 @@ def _official_style_model(m: Vim, x: torch.Tensor, cls_mode: str, pool: str) -> 
     "flags, cls_mode, pool",
     [
         (dict(), "middle", ""),
+        # 3 x 3 = 9 patches: officially the class token goes to index M // 2 = 4 ((M + 1) // 2 would be 5)
+        (dict(img_size=24), "middle", ""),
         (dict(use_middle_cls_token=False, if_divide_out=False), "first", ""),
         (dict(if_cls_token=False, final_pool_type="mean"), "none", "mean"),
         (dict(if_cls_token=False, final_pool_type="none", stride=4), "none", "last"),
     ],
-    ids=["middle_cls", "first_cls_sum", "no_cls_mean", "no_cls_last_stride4"],
+    ids=["middle_cls", "middle_cls_odd_grid", "first_cls_sum", "no_cls_mean", "no_cls_last_stride4"],
 )
 def test_official_flag_variants_match_official_structure(flags, cls_mode, pool):
     kw = dict(img_size=16, patch_size=8, stride=8, embed_dim=8, depth=2, d_state=4, num_classes=3,
@@ -255,7 +257,7 @@ def test_official_flag_variants_match_official_structure(flags, cls_mode, pool):
     with torch.no_grad():
         for p in m.parameters():  # move every tensor off its init so that all of them matter
             p.add_(torch.randn_like(p) * 0.2)
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    x = torch.randn(2, 3, kw["img_size"], kw["img_size"], dtype=torch.float64)
     with torch.no_grad():
         pre = m.forward_head(m.forward_features(x), pre_logits=True)
         expected = _official_style_model(m, x, cls_mode, pool)

@@ -16,6 +16,11 @@ def leaf_function(fn: F) -> F:
     runs as Python, and an FX graph records one call to it instead of tracing through it, so a clear
     ``ValueError`` on bad input survives scripting and tracing. Callers must pass every argument
     (TorchScript drops the defaults of ignored functions), and its name must not start with ``_``
-    (FX wraps only public names of the caller's module).
+    (timm's tracer wraps only public names of the caller's module). Put ``@torch.fx.wrap`` above it
+    so that calls from helpers of the defining module (not only from module forwards) stay leaves::
+
+        @torch.fx.wrap
+        @leaf_function
+        def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor: ...
     """
     return register_notrace_function(torch.jit.ignore(fn))

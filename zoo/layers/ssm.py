@@ -45,6 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
+from .helpers import leaf_function
+
 from zoo.ops import (
     SCAN_ORDERS,
     selective_scan,
@@ -80,7 +82,8 @@ for _entry in (selective_scan, selective_scan_bidirectional, selective_scan_mult
 
 
 # --- the fp32 rule ------------------------------------------------------------------------------------
-@register_notrace_function  # branches on the dtype: a leaf for FX
+@torch.fx.wrap  # branches on the dtype: a leaf for FX (also when called from this module)
+@register_notrace_function
 def fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
     """``t`` in fp32, or unchanged if it is float64 (SSM parameters never run in half precision)."""
     return t if t.dtype == torch.float64 else t.float()
@@ -282,8 +285,8 @@ class ScanDirection1d(nn.Module):
 
 
 # --- 2-D cross scan -------------------------------------------------------------------------------------
-@register_notrace_function  # runs on real shapes when traced
-@torch.jit.ignore
+@torch.fx.wrap  # runs on real shapes when traced
+@leaf_function
 def check_scan_orders(orders: List[str], num_directions: int) -> None:
     bad = [o for o in orders if o not in SCAN_ORDERS]
     if not orders or bad:
@@ -347,6 +350,7 @@ def _ops_scan_multi_direction(inputs: ScanInputs, height: int, width: int, order
     )
 
 
+@torch.fx.wrap
 @register_notrace_function
 def scan(inputs: ScanInputs, z: Optional[torch.Tensor] = None, reverse: bool = False,
          delta_softplus: bool = True) -> torch.Tensor:
@@ -354,6 +358,7 @@ def scan(inputs: ScanInputs, z: Optional[torch.Tensor] = None, reverse: bool = F
     return _ops_scan(inputs, z, reverse, delta_softplus)
 
 
+@torch.fx.wrap
 @register_notrace_function
 def scan_bidirectional(fwd: ScanInputs, bwd: ScanInputs, z: Optional[torch.Tensor] = None,
                        scale: float = 0.5) -> torch.Tensor:
@@ -361,6 +366,7 @@ def scan_bidirectional(fwd: ScanInputs, bwd: ScanInputs, z: Optional[torch.Tenso
     return _ops_scan_bidirectional(fwd, bwd, z, scale)
 
 
+@torch.fx.wrap
 @register_notrace_function
 def scan_multi_direction(inputs: ScanInputs, height: int, width: int, orders: List[str]) -> torch.Tensor:
     """Several traversals of a map scanned as one sequence, state carried across

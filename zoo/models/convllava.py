@@ -15,8 +15,6 @@ Any input size works; the token grid is ``(H // 64, W // 64)`` (each stride-2 co
 Everything but the appended stage and the head width is timm's ``ConvNeXt`` unchanged, so timm's
 ``features_only``, ``forward_intermediates``, grad checkpointing and classifier reset apply to all 5 stages.
 """
-from __future__ import annotations
-
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -29,8 +27,22 @@ from timm.models._manipulate import named_apply
 from timm.models.convnext import ConvNeXt, ConvNeXtStage, _get_norm_layers, _init_weights
 
 from ..checkpoint import extract_state_dict
+from ..layers.helpers import leaf_function
 
 __all__ = ["ConvLLaVAConvNeXt", "checkpoint_filter_fn", "from_official_kwargs", "token_grid"]
+
+@torch.fx.wrap
+@leaf_function
+def check_image_batch(x: torch.Tensor, in_chans: int, stride: int) -> torch.Tensor:
+    """``x`` unchanged, or a clear error (runs on real shapes under FX / TorchScript)."""
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"expected an image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
+    if x.shape[-2] < stride or x.shape[-1] < stride:
+        raise ValueError(
+            f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the network stride {stride}; "
+            f"height and width must be at least {stride} (the token grid is (H // {stride}, W // {stride}))")
+    return x
+
 
 def token_grid(height: int, width: int, patch_size: int = 4, num_stages: int = 5) -> Tuple[int, int]:
     """The (rows, cols) of the token grid for an input of the given size."""
@@ -119,21 +131,18 @@ class ConvLLaVAConvNeXt(ConvNeXt):
             self.head.norm = nn.Identity()
         named_apply(_init_weights, self.head, name="head")
         self.head_hidden_size = self.head.num_features
+        self.token_stride: int = self.feature_info[-1]["reduction"]
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected an image batch of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        stride = self.feature_info[-1]["reduction"]
-        if x.shape[-2] < stride or x.shape[-1] < stride:
-            raise ValueError(
-                f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the network stride {stride}; "
-                f"height and width must be at least {stride} (the token grid is (H // {stride}, W // {stride}))")
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_image_batch(x, self.in_chans, self.token_stride)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's (B, C, H // 64, W // 64) map, without any final norm."""
-        self._check_input(x)
-        return super().forward_features(x)
+        x = self._check_input(x)
+        # ConvNeXt.forward_features written out: TorchScript cannot call super()
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm_pre(x)
 
     def forward_intermediates(
             self,
@@ -145,7 +154,7 @@ class ConvLLaVAConvNeXt(ConvNeXt):
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """timm's ConvNeXt ``forward_intermediates`` over all stages (index 4 is the token map)."""
-        self._check_input(x)
+        x = self._check_input(x)
         return super().forward_intermediates(
             x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
             intermediates_only=intermediates_only)

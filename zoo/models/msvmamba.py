@@ -19,8 +19,6 @@ Numerically equivalent to the official ``VSSM`` with the released ``multiscale_4
 The scans go through :func:`zoo.ops.selective_scan` and :func:`zoo.ops.multi_direction.
 selective_scan_multi_direction`, so compiled kernels speed the model up without changes here.
 """
-from __future__ import annotations
-
 import math
 import os
 import re
@@ -38,6 +36,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
 from ..checkpoint import extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
+from ..layers.helpers import leaf_function
 from ..layers.ssm import ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, stacked_ssm_inputs
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS
 
@@ -103,6 +102,8 @@ class MultiScaleSS2D(nn.Module):
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.low_res_orders: List[str] = list(low_res_orders)
         num_slots = 2
+        # as attributes: TorchScript reads no int globals
+        self.low_res_slot, self.full_res_slot = LOW_RES_SLOT, FULL_RES_SLOT
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.act = nn.SiLU()
@@ -145,11 +146,11 @@ class MultiScaleSS2D(nn.Module):
         x = x.permute(0, 3, 1, 2)  # both branches start from x, before any conv
 
         x_full = self.act(self.conv_full(x)).flatten(2)  # (B, D, H * W), row-major
-        y_full = scan(self._scan_inputs(x_full, FULL_RES_SLOT))
+        y_full = scan(self._scan_inputs(x_full, self.full_res_slot))
 
         x_low = self.act(self.conv_low(x))
         low_h, low_w = x_low.shape[-2], x_low.shape[-1]
-        y_low = scan_multi_direction(self._scan_inputs(x_low.flatten(2), LOW_RES_SLOT), low_h, low_w,
+        y_low = scan_multi_direction(self._scan_inputs(x_low.flatten(2), self.low_res_slot), low_h, low_w,
                                      self.low_res_orders)
         # (B, n_orders, D, h * w), every direction already back in row-major pixel order
 
@@ -236,12 +237,19 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if patch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        patch = self.proj.stride[0]
-        if x.ndim != 4 or x.shape[1] != self.proj.in_channels or x.shape[-2] < patch or x.shape[-1] < patch:
-            raise ValueError(
-                f"MSVMamba: expected an image batch of shape (B, {self.proj.in_channels}, H, W) with H and W "
-                f">= {patch} (the stem patch size), got {tuple(x.shape)}")
+        x = check_image_batch(x, self.proj.in_channels, self.proj.stride[0])
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+@torch.fx.wrap
+@leaf_function
+def check_image_batch(x: torch.Tensor, in_chans: int, patch: int) -> torch.Tensor:
+    """``x`` unchanged, or a clear error (runs on real shapes under FX / TorchScript)."""
+    if x.ndim != 4 or x.shape[1] != in_chans or x.shape[-2] < patch or x.shape[-1] < patch:
+        raise ValueError(
+            f"MSVMamba: expected an image batch of shape (B, {in_chans}, H, W) with H and W "
+            f">= {patch} (the stem patch size), got {tuple(x.shape)}")
+    return x
 
 
 class MSVMamba(nn.Module):

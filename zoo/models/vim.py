@@ -23,8 +23,6 @@ Checkpoint key names differ from the official ones (``layers.*`` -> ``blocks.*``
 tensors live in ``mixer.fwd`` / ``mixer.bwd``, ``norm_f`` -> ``norm``); :func:`checkpoint_filter_fn`
 maps them. :func:`from_official_kwargs` builds a model from the official ``VisionMamba`` kwargs.
 """
-from __future__ import annotations
-
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -34,11 +32,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, lecun_normal_, register_notrace_module, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.checkpoint import extract_state_dict
+from zoo.layers.helpers import leaf_function
 from zoo.layers.ssm import ScanDirection1d, fp32_or_wider, init_dt_bias_, init_dt_proj_weight_, scan_bidirectional
 from zoo.ops.mixer import bimamba_rows, fused_mixer_enabled
 
@@ -60,6 +59,7 @@ def _class_token_index(num_patches: int, position: str) -> int:
     return num_patches // 2 if position == "middle" else 0
 
 
+@register_notrace_module  # steps out of autocast by device type: a leaf for FX
 class FP32RMSNorm(nn.Module):
     """Weight-only RMSNorm computed in fp32 whatever the input dtype (or autocast) is.
 
@@ -73,6 +73,8 @@ class FP32RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._norm(x)  # TorchScript has no autocast to step out of
         # devices without autocast (meta, for shape inference) refuse torch.autocast(..., enabled=False)
         if not torch.amp.is_autocast_available(x.device.type):
             return self._norm(x)
@@ -101,26 +103,34 @@ class OverlapPatchEmbed(nn.Module):
 
     def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
         """Token grid for an input of ``img_size`` (H, W), or a ValueError if it does not tile."""
-        h, w = img_size
-        (ph, pw), (sh, sw) = self.patch_size, self.stride
-        if h < ph or w < pw or (h - ph) % sh or (w - pw) % sw:
-            def nearest(n: int, p: int, s: int) -> int:
-                return max(p, p + round((n - p) / s) * s)
-            raise ValueError(
-                f"Vim: input size {h}x{w} does not fit the patch grid (patch {ph}x{pw}, stride {sh}x{sw}); "
-                f"accepted: H >= {ph}, W >= {pw} with (H - {ph}) % {sh} == 0 and (W - {pw}) % {sw} == 0, "
-                f"e.g. {nearest(h, ph, sh)}x{nearest(w, pw, sw)}"
-            )
-        return (h - ph) // sh + 1, (w - pw) // sw + 1
+        return _patch_grid(img_size[0], img_size[1], self.patch_size, self.stride)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"Vim: expected an image batch of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}"
-            )
-        grid = self.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        grid = checked_patch_grid(x, self.in_chans, self.patch_size, self.stride)
         x = self.proj(x).flatten(2).transpose(1, 2)  # (B, M, C)
         return x, grid
+
+
+def _patch_grid(h: int, w: int, patch: Tuple[int, int], stride: Tuple[int, int]) -> Tuple[int, int]:
+    (ph, pw), (sh, sw) = patch, stride
+    if h < ph or w < pw or (h - ph) % sh or (w - pw) % sw:
+        nearest_h, nearest_w = (max(p, p + round((n - p) / s) * s) for n, p, s in ((h, ph, sh), (w, pw, sw)))
+        raise ValueError(
+            f"Vim: input size {h}x{w} does not fit the patch grid (patch {ph}x{pw}, stride {sh}x{sw}); "
+            f"accepted: H >= {ph}, W >= {pw} with (H - {ph}) % {sh} == 0 and (W - {pw}) % {sw} == 0, "
+            f"e.g. {nearest_h}x{nearest_w}"
+        )
+    return (h - ph) // sh + 1, (w - pw) // sw + 1
+
+
+@torch.fx.wrap
+@leaf_function
+def checked_patch_grid(x: torch.Tensor, in_chans: int, patch: Tuple[int, int],
+                        stride: Tuple[int, int]) -> Tuple[int, int]:
+    """The token grid of an image batch, or a clear error (runs on real shapes under FX / TorchScript)."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"Vim: expected an image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
+    return _patch_grid(int(x.shape[-2]), int(x.shape[-1]), patch, stride)
 
 
 class BiMambaMixer(nn.Module):
@@ -209,6 +219,16 @@ def resample_vim_pos_embed(
         return patches
     i_new = _class_token_index(new_grid[0] * new_grid[1], cls_position)
     return torch.cat([patches[:, :i_new], cls_row.to(patches.dtype), patches[:, i_new:]], dim=1)
+
+
+@torch.fx.wrap
+@leaf_function
+def pos_embed_for_grid(pos_embed: torch.Tensor, grid: Tuple[int, int], default_grid: Tuple[int, int],
+                        cls_position: Optional[str]) -> torch.Tensor:
+    """``pos_embed`` as is for the default grid, else resampled to ``grid`` (needs real sizes under FX)."""
+    if tuple(grid) == tuple(default_grid):
+        return pos_embed
+    return resample_vim_pos_embed(pos_embed, grid, default_grid, cls_position)
 
 
 class Vim(nn.Module):
@@ -354,25 +374,22 @@ class Vim(nn.Module):
     # --- forward ----------------------------------------------------------------------------------
     def cls_token_index(self, grid: Tuple[int, int]) -> Optional[int]:
         """Index of the class token in the sequence for a token grid, None without a class token."""
-        if self.cls_position is None:
+        position = self.cls_position
+        if position is None:
             return None
-        return _class_token_index(grid[0] * grid[1], self.cls_position)
-
-    def _pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
-        if tuple(grid) == tuple(self.patch_embed.grid_size):
-            return self.pos_embed
-        return resample_vim_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.cls_position)
+        return _class_token_index(grid[0] * grid[1], position)
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x, grid = self.patch_embed(x)
         # the residual stream is fp32 (also under autocast / a half-precision model); widen before
         # inserting the class token so that autocast does not round it to the conv's half precision
         x = fp32_or_wider(x)
-        if self.cls_token is not None:
-            i = self.cls_token_index(grid)
+        i = self.cls_token_index(grid)
+        if self.cls_token is not None and i is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat([x[:, :i], cls, x[:, i:]], dim=1)
-        x = x + fp32_or_wider(self._pos_embed_for(grid))
+        pos_embed = pos_embed_for_grid(self.pos_embed, grid, self.patch_embed.grid_size, self.cls_position)
+        x = x + fp32_or_wider(pos_embed)
         return self.pos_drop(x), grid
 
     def _shuffle_probability(self, index: int) -> float:
@@ -408,15 +425,21 @@ class Vim(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> normed tokens (B, 1 + M, C) with the class token at its index."""
         x, grid = self._embed(x)
-        cls_index = self.cls_token_index(grid)
-        for i, block in enumerate(self.blocks):
-            x = self._run_block(i, block, x, cls_index)
+        if torch.jit.is_scripting():
+            if self.training and self.layer_shuffle_prob > 0:
+                raise RuntimeError("Vim: layer shuffle (layer_shuffle_prob > 0) does not run under TorchScript")
+            x = self.blocks(x)  # (grad checkpointing is off under TorchScript, as in timm)
+        else:
+            cls_index = self.cls_token_index(grid)
+            for i, block in enumerate(self.blocks):
+                x = self._run_block(i, block, x, cls_index)
         return self.norm(x)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "token":
-            n_patch = x.shape[1] - 1
-            return x[:, _class_token_index(n_patch, self.cls_position)]
+            position = self.cls_position
+            assert position is not None  # checked in __init__ / reset_classifier
+            return x[:, _class_token_index(x.shape[1] - 1, position)]
         if self.global_pool == "avg":
             return x.mean(dim=1)
         if self.global_pool == "last":
@@ -728,6 +751,6 @@ def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> Vim:
 
 @register_model
 def test_vim(pretrained: bool = False, **kwargs: Any) -> Vim:
-    """Tiny test-sized Vim: 32 px input, patch 8, 2 blocks of width 32."""
-    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, d_state=8)
+    """Tiny test-sized Vim: 32 px input, patch 8, 3 blocks of width 32 (3 feature levels, as timm's tests want)."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, d_state=8)
     return _create_vim("test_vim", pretrained, **dict(args, **kwargs))
