@@ -38,6 +38,7 @@ setup(
             "open_clip_torch>=3.3,<4",
             "ninja",
             "datasets>=4",  # train_imagenet.py --dataset hfds (tests/test_train_datasets.py)
+            "webdataset>=0.2",  # train_imagenet.py --dataset wds
         ],
     },
     ext_modules=ext_modules,

@@ -43,7 +43,9 @@ class TrainConfig:
     finetune: Optional[str] = None  # a zoo or official checkpoint to start from
 
     # data
-    dataset: str = ""  # "" / folder: ImageFolder tree; hfds/NAME or hfds (local --data-dir): HF datasets
+    dataset: str = ""  # "" / folder: ImageFolder tree; hfds/NAME or hfds (local --data-dir): HF datasets;
+    # wds: WebDataset tar shards in --data-dir (splits from _info.json, or "name-{0000..0009}.tar|N")
+    num_classes: Optional[int] = None  # None: from the data (wds without class info in _info.json needs it)
     data_dir: Optional[str] = None  # folder root with train/ and val/ (hfds: the cache); None: embedded digits
     train_split: str = "train"
     val_split: str = "val"

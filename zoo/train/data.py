@@ -11,7 +11,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -185,6 +185,41 @@ def _hf_dataset(cfg: TrainConfig, split: str) -> Dataset:
     return CheckedImages(ds, lambda i: f"sample {i} of {name} [{split}]", cfg.skip_corrupt)
 
 
+def is_streaming(cfg: TrainConfig) -> bool:
+    """WebDataset shards are read as a stream (timm's IterableImageDataset), not by index."""
+    return cfg.dataset.partition("/")[0].lower() == "wds"
+
+
+def _wds_dataset(cfg: TrainConfig, split: str, is_training: bool, batch_size: int) -> Dataset:
+    """WebDataset shards through timm's reader: shard shuffling and per-rank / per-worker splits by timm,
+    the length from ``_info.json`` or the split's ``|N`` suffix."""
+    from timm.data import create_dataset
+
+    if not cfg.data_dir:
+        raise ConfigError("--dataset wds needs --data-dir, the folder holding the tar shards")
+    try:
+        return create_dataset(cfg.dataset if "/" in cfg.dataset else "wds/", root=str(Path(cfg.data_dir).expanduser()),
+                              split=split, is_training=is_training, batch_size=batch_size, seed=cfg.seed)
+    except ImportError as err:
+        raise ConfigError("--dataset wds needs the webdataset package (pip install webdataset)") from err
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--dataset {cfg.dataset}: cannot read split {split!r} in {cfg.data_dir}: {first} "
+                          "(give the shards as 'NAME-{000000..000009}.tar|NUM_SAMPLES' or write an "
+                          "_info.json)") from err
+
+
+def build_streaming_datasets(cfg: TrainConfig, micro_batch: int, world_size: int) -> DataBundle:
+    train = _wds_dataset(cfg, cfg.train_split, True, micro_batch)
+    val = _wds_dataset(cfg, cfg.val_split, False, micro_batch)
+    info = getattr(train.reader, "info", {}) or {}
+    num_classes = cfg.num_classes or info.get("num_classes")
+    if not num_classes:
+        raise ConfigError("--dataset wds: the number of classes is not in _info.json ('num_classes'); "
+                          "pass --num-classes N")
+    return DataBundle(train, val, int(num_classes), [str(c) for c in range(int(num_classes))])
+
+
 def _class_names(ds: Dataset) -> List[str]:
     classes = getattr(ds, "classes", None)
     if classes is not None:
@@ -196,6 +231,8 @@ def _class_names(ds: Dataset) -> List[str]:
 def build_datasets(cfg: TrainConfig) -> DataBundle:
     """The training and validation sets, untransformed (PIL image, label)."""
     kind = cfg.dataset.partition("/")[0].lower()
+    if kind == "wds":
+        raise ConfigError("WebDataset shards are streamed: use build_streaming_datasets")
     if kind == "hfds":
         train, val = _hf_dataset(cfg, cfg.train_split), _hf_dataset(cfg, cfg.val_split)
         names_train, names_val = _class_names(train), _class_names(val)
@@ -204,7 +241,8 @@ def build_datasets(cfg: TrainConfig) -> DataBundle:
         return DataBundle(train, val, len(names_train), names_train)
     if kind not in ("", "folder", "imagefolder"):
         raise ConfigError(f"config key 'dataset'={cfg.dataset!r}: accepted are '' or folder (an ImageFolder "
-                          "tree), hfds/NAME or hfds (with --data-dir a local Hugging Face dataset folder)")
+                          "tree), hfds/NAME or hfds (with --data-dir a local Hugging Face dataset folder), wds (tar shards in "
+                          "--data-dir)")
     if cfg.data_dir is None:
         train, val = DigitsDataset("train"), DigitsDataset("val")
         return DataBundle(train, val, DigitsDataset.num_classes, train.classes)
@@ -373,7 +411,7 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, cfg: TrainConfig, *, train: bool,
+def build_loader(dataset: Dataset, sampler: Optional[Sampler], batch_size: int, cfg: TrainConfig, *, train: bool,
                  device: torch.device) -> DataLoader:
     workers = cfg.workers
     return DataLoader(

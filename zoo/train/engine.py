@@ -281,6 +281,7 @@ def train_one_epoch(
     meter: Optional[LossMeter] = None,
     on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
     progress=None,
+    skip_batches: int = 0,
 ) -> Dict[str, float]:
     """Runs optimizer steps ``state.step_in_epoch .. steps`` of the current epoch.
 
@@ -299,6 +300,9 @@ def train_one_epoch(
     epoch_start, seconds_before = time.perf_counter(), state.epoch_seconds
     grad_norm = None
     for images, targets in loader:
+        if skip_batches:  # a streamed epoch resumed mid-way: these batches were trained before the checkpoint
+            skip_batches -= 1
+            continue
         if micro >= remaining_micro:
             break
         images = images.to(device, non_blocking=True)

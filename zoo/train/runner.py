@@ -18,8 +18,8 @@ from timm.utils import ModelEmaV3
 
 from . import checkpoint as ckpt_io
 from .config import ConfigError, TrainConfig, save_config
-from .data import (ShardSampler, SeededTransformDataset, build_datasets, build_loader, build_train_sampler,
-                   build_transforms, steps_per_epoch)
+from .data import (ShardSampler, SeededTransformDataset, build_datasets, build_loader, build_streaming_datasets,
+                   build_train_sampler, build_transforms, is_streaming, steps_per_epoch)
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from .engine import (LossMeter, NonFiniteLossError, TrainState, amp_dtype, build_criterion, build_mixup,
                      build_model, build_optimizer_and_scheduler, check_input_size, evaluate, peak_memory_mb,
@@ -94,7 +94,8 @@ class _Setup:
 
 def _set_up(cfg: TrainConfig, dist_info: DistInfo, logger: RunLogger) -> _Setup:
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    data = build_datasets(cfg)
+    streaming = is_streaming(cfg)
+    data = build_streaming_datasets(cfg, _batch_layout(cfg, world)[0], world) if streaming else build_datasets(cfg)
     # identical initial weights on every rank; then a per-rank stream for dropout / mixup / shuffles
     seed_everything(cfg.seed)
     model = build_model(cfg, data.num_classes)
@@ -109,10 +110,14 @@ def _set_up(cfg: TrainConfig, dist_info: DistInfo, logger: RunLogger) -> _Setup:
         model.to(memory_format=torch.channels_last)
     seed_everything(cfg.seed + rank)
     train_tf, eval_tf = build_transforms(cfg, data_config)
-    val_set = SeededTransformDataset(data.val, eval_tf)
-    val_loader = build_loader(val_set, ShardSampler(len(val_set), rank, world),
-                              max(cfg.batch_size or cfg.global_batch_size // world, 1), cfg, train=False,
-                              device=device)
+    eval_batch = max(cfg.batch_size or cfg.global_batch_size // world, 1)
+    if streaming:  # timm's reader splits the shards over ranks and workers and applies the transform
+        data.val.transform = eval_tf
+        val_loader = build_loader(data.val, None, eval_batch, cfg, train=False, device=device)
+    else:
+        val_set = SeededTransformDataset(data.val, eval_tf)
+        val_loader = build_loader(val_set, ShardSampler(len(val_set), rank, world), eval_batch, cfg, train=False,
+                                  device=device)
     dtype = amp_dtype(cfg)
     if dtype is not None and device.type == "cpu" and dtype == torch.float16:
         logger.print("[train] note: fp16 autocast on CPU is slow and rarely useful; bf16 is the default")
@@ -128,12 +133,19 @@ class _Training:
         self.setup = setup = _set_up(cfg, dist_info, logger)
         self.model, self.device, world = setup.model, dist_info.device, dist_info.world_size
         self.micro, self.accum = _batch_layout(cfg, world)
-        self.train_set = SeededTransformDataset(setup.data.train, setup.train_tf)
-        self.sampler = build_train_sampler(self.train_set, cfg, dist_info.rank, world)
-        self.steps = steps_per_epoch(len(self.sampler.inner), self.micro, self.accum)
+        self.sampler = None
+        if is_streaming(cfg):
+            self.train_set = setup.data.train
+            self.train_set.transform = setup.train_tf
+            local = len(self.train_set)
+        else:
+            self.train_set = SeededTransformDataset(setup.data.train, setup.train_tf)
+            self.sampler = build_train_sampler(self.train_set, cfg, dist_info.rank, world)
+            local = len(self.sampler.inner)
+        self.steps = steps_per_epoch(local, self.micro, self.accum)
         if self.steps < 1:
             raise ConfigError(
-                f"the training set ({len(setup.data.train)} images, {len(self.sampler.inner)} per process) is "
+                f"the training set ({len(setup.data.train)} images, {local} per process) is "
                 f"smaller than one step of global_batch_size={cfg.global_batch_size}; lower --global-batch-size")
         self.train_loader = build_loader(self.train_set, self.sampler, self.micro, cfg, train=True,
                                          device=self.device)
@@ -249,7 +261,12 @@ class _Training:
 
     def _train_epoch(self) -> Dict[str, float]:
         cfg, state = self.cfg, self.state
-        self.sampler.set_epoch(state.epoch, start=state.step_in_epoch * self.accum * self.micro)
+        skip = 0
+        if self.sampler is not None:
+            self.sampler.set_epoch(state.epoch, start=state.step_in_epoch * self.accum * self.micro)
+        else:  # a stream restarts its epoch: skip the micro-batches done before the checkpoint
+            self.train_set.set_epoch(state.epoch)
+            skip = state.step_in_epoch * self.accum
         self.meter = LossMeter(self.device, state, cfg.amp)
         progress = None
         if cfg.progress and self.dist.is_main:
@@ -265,7 +282,7 @@ class _Training:
                 accum_steps=self.accum, device=self.device, dtype=self.setup.dtype, mixup=self.mixup,
                 ema=self.ema, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
                 channels_last=cfg.channels_last, log_interval=cfg.log_interval, meter=self.meter,
-                on_step=self.step_hook, progress=progress)
+                on_step=self.step_hook, progress=progress, skip_batches=skip)
         finally:
             if progress is not None:
                 progress.close()
