@@ -10,11 +10,16 @@ Every config key is also a flag (``--lr 5e-4``, ``--no-ema``); see ``--help`` an
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
-from zoo.train import TrainingError, config_from_args, run
-from zoo.train.distributed import cleanup
+# OpenMP threads that spin while waiting for a descheduled sibling slow a busy machine's training many
+# times over (docs/training.md); set before torch loads its OpenMP runtime, and a user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from zoo.train import TrainingError, config_from_args, run  # noqa: E402
+from zoo.train.distributed import cleanup  # noqa: E402
 
 
 def _one_line(err: BaseException) -> str:
