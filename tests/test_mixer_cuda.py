@@ -15,8 +15,9 @@ from zoo.ops.mixer import bimamba_rows, fused_mixer_enabled
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-# max |fused - float64 reference| / max |reference|
-TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# |fused - float64 reference| / |reference| (norms) may reach the larger of TOL and twice the error of the
+# unfused pure-PyTorch mixer run in the same dtype (the rounding any path of that dtype pays)
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 def _reference64(m, x: torch.Tensor, monkeypatch) -> torch.Tensor:
@@ -28,7 +29,15 @@ def _reference64(m, x: torch.Tensor, monkeypatch) -> torch.Tensor:
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def _assert_close_to_reference(m, x: torch.Tensor, out: torch.Tensor, ref: torch.Tensor, monkeypatch) -> None:
+    with monkeypatch.context() as mp, torch.no_grad():
+        mp.setenv("ZOO_SCAN_BACKEND", "reference")
+        same_dtype = m(x)  # the unfused path on the same device, in the same dtype / autocast state
+    err, ref_err = _rel_err(out, ref), _rel_err(same_dtype, ref)
+    assert err < max(TOL[out.dtype], 2 * ref_err), (err, ref_err)
 
 
 @pytest.fixture
@@ -79,7 +88,7 @@ def test_cuda_fused_mixer_matches_reference(L, d_state, dt_bias, which, dtype, l
         out = m(x)
     assert calls, "the module did not take the fused path"
     assert out.dtype == dtype and out.shape == x.shape
-    assert _rel_err(out, ref) < TOL[dtype]
+    _assert_close_to_reference(m, x, out, ref, monkeypatch)
 
 
 @cuda
@@ -90,10 +99,12 @@ def test_cuda_fused_mixer_under_autocast(dtype, lparallel, monkeypatch):
     m = _mixer(32, 16, (-4.0, 1.0)).cuda()
     x = torch.randn(2, 65, 32, generator=torch.Generator().manual_seed(4)).cuda()
     ref = _reference64(m, x, monkeypatch)
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-        assert fused_mixer_enabled(m.in_proj(x))
-        out = m(x)
-    assert _rel_err(out, ref) < TOL[dtype]
+    with torch.autocast("cuda", dtype=dtype):
+        with torch.no_grad():
+            assert fused_mixer_enabled(m.in_proj(x))
+            out = m(x)
+        assert out.dtype == dtype
+        _assert_close_to_reference(m, x, out, ref, monkeypatch)
 
 
 @cuda
