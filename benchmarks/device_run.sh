@@ -110,7 +110,7 @@ fi
 step scan_lparallel 60 env ZOO_CUDA_SCAN=lparallel "$PY" benchmarks/bench_scan.py $NO_MAMBA \
   --json "$OUT/scan_lparallel.json"
 step scan_default 45 env ZOO_CUDA_SCAN=default "$PY" benchmarks/bench_scan.py --no-mamba --json "$OUT/scan_default.json"
-step mixer 30 env ZOO_CUDA_SCAN=lparallel "$PY" benchmarks/device_report.py mixer --json "$OUT/mixer.json"
+step mixer 45 env ZOO_CUDA_SCAN=lparallel "$PY" benchmarks/device_report.py mixer --json "$OUT/mixer.json"
 MODELS=Vim-Ti,DeiT-Ti,DeiT-S,MSVMamba-T,ConvNeXt-T
 step models_lparallel 75 env ZOO_CUDA_SCAN=lparallel "$PY" benchmarks/bench_models.py --labels "$MODELS" \
   --json "$OUT/models_lparallel.json"
