@@ -132,6 +132,8 @@ def main():
             row = dict(model=label, mode=mode, batch=batch, res=res, error=str(e).splitlines()[0][:160])
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.json:  # after every row, so a run cut short by a timeout keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1))
     print("\n| model | workload | img/s | peak GiB | ms/iter |\n|---|---|---|---|---|")
     for r in rows:
         wl = f"{r['mode']} {r['res']}px bs{r['batch']}"
@@ -139,8 +141,6 @@ def main():
             print(f"| {r['model']} | {wl} | error: {r['error']} | | |")
         else:
             print(f"| {r['model']} | {wl} | {r['img_s']:.0f} | {r['peak_gib']:.2f} | {r['ms']:.2f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

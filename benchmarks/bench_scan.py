@@ -170,6 +170,8 @@ def gpu_table(args):
             row["rel_err_vs_mamba"] = ((ref - our).norm() / ref.norm()).item()
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.json:  # after every shape, so a run cut short by a timeout keeps what it measured
+            Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
     # fused two-direction scan vs two separate launches (Vim-Ti shape)
     _, batch, dim, L, N, groups = SHAPES[0]
     f, r = make(batch, dim, L, N, groups, dtype, dev), make(batch, dim, L, N, groups, dtype, dev)

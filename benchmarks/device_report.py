@@ -4,8 +4,8 @@
     python benchmarks/device_report.py train --steps 500 --json OUT/train.json
     python benchmarks/device_report.py report --dir OUT                  # OUT/result.json + OUT/result.md
 
-``report`` merges whatever the run's steps left in ``--dir`` (a step that timed out leaves nothing,
-and its section stays empty) into the record schema of issue 11:
+``report`` merges whatever the run's steps left in ``--dir`` (the benchmarks write their JSON after
+every row, so a step cut short by its timeout keeps what it measured) into the record schema of issue 11:
 ``{"device", "torch", "scan": [...], "mixer": [...], "models": [...]}`` plus the default kernel's
 scan times, the test summaries, the training curve and the step log.
 """
@@ -36,8 +36,34 @@ def _load(path: Path):
         return None
 
 
+def _mixer_module_ms(batch: int, L: int, backend: str) -> float:
+    """One Vim-Ti mixer (in_proj -> both directions -> out_proj), inference under fp16 autocast. On
+    zoo's kernels under ZOO_CUDA_SCAN=lparallel this is the fused CUDA mixer; with ``mamba_ssm`` the
+    same module runs its unfused path (conv, scan, gate per direction) on mamba-ssm's scan."""
+    import os
+
+    import torch
+
+    from bench_scan import cuda_median_ms
+    from zoo.models.vim import BiMambaMixer
+
+    m = BiMambaMixer(192, d_state=16).cuda().eval()  # Vim-Ti: dim 192, d_inner 384
+    x = torch.randn(batch, L, 192, device="cuda")
+    old = os.environ.get("ZOO_SCAN_BACKEND")
+    os.environ["ZOO_SCAN_BACKEND"] = backend
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+            return cuda_median_ms(lambda: m(x), warmup=5, iters=15, reps=3)
+    finally:
+        if old is None:
+            os.environ.pop("ZOO_SCAN_BACKEND")
+        else:
+            os.environ["ZOO_SCAN_BACKEND"] = old
+
+
 def mixer(args) -> None:
-    """Both directions of a Vim mixer's scan: zoo's bidirectional op vs two mamba-ssm scans (adapter)."""
+    """Vim-Ti's mixer, both directions: the module on zoo's kernels vs on mamba-ssm's (adapter), and
+    the bidirectional scan op's fwd+bwd (bf16) on each."""
     import torch
 
     import mamba_adapter
@@ -52,23 +78,23 @@ def mixer(args) -> None:
         keys = ("u", "delta", "A", "B", "C", "D", "bias")
         leaves = [f[k] for k in keys] + [r[k] for k in keys] + [f["z"]]
 
-        def call(backend):
-            return selective_scan_bidirectional(*[f[k] for k in keys], *[r[k] for k in keys], z=f["z"],
-                                                backend=backend)
-
         def fwdbwd(backend):
-            return lambda: torch.autograd.grad(call(backend), leaves, dout)
+            return lambda: torch.autograd.grad(selective_scan_bidirectional(
+                *[f[k] for k in keys], *[r[k] for k in keys], z=f["z"], backend=backend), leaves, dout)
 
-        row = dict(shape=name)
+        row = dict(shape=name, zoo_ms=None, mamba_ms=None, zoo_fwdbwd_ms=None, mamba_fwdbwd_ms=None)
+        rows.append(row)
         for side, backend in (("zoo", "compiled"), ("mamba", "mamba_ssm")):
             if side == "mamba" and not have_mamba:
+                row["mamba_error"] = "mamba-ssm's selective_scan_cuda not available"
                 continue
-            with torch.no_grad():
-                row[f"{side}_ms"] = cuda_median_ms(lambda: call(backend))
-            row[f"{side}_fwdbwd_ms"] = cuda_median_ms(fwdbwd(backend), warmup=3, iters=10, reps=2)
-        rows.append(row)
+            try:
+                row[f"{side}_ms"] = _mixer_module_ms(batch, L, backend)
+                row[f"{side}_fwdbwd_ms"] = cuda_median_ms(fwdbwd(backend), warmup=3, iters=10, reps=2)
+            except Exception as e:  # a failing side is recorded, the other still measured
+                row[f"{side}_error"] = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            Path(args.json).write_text(json.dumps(rows, indent=1))  # after every timing: a timeout keeps them
         print(json.dumps(row), flush=True)
-    Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 def train(args) -> None:
@@ -104,6 +130,9 @@ def train(args) -> None:
 
 def _scan_rows(lpar: Optional[dict], default: Optional[dict]) -> List[dict]:
     by_shape: Dict[str, dict] = {}
+    for r in (default or {}).get("rows", []) + (lpar or {}).get("rows", []):  # every shape, schema keys present
+        by_shape[r["shape"]] = dict(shape=r["shape"], zoo_fwd_ms=None, mamba_fwd_ms=None, zoo_fwdbwd_ms=None,
+                                    mamba_fwdbwd_ms=None)
     for r in (lpar or {}).get("rows", []):
         by_shape[r["shape"]] = dict(shape=r["shape"], zoo_fwd_ms=r.get("fwd_ms"), zoo_fwdbwd_ms=r.get("fwdbwd_ms"),
                                     mamba_fwd_ms=r.get("mamba_fwd_ms"), mamba_fwdbwd_ms=r.get("mamba_fwdbwd_ms"))
@@ -117,13 +146,16 @@ def _scan_rows(lpar: Optional[dict], default: Optional[dict]) -> List[dict]:
 
 
 def _model_rows(zoo_rows: Optional[list], mamba_rows: Optional[list], default_rows: Optional[list]) -> List[dict]:
+    """Issue 11's model rows; eager and compiled runs of a workload are separate rows."""
     def key(r):
-        return r["model"], f"{r['mode']} {r['res']}px bs{r['batch']}"
+        compiled = "" if r.get("compile", "eager") == "eager" else f" compiled ({r['compile']})"
+        return r["model"], f"{r['mode']} {r['res']}px bs{r['batch']}{compiled}"
 
     out: Dict[tuple, dict] = {}
     for side, rows in (("zoo", zoo_rows), ("mamba", mamba_rows), ("default", default_rows)):
         for r in rows or []:
-            row = out.setdefault(key(r), dict(model=key(r)[0], workload=key(r)[1]))
+            row = out.setdefault(key(r), dict(model=key(r)[0], workload=key(r)[1], zoo_img_s=None, mamba_img_s=None,
+                                              zoo_peak_gib=None, mamba_peak_gib=None))
             if "error" in r:
                 row[f"{side}_error"] = r["error"]
             else:
@@ -131,12 +163,23 @@ def _model_rows(zoo_rows: Optional[list], mamba_rows: Optional[list], default_ro
     return list(out.values())
 
 
+def _rows(d: Path, *names: str) -> List[dict]:
+    """The model rows of the eager and compiled runs of one side, whichever of them exist."""
+    return [r for n in names for r in (_load(d / f"{n}.json") or [])]
+
+
 def _tests(log: Path) -> Optional[str]:
+    """pytest's summary line, or (a run cut short: no summary) the per-test outcomes counted from -v lines."""
     try:
-        lines = [ln for ln in log.read_text().splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+        text = log.read_text()
     except OSError:
         return None
-    return lines[-1].strip("= ") if lines else None
+    lines = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", ln)]
+    if lines:
+        return lines[-1].strip("= ")
+    counts = {k: len(re.findall(rf"::\S+ {k.upper()}", text)) for k in ("passed", "failed", "error", "skipped")}
+    done = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    return f"cut short (no summary): {done or 'no test finished'}"
 
 
 def _ratio(a, b) -> str:
@@ -184,8 +227,8 @@ def report(args) -> None:
         device=meta.get("device", "unknown"), torch=meta.get("torch", "unknown"), date=time.strftime("%Y-%m-%d"),
         scan=_scan_rows(_load(d / "scan_lparallel.json"), _load(d / "scan_default.json")),
         mixer=_load(d / "mixer.json") or [],
-        models=_model_rows(_load(d / "models_lparallel.json"), _load(d / "models_mamba.json"),
-                           _load(d / "models_default.json")),
+        models=_model_rows(_rows(d, "models_lparallel", "models_lparallel_compiled"),
+                           _rows(d, "models_mamba", "models_mamba_compiled"), _load(d / "models_default.json")),
         tests=dict(lparallel=_tests(d / "pytest_lparallel.log"), default=_tests(d / "pytest_default.log")),
         train=_load(d / "train.json"),
         steps=(d / "steps.txt").read_text().splitlines() if (d / "steps.txt").exists() else [],

@@ -13,18 +13,32 @@ inline void check_float_on(const at::Tensor& t, const char* name, const at::Tens
               like.device());
 }
 
+// The activations (x; u, delta, B, C, z): float32, or with `half_inputs` (a kernel that reads them in
+// place, CUDA) also float16 / bfloat16, all of x's (u's) dtype. The parameters are always float32.
+inline void check_data_on(const at::Tensor& t, const char* name, const at::Tensor& like, bool half_inputs) {
+  if (!half_inputs) return check_float_on(t, name, like);
+  const auto dtype = like.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "zoo_scan::bimamba: ", name,
+              " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, "zoo_scan::bimamba: ", name, " must have the activations' dtype ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "zoo_scan::bimamba: ", name, " is on ", t.device(), " but x is on ",
+              like.device());
+}
+
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* what) {
   TORCH_CHECK(t.sizes() == expected, "zoo_scan::bimamba: ", name, " must be ", what, " = ", expected, ", got ",
               t.sizes());
 }
 
 // bimamba_conv(x, weight, bias): x (batch, L, dim), weight (2, dim, K), bias (2, dim)
-inline void check_bimamba_conv_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+inline void check_bimamba_conv_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                    bool half_inputs = false) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) >= 1, "zoo_scan::bimamba_conv: x must be (batch, L >= 1, dim), got ",
               x.sizes());
   TORCH_CHECK(weight.dim() == 3 && weight.size(2) >= 1,
               "zoo_scan::bimamba_conv: weight must be (2, dim, kernel), got ", weight.sizes());
-  check_float_on(x, "x", x);
+  check_data_on(x, "x", x, half_inputs);
   check_float_on(weight, "weight", x);
   check_float_on(bias, "bias", x);
   check_shape(weight, "weight", {2, x.size(2), weight.size(2)}, "(2, dim, kernel)");
@@ -36,15 +50,16 @@ inline void check_bimamba_conv_args(const at::Tensor& x, const at::Tensor& weigh
 // forward direction, 1 the reverse one.
 inline void check_bimamba_scan_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                     const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
-                                    const at::Tensor& delta_bias, const at::Tensor& z) {
+                                    const at::Tensor& delta_bias, const at::Tensor& z, bool half_inputs = false) {
   TORCH_CHECK(u.dim() == 4 && u.size(0) == 2 && u.size(2) >= 1,
               "zoo_scan::bimamba_scan: u must be (2, batch, L >= 1, dim), got ", u.sizes());
   TORCH_CHECK(A.dim() == 3, "zoo_scan::bimamba_scan: A must be (2, dim, d_state), got ", A.sizes());
   const int64_t batch = u.size(1), L = u.size(2), dim = u.size(3), N = A.size(2);
-  const std::pair<const at::Tensor*, const char*> all[] = {{&u, "u"}, {&delta, "delta"}, {&A, "A"},
-                                                           {&B, "B"}, {&C, "C"}, {&D, "D"},
-                                                           {&delta_bias, "delta_bias"}, {&z, "z"}};
-  for (const auto& [t, name] : all) check_float_on(*t, name, u);
+  const std::pair<const at::Tensor*, const char*> data[] = {{&u, "u"}, {&delta, "delta"}, {&B, "B"}, {&C, "C"},
+                                                            {&z, "z"}};
+  for (const auto& [t, name] : data) check_data_on(*t, name, u, half_inputs);
+  const std::pair<const at::Tensor*, const char*> params[] = {{&A, "A"}, {&D, "D"}, {&delta_bias, "delta_bias"}};
+  for (const auto& [t, name] : params) check_float_on(*t, name, u);
   check_shape(delta, "delta", u.sizes(), "u's shape (2, batch, L, dim)");
   check_shape(A, "A", {2, dim, N}, "(2, dim, d_state)");
   check_shape(B, "B", {2, batch, L, N}, "(2, batch, L, d_state)");

@@ -1,5 +1,7 @@
 // CUDA side of Vim's row-layout mixer ops (schemas in zoo/ops/mixer.py, argument checks in
-// mixer_common.h, CPU kernels in mixer_cpu.cpp): inference ops, float32.
+// mixer_common.h, CPU kernels in mixer_cpu.cpp): inference ops. Activations float32, float16 or
+// bfloat16 (read and written in place, fp32 arithmetic), parameters float32. Used by zoo.ops.mixer only
+// under ZOO_CUDA_SCAN=lparallel until `pytest -m cuda` has passed on a device.
 //
 // bimamba_conv: one thread per (direction, batch, step, channel), consecutive threads on consecutive
 // channels, so every tap is a coalesced row load. bimamba_scan: the two directions through the
@@ -9,6 +11,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "mixer_common.h"
@@ -17,9 +21,10 @@
 namespace zoo_scan {
 namespace {
 
-__global__ void bimamba_conv_kernel(const float* __restrict__ x, int64_t x_sb, int64_t x_st,
+template <typename scalar_t>
+__global__ void bimamba_conv_kernel(const scalar_t* __restrict__ x, int64_t x_sb, int64_t x_st,
                                     const float* __restrict__ w, const float* __restrict__ bias,
-                                    float* __restrict__ out, int64_t batch, int64_t L, int64_t dim, int K,
+                                    scalar_t* __restrict__ out, int64_t batch, int64_t L, int64_t dim, int K,
                                     int64_t r0) {
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= dim) return;
@@ -31,13 +36,23 @@ __global__ void bimamba_conv_kernel(const float* __restrict__ x, int64_t x_sb, i
   for (int k = 0; k < K; ++k) {
     // forward (causal): tap k reads step t - (K - 1) + k; reverse (anti-causal): t + (K - 1) - k
     const int64_t s = dir == 0 ? t - (K - 1) + k : t + (K - 1) - k;
-    if (s >= 0 && s < L) acc += wc[k] * x[b * x_sb + s * x_st + c];
+    if (s >= 0 && s < L) acc += wc[k] * static_cast<float>(x[b * x_sb + s * x_st + c]);
   }
-  out[r * dim + c] = acc / (1.f + __expf(-acc));
+  out[r * dim + c] = static_cast<scalar_t>(acc / (1.f + __expf(-acc)));
+}
+
+template <typename F>
+void activation_dtype_switch(at::ScalarType t, F&& f) {  // the dtypes check_data_on accepts
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "zoo_scan::bimamba (CUDA): unsupported dtype ", t);
+  }
 }
 
 at::Tensor bimamba_conv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  check_bimamba_conv_args(x, weight, bias);
+  check_bimamba_conv_args(x, weight, bias, /*half_inputs=*/true);
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xr = x.stride(2) == 1 ? x : x.contiguous();
   const at::Tensor wc = weight.contiguous(), bc = bias.contiguous();
@@ -49,10 +64,13 @@ at::Tensor bimamba_conv_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   for (int64_t r0 = 0; r0 < rows; r0 += 65535) {  // grid.y is limited to 65535 rows per launch
     const int64_t n = std::min<int64_t>(65535, rows - r0);
     dim3 grid((unsigned)((dim + threads - 1) / threads), (unsigned)n);
-    bimamba_conv_kernel<<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        xr.data_ptr<float>(), xr.stride(0), xr.stride(1), wc.data_ptr<float>(), bc.data_ptr<float>(),
-        out.data_ptr<float>(), batch, L, dim, (int)weight.size(2), r0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    activation_dtype_switch(x.scalar_type(), [&](auto t) {
+      using scalar_t = decltype(t);
+      bimamba_conv_kernel<scalar_t><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          xr.data_ptr<scalar_t>(), xr.stride(0), xr.stride(1), wc.data_ptr<float>(), bc.data_ptr<float>(),
+          out.data_ptr<scalar_t>(), batch, L, dim, (int)weight.size(2), r0);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
   return out;
 }
@@ -63,7 +81,8 @@ at::Tensor channel_major(const at::Tensor& t) { return t.transpose(-1, -2).conti
 at::Tensor bimamba_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                              const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias,
                              const at::Tensor& z, bool delta_softplus, double scale) {
-  check_bimamba_scan_args(u, delta, A, B, C, D, delta_bias, z);
+  check_bimamba_scan_args(u, delta, A, B, C, D, delta_bias, z, /*half_inputs=*/true);
+  TORCH_CHECK(A.size(2) <= 256, "zoo_scan::bimamba_scan: d_state must be in 1..256 on CUDA, got ", A.size(2));
   c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor zc = channel_major(z);
   lpar::Inputs dirs[2];

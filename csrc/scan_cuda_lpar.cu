@@ -739,11 +739,14 @@ std::vector<at::Tensor> backward(const Inputs& in, const at::Tensor& dout, const
   const int64_t rows = (int64_t)p.batch * p.dim;
   choose_backward_tile(p);  // before the checkpoints: both use its chunking
   const int rpb = kThreads / p.tpr;
-  // 1. the state entering every chunk, with the forward's two-pass scheme
-  auto ckpt = at::empty({rows, p.nchunks, p.N}, f32);
+  // 1. the state entering every chunk, with the forward's two-pass scheme. One chunk (L <= 8 x lanes
+  // per row, e.g. Vim at 224 px): it enters from the zero state, so no launch is needed.
+  auto ckpt = p.nchunks == 1 ? at::zeros({rows, 1, p.N}, f32) : at::empty({rows, p.nchunks, p.N}, f32);
   p.ckpt = ckpt.data_ptr<float>();
-  choose_segments(p, (rows + rpb - 1) / rpb);
-  rows_two_pass<kCkpt>(p, in, var_b, false, false, seg_buffer(p, in.u));
+  if (p.nchunks > 1) {
+    choose_segments(p, (rows + rpb - 1) / rpb);
+    rows_two_pass<kCkpt>(p, in, var_b, false, false, seg_buffer(p, in.u));
+  }
   // 2. the adjoint's segment Pairs, for the backward's own segments
   const int64_t blocks = (int64_t)p.batch * (p.dim / p.tile);
   choose_segments(p, blocks);

@@ -26,7 +26,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ["scan_cpu.cpp", "mixer_cpu.cpp"]
-CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu"]
+CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu", "mixer_cuda.cu"]
 # -fno-trapping-math lets GCC if-convert the clamps of the kernels' exp, without which no loop calling
 # it is vectorised (the kernels do not rely on floating-point exceptions). No -march: the hot kernels
 # carry one clone per ISA level chosen at load time (csrc/cpu_vec.h), so the library is portable and
@@ -51,6 +51,21 @@ def env_flag(name: str, default: bool = False) -> bool:
     if value in _FALSE:
         return False
     raise ValueError(f"{name}={raw!r} is not a boolean; accepted: 1/true/yes/on or 0/false/no/off")
+
+
+CUDA_SCAN_ENV = "ZOO_CUDA_SCAN"
+
+
+def cuda_scan_lparallel() -> bool:
+    """Whether ``ZOO_CUDA_SCAN=lparallel`` opts in to the v2 CUDA kernels (the L-parallel scan and, for
+    inference, the fused Vim mixer on CUDA). Unset, empty or ``default``: no. Read on every call and
+    parsed exactly as ``csrc/scan_cuda_lpar.cu`` does, so Python and the kernels never disagree."""
+    raw = os.environ.get(CUDA_SCAN_ENV)
+    if raw is None or raw in ("", "default"):
+        return False
+    if raw == "lparallel":
+        return True
+    raise ValueError(f"{CUDA_SCAN_ENV} must be unset, 'default' or 'lparallel', got {raw!r}")
 
 
 def _cache_root() -> Path:

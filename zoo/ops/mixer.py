@@ -12,8 +12,10 @@ Here the work between the linear layers is two ops on rows with channels in the 
   z (batch, L, dim); y (batch, L, dim) = scale * (y_fwd + y_rev) * silu(z), the reverse direction
   scanned from the last step to the first.
 
-Both are inference ops (no autograd formula: training keeps the differentiable path). A device
-implementation registers kernels for these schemas; the CPU ones live in ``csrc/mixer_cpu.cpp``.
+Both are inference ops (no autograd formula: training keeps the differentiable path). The CPU kernels
+(``csrc/mixer_cpu.cpp``) take float32; the CUDA ones (``csrc/mixer_cuda.cu``, on the L-parallel scan)
+also float16 / bfloat16 activations and serve the mixer only under ``ZOO_CUDA_SCAN=lparallel``
+(opt-in until they have passed ``pytest -m cuda`` on a device).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import compiled  # noqa: F401  (defines the zoo_scan library these ops join)
+from ._build import cuda_scan_lparallel
 from .selective_scan import resolve_backend
 
 __all__ = ["bimamba_rows", "fused_mixer_enabled", "cpu_isa"]
@@ -68,11 +71,20 @@ class _Direction(Protocol):
     d_state: int
 
 
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def fused_mixer_enabled(x: torch.Tensor) -> bool:
-    """Whether :func:`bimamba_rows` serves ``x``: float32 CPU tensors with gradients off, the
-    compiled kernels built, and the selective-scan backend in use ``compiled`` (so
-    ``ZOO_SCAN_BACKEND=reference`` still runs the reference mixer)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+    """Whether :func:`bimamba_rows` serves ``x``: gradients off, the compiled kernels built, the
+    selective-scan backend in use ``compiled`` (so ``ZOO_SCAN_BACKEND=reference`` still runs the
+    reference mixer), and either a float32 CPU tensor or, only under ``ZOO_CUDA_SCAN=lparallel``, a
+    float32 / float16 / bfloat16 CUDA tensor."""
+    if torch.is_grad_enabled():
+        return False
+    if x.device.type == "cpu":
+        if x.dtype != torch.float32:
+            return False
+    elif x.device.type != "cuda" or x.dtype not in _CUDA_DTYPES or not cuda_scan_lparallel():
         return False
     if resolve_backend(x.device).name != "compiled":
         return False
@@ -82,11 +94,12 @@ def fused_mixer_enabled(x: torch.Tensor) -> bool:
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing it
 def _row_kernels_built() -> bool:
     # a library built ahead of time from older sources may lack these kernels
-    return torch._C._dispatch_has_kernel_for_dispatch_key("zoo_scan::bimamba_scan", "CPU")
+    key = "CPU" if x.device.type == "cpu" else "CUDA"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("zoo_scan::bimamba_scan", key)
 
 
-def _stacked(fwd: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
-    return torch.stack([fwd.float(), rev.float()])
+def _stacked(fwd: torch.Tensor, rev: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.stack([fwd.to(dtype), rev.to(dtype)])
 
 
 def bimamba_rows(xz: torch.Tensor, fwd: _Direction, rev: _Direction, scale: float) -> torch.Tensor:
@@ -100,9 +113,12 @@ def bimamba_rows(xz: torch.Tensor, fwd: _Direction, rev: _Direction, scale: floa
     x, z = xz[..., :d_inner], xz[..., d_inner:]
     conv_w = _stacked(fwd.conv1d.weight.squeeze(1), rev.conv1d.weight.squeeze(1))
     conv_b = _stacked(fwd.conv1d.bias, rev.conv1d.bias)
-    u = torch.ops.zoo_scan.bimamba_conv(x, conv_w, conv_b)  # (2, batch, L, d_inner)
-    x_dbl = torch.bmm(u.view(2, batch * L, d_inner), _stacked(fwd.x_proj.weight, rev.x_proj.weight).transpose(1, 2))
-    delta = torch.bmm(x_dbl[..., :rank], _stacked(fwd.dt_proj.weight, rev.dt_proj.weight).transpose(1, 2))
+    u = torch.ops.zoo_scan.bimamba_conv(x, conv_w, conv_b)  # (2, batch, L, d_inner), x's dtype
+    # the projections in the activations' dtype (float32 on CPU; fp16/bf16 models and autocast on CUDA)
+    x_proj_w = _stacked(fwd.x_proj.weight, rev.x_proj.weight, u.dtype).transpose(1, 2)
+    x_dbl = torch.bmm(u.view(2, batch * L, d_inner), x_proj_w).to(u.dtype)
+    delta = torch.bmm(x_dbl[..., :rank], _stacked(fwd.dt_proj.weight, rev.dt_proj.weight, u.dtype).transpose(1, 2))
+    delta = delta.to(u.dtype)
     B = x_dbl[..., rank:rank + N].view(2, batch, L, N)
     C = x_dbl[..., rank + N:].view(2, batch, L, N)
     A = -torch.exp(_stacked(fwd.A_log, rev.A_log))
