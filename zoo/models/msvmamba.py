@@ -264,6 +264,7 @@ class MSVMamba(nn.Module):
         ffn_expansion, ffn_drop_rate: ConvFFN width ratio and dropout.
         proj_drop_rate: dropout after the mixer's out_proj. drop_rate: before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over all blocks.
+        device, dtype: where / in what dtype the parameters live (timm's factory keywords).
     """
 
     def __init__(
@@ -288,6 +289,8 @@ class MSVMamba(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -297,6 +300,7 @@ class MSVMamba(nn.Module):
         if len(dims) != num_stages:
             raise ValueError(f"MSVMamba: got {len(dims)} dims for {num_stages} stages (depths={tuple(depths)})")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.dims = dims
@@ -325,6 +329,8 @@ class MSVMamba(nn.Module):
         self.norm = nn.LayerNorm(self.num_features, eps=norm_eps)
         self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, input_fmt="NHWC")
         self.apply(self._init_weights)
+        if device is not None or dtype is not None:  # timm's factory kwargs
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -369,6 +375,8 @@ class MSVMamba(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
+        like = self.norm.weight  # the new head lives where the model does
+        self.head.to(device=like.device, dtype=like.dtype).train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> normed channels-last features (B, H/32, W/32, num_features)."""
