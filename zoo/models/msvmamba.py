@@ -35,7 +35,9 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
-from ..checkpoint import extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
+from ..checkpoint import (
+    build_with_local_file_hint, extract_state_dict, load_pretrained_file, route_local_file_to_custom_load,
+)
 from ..layers.helpers import leaf_function
 from ..layers.ssm import ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, stacked_ssm_inputs
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS
@@ -612,14 +614,14 @@ def from_official_kwargs(**kwargs: Any) -> MSVMamba:
 def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> MSVMamba:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     route_local_file_to_custom_load(kwargs)  # official .pth files pickle a yacs config
-    return build_model_with_cfg(
+    return build_with_local_file_hint(lambda: build_model_with_cfg(
         MSVMamba,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
-    )
+    ), variant)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
