@@ -380,3 +380,9 @@ def test_training_after_inference_mode_on_the_same_map_size():
     model.train()
     model(x).sum().backward()
     assert model.stages[0].blocks[0].mixer.x_proj_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["test_msvmamba", "test_convllava"])
+def test_pretrained_without_url_points_at_the_local_file_route(name):
+    with pytest.raises(RuntimeError, match=r"no downloadable pretrained weights.*pretrained_cfg_overlay=dict\(file="):
+        timm.create_model(name, pretrained=True)

@@ -259,3 +259,21 @@ def route_local_file_to_custom_load(kwargs: Dict[str, Any]) -> None:
     overlay = kwargs.get("pretrained_cfg_overlay")
     if overlay and overlay.get("file") and "custom_load" not in overlay:
         kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=True)
+
+
+LOCAL_FILE_HINT = (
+    "download the released checkpoint and load it locally with "
+    "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth')) "
+    "(timm's local-file route, shown in docs/msvmamba.md)"
+)
+
+
+def build_with_local_file_hint(build: Callable[[], torch.nn.Module], variant: str) -> torch.nn.Module:
+    """Runs ``build()`` (a ``build_model_with_cfg`` call) and adds the local-file route to timm's
+    "no pretrained weights" error, for zoo models whose weights have no download URL."""
+    try:
+        return build()
+    except RuntimeError as err:
+        if "No pretrained weights exist" not in str(err):
+            raise
+        raise RuntimeError(f"{variant}: no downloadable pretrained weights; {LOCAL_FILE_HINT}") from err

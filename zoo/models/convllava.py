@@ -26,7 +26,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import named_apply
 from timm.models.convnext import ConvNeXt, ConvNeXtStage, _get_norm_layers, _init_weights
 
-from ..checkpoint import extract_state_dict
+from ..checkpoint import build_with_local_file_hint, extract_state_dict
 from ..layers.helpers import leaf_function
 
 __all__ = ["ConvLLaVAConvNeXt", "checkpoint_filter_fn", "from_official_kwargs", "token_grid"]
@@ -242,11 +242,11 @@ def _create_convllava(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     num_stages = len(kwargs.get("depths", (0,) * 5))
     if "output_stride" in kwargs:
         raise ValueError("ConvLLaVA encoders have a fixed output stride of 64; output_stride is not supported")
-    return build_model_with_cfg(
+    return build_with_local_file_hint(lambda: build_model_with_cfg(
         ConvLLaVAConvNeXt, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=tuple(range(num_stages)), flatten_sequential=True),
-        **kwargs)
+        **kwargs), variant)
 
 
 _OFFICIAL_ARCH_KEYS = {

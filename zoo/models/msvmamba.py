@@ -35,7 +35,9 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
-from ..checkpoint import extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
+from ..checkpoint import (
+    build_with_local_file_hint, extract_state_dict, load_pretrained_file, route_local_file_to_custom_load,
+)
 from ..layers.helpers import leaf_function
 from ..layers.ssm import ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, stacked_ssm_inputs
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS
@@ -264,6 +266,7 @@ class MSVMamba(nn.Module):
         ffn_expansion, ffn_drop_rate: ConvFFN width ratio and dropout.
         proj_drop_rate: dropout after the mixer's out_proj. drop_rate: before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over all blocks.
+        device, dtype: where / in what dtype the parameters live (timm's factory keywords).
     """
 
     def __init__(
@@ -288,6 +291,8 @@ class MSVMamba(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -297,6 +302,7 @@ class MSVMamba(nn.Module):
         if len(dims) != num_stages:
             raise ValueError(f"MSVMamba: got {len(dims)} dims for {num_stages} stages (depths={tuple(depths)})")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.dims = dims
@@ -325,6 +331,8 @@ class MSVMamba(nn.Module):
         self.norm = nn.LayerNorm(self.num_features, eps=norm_eps)
         self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, input_fmt="NHWC")
         self.apply(self._init_weights)
+        if device is not None or dtype is not None:  # timm's factory kwargs
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -369,6 +377,8 @@ class MSVMamba(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
+        like = self.patch_embed.proj.weight  # the new head lives where the model does
+        self.head.to(device=like.device, dtype=like.dtype).train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> normed channels-last features (B, H/32, W/32, num_features)."""
@@ -604,14 +614,14 @@ def from_official_kwargs(**kwargs: Any) -> MSVMamba:
 def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> MSVMamba:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     route_local_file_to_custom_load(kwargs)  # official .pth files pickle a yacs config
-    return build_model_with_cfg(
+    return build_with_local_file_hint(lambda: build_model_with_cfg(
         MSVMamba,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
-    )
+    ), variant)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:

@@ -251,6 +251,7 @@ class Vim(nn.Module):
             tokens in a random per-sample order (the class token stays at its index), and the order is
             restored after the block.
         norm_eps: RMSNorm epsilon.
+        device, dtype: where / in what dtype the parameters live (timm's factory keywords).
     """
 
     def __init__(
@@ -275,6 +276,8 @@ class Vim(nn.Module):
         drop_path_rate: float = 0.0,
         layer_shuffle_prob: float = 0.0,
         norm_eps: float = 1e-5,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if global_pool not in _GLOBAL_POOLS:
@@ -288,6 +291,7 @@ class Vim(nn.Module):
         if depth < 1:
             raise ValueError(f"Vim: depth must be >= 1, got {depth}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
@@ -314,6 +318,8 @@ class Vim(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
+        if device is not None or dtype is not None:  # timm's factory kwargs
+            self.to(device=device, dtype=dtype)
 
     # --- init -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -369,7 +375,9 @@ class Vim(nn.Module):
                 raise ValueError("Vim: global_pool='token' needs a class token")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        like = self.pos_embed  # the new head lives where the model does
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes > 0 else nn.Identity()).train(self.training)
 
     # --- forward ----------------------------------------------------------------------------------
     def cls_token_index(self, grid: Tuple[int, int]) -> Optional[int]:
