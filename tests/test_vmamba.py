@@ -102,14 +102,15 @@ def test_mixer_matches_explicit_construction(gate, d_state, monkeypatch):
         mixer.dt_projs_bias.add_(torch.randn_like(mixer.dt_projs_bias))
     x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
 
-    # all four directions go through zoo.ops in one grouped call: count it with a pass-through backend
+    # the four directions go through zoo.ops in two grouped calls (row/col forward, then the same reads
+    # scanned backwards for the reversed orders): count them with a pass-through backend
     scan_module = importlib.import_module("zoo.ops.selective_scan")
     monkeypatch.delenv("ZOO_SCAN_BACKEND", raising=False)
     seen = []
     reference = scan_module._BACKENDS["reference"]
 
     def counting_scan(u, delta, A, B, *args, **kwargs):
-        seen.append((tuple(u.shape), tuple(B.shape)))
+        seen.append((tuple(u.shape), tuple(B.shape), kwargs.get("reverse")))
         return reference.scan(u, delta, A, B, *args, **kwargs)
 
     monkeypatch.setitem(scan_module._BACKENDS, "counting",
@@ -117,7 +118,7 @@ def test_mixer_matches_explicit_construction(gate, d_state, monkeypatch):
     with torch.no_grad():
         out = mixer(x)
         expected = _explicit_ss2d(mixer, x)
-    assert seen == [((2, 4 * mixer.d_inner, 35), (2, 4, d_state, 35))]
+    assert seen == [((2, 2 * mixer.d_inner, 35), (2, 2, d_state, 35), reverse) for reverse in (False, True)]
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
 
 

@@ -10,9 +10,9 @@ for the released configurations, checked against fixtures produced by the offici
 
 SS2D (the "2-D selective scan"): ``in_proj`` -> (x, z) -> depthwise conv on x -> activation -> the map
 is read in four orders (row-major, column-major and their reverses), each order with its own
-``x_proj`` (dt, B, C) / ``dt_proj`` / A / D; the four scans are independent (one grouped call of
-:func:`zoo.ops.selective_scan` over ``4 * d_inner`` channels), their outputs are put back on their pixels
-and summed, then ``out_norm`` (LayerNorm), times the gate, ``out_proj``. ``dt_rank = ceil(C / 16)``.
+``x_proj`` (dt, B, C) / ``dt_proj`` / A / D; the four scans are independent (grouped calls of
+:func:`zoo.ops.selective_scan`: the two forward orders, then the two reversed ones as ``reverse=True`` scans
+of the forward reads, so nothing is flipped), their outputs are put back on their pixels and summed, then ``out_norm`` (LayerNorm), times the gate, ``out_proj``. ``dt_rank = ceil(C / 16)``.
 
 Everything runs channels-last (B, H, W, C) internally, whatever the official ``norm_layer`` layout
 ('ln' is channels-last, 'ln2d' channels-first: both are a LayerNorm over C).
@@ -96,6 +96,20 @@ def cross_scan(x: torch.Tensor, orders: Sequence[str]) -> torch.Tensor:
     return torch.stack([_read_in_order(x, o) for o in orders], dim=1)
 
 
+_FORWARD_OF = {ROW_MAJOR_REVERSED: ROW_MAJOR, COLUMN_MAJOR_REVERSED: COLUMN_MAJOR}
+
+
+def _scan_groups(orders: Sequence[str]) -> Tuple[Tuple[int, int, bool], ...]:
+    """Runs ``(start, stop, reverse)`` of consecutive directions that are all reversed or all not: one scan
+    call each, a reversed direction scanned backwards over its forward order (no flipped copies)."""
+    groups, start = [], 0
+    for k in range(1, len(orders) + 1):
+        if k == len(orders) or (orders[k] in _FORWARD_OF) != (orders[start] in _FORWARD_OF):
+            groups.append((start, k, orders[start] in _FORWARD_OF))
+            start = k
+    return tuple(groups)
+
+
 def cross_merge(y: torch.Tensor, orders: Sequence[str], height: int, width: int) -> torch.Tensor:
     """(B, K, D, H*W) per-order outputs -> (B, D, H*W) row-major, the K directions summed."""
     out = _back_to_row_major(y[:, 0], orders[0], height, width)
@@ -152,6 +166,8 @@ class SS2D(nn.Module):
         self.d_state = int(d_state)
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.orders = SCAN_MODES[scan_mode]
+        self.read_orders = tuple(_FORWARD_OF.get(o, o) for o in self.orders)  # reversed: read forward, scan back
+        self.scan_groups = _scan_groups(self.orders)
         self.gate, self.gate_act, self.force_fp32 = gate, gate_act, force_fp32
         num_dirs = len(self.orders)
 
@@ -203,18 +219,25 @@ class SS2D(nn.Module):
         """(B, d_inner, H, W) -> (B, d_inner, H*W): the K direction scans, merged back row-major."""
         batch, _, height, width = x.shape
         num_dirs = len(self.orders)
-        xs = cross_scan(x, self.orders)  # (B, K, D, L)
+        xs = cross_scan(x, self.read_orders)  # (B, K, D, L)
         proj = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, Bs, Cs = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
         if self.force_fp32:
             xs, dts, Bs, Cs = (_at_least_fp32(t) for t in (xs, dts, Bs, Cs))
-        ys = selective_scan(
-            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(_at_least_fp32(self.A_logs)), Bs.contiguous(),
-            Cs.contiguous(), _at_least_fp32(self.Ds), None, _at_least_fp32(self.dt_projs_bias.flatten()),
-            delta_softplus=True,
-        )  # (B, K * D, L), one group of B/C per direction
-        return cross_merge(ys.view(batch, num_dirs, self.d_inner, -1), self.orders, height, width)
+        A = -torch.exp(_at_least_fp32(self.A_logs)).view(num_dirs, self.d_inner, self.d_state)
+        Ds = _at_least_fp32(self.Ds).view(num_dirs, self.d_inner)
+        dt_bias = _at_least_fp32(self.dt_projs_bias)
+        ys = [
+            selective_scan(
+                xs[:, a:b].flatten(1, 2), dts[:, a:b].flatten(1, 2), A[a:b].flatten(0, 1), Bs[:, a:b].contiguous(),
+                Cs[:, a:b].contiguous(), Ds[a:b].flatten(), None, dt_bias[a:b].flatten(), delta_softplus=True,
+                reverse=reverse,
+            )  # (B, k * D, L), one group of B/C per direction
+            for a, b, reverse in self.scan_groups
+        ]
+        ys = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+        return cross_merge(ys.view(batch, num_dirs, self.d_inner, -1), self.read_orders, height, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
