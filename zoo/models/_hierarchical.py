@@ -30,6 +30,7 @@ __all__ = [
     "create_hierarchical",
     "hierarchical_cfg",
     "init_weights_trunc_normal",
+    "raise_official_problems",
     "rename_vmamba_legacy",
     "run_blocks",
     "stage_widths",
@@ -47,6 +48,14 @@ def stage_widths(dims: Union[int, Sequence[int]], depths: Sequence[int], model_n
     if len(widths) != num_stages:
         raise ValueError(f"{model_name}: got {len(widths)} dims for {num_stages} stages (depths={tuple(depths)})")
     return widths
+
+
+def raise_official_problems(family: str, leftover: Dict[str, Any], problems: List[str]) -> None:
+    """The one error of ``official_kwargs_to_model_args``: every refused value, and the unknown kwargs."""
+    if leftover:
+        problems.append(f"unknown kwargs {sorted(leftover)}")
+    if problems:
+        raise ValueError(f"official {family} kwargs not supported: " + "; ".join(problems))
 
 
 def run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:

@@ -35,7 +35,8 @@ from timm.models import generate_default_cfgs, register_model
 from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..ops.selective_scan import selective_scan
 from ._hierarchical import (
-    HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, run_blocks, stage_widths,
+    HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, raise_official_problems,
+    run_blocks, stage_widths,
 )
 
 __all__ = [
@@ -465,10 +466,7 @@ def official_kwargs_to_model_args(**kwargs: Any) -> Dict[str, Any]:
         layer_scale=_layer_scale("layer_scale", kwargs.pop("layer_scale", None), problems),
         layer_scale_conv=_layer_scale("layer_scale_conv", kwargs.pop("layer_scale_conv", None), problems),
     )
-    if kwargs:
-        problems.append(f"unknown kwargs {sorted(kwargs)}")
-    if problems:
-        raise ValueError("official MambaVision kwargs not supported: " + "; ".join(problems))
+    raise_official_problems("MambaVision", kwargs, problems)
     return args
 
 

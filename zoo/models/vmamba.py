@@ -11,8 +11,9 @@ for the released configurations, checked against fixtures produced by the offici
 SS2D (the "2-D selective scan"): ``in_proj`` -> (x, z) -> depthwise conv on x -> activation -> the map
 is read in four orders (row-major, column-major and their reverses), each order with its own
 ``x_proj`` (dt, B, C) / ``dt_proj`` / A / D; the four scans are independent (grouped calls of
-:func:`zoo.ops.selective_scan`: the two forward orders, then the two reversed ones as ``reverse=True`` scans
-of the forward reads, so nothing is flipped), their outputs are put back on their pixels and summed, then ``out_norm`` (LayerNorm), times the gate, ``out_proj``. ``dt_rank = ceil(C / 16)``.
+:func:`zoo.ops.selective_scan`: the two forward orders, then the two reversed ones as ``reverse=True``
+scans of the forward reads, so nothing is flipped); their outputs are put back on their pixels and
+summed, then ``out_norm`` (LayerNorm), times the gate, ``out_proj``. ``dt_rank = ceil(C / 16)``.
 
 Everything runs channels-last (B, H, W, C) internally, whatever the official ``norm_layer`` layout
 ('ln' is channels-last, 'ln2d' channels-first: both are a LayerNorm over C).
@@ -36,8 +37,8 @@ from ..checkpoint import STATE_DICT_KEYS, extract_state_dict, load_pretrained_fi
 from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED
 from ..ops.selective_scan import selective_scan
 from ._hierarchical import (
-    HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, rename_vmamba_legacy,
-    run_blocks, stage_widths,
+    HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, raise_official_problems,
+    rename_vmamba_legacy, run_blocks, stage_widths,
 )
 
 __all__ = [
@@ -669,10 +670,7 @@ def official_kwargs_to_model_args(**kwargs: Any) -> Dict[str, Any]:
         pos_embed=bool(kwargs.pop("posembed", False)),
         img_size=kwargs.pop("imgsize", 224),
     )
-    if kwargs:
-        problems.append(f"unknown kwargs {sorted(kwargs)}")
-    if problems:
-        raise ValueError("official VMamba kwargs not supported: " + "; ".join(problems))
+    raise_official_problems("VMamba", kwargs, problems)
     return args
 
 
