@@ -1,4 +1,4 @@
-"""CPU inference throughput: zoo's Vim / MSVMamba next to the timm models users pick instead, one run.
+"""CPU inference throughput: zoo's models next to the timm models users pick instead, one run.
 
 Every pair runs in the same process, interleaved round by round (one timed forward of each model per
 round, so a load change on a shared machine hits all of them alike); the table shows the median
@@ -7,6 +7,8 @@ and inputs. Runs once per thread count (default: 1 thread, then all cores).
 
     python benchmarks/bench_cpu.py                      # the full table, 1 and all threads
     python benchmarks/bench_cpu.py --only vim_tiny --threads 1 --rounds 3
+    python benchmarks/bench_cpu.py --only vmamba --threads 1       # VMamba-T vs ConvNeXt-T
+    python benchmarks/bench_cpu.py --pair vmamba_v0_tiny,convnext_tiny --threads 1 --rounds 3
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ PAIRS: List[Tuple[str, str, int, int]] = [
     ("vim_small_patch16_224", "deit_small_patch16_224", 8, 224),
     ("msvmamba_nano", "convnext_atto", 8, 224),
     ("msvmamba_tiny", "convnext_tiny", 8, 224),
+    ("vmamba_tiny", "convnext_tiny", 8, 224),
+    ("mambavision_tiny", "convnext_tiny", 8, 224),
     ("vim_tiny_patch16_224", "deit_tiny_patch16_224", 2, 512),
 ]
 
@@ -95,7 +99,8 @@ def run(pairs: List[Tuple[str, str, int, int]], threads: int, rounds: int) -> No
 def run_table(pairs: List[Tuple[str, str, int, int]], thread_counts: List[int], rounds: int) -> None:
     """The header line, then one table per thread count."""
     print(f"torch {torch.__version__}, timm {timm.__version__}, CPU: {cpu_name()} ({os.cpu_count()} cores), "
-          f"ATen ISA: {torch.backends.cpu.get_cpu_capability()}, zoo kernels: {kernel_isa()}", flush=True)
+          f"ATen ISA: {torch.backends.cpu.get_cpu_capability()}, zoo kernels: {kernel_isa()}, "
+          f"scan backend: {zoo.ops.resolve_backend('cpu').name}", flush=True)
     for threads in sorted(set(thread_counts)):
         run(pairs, threads, rounds)
 
@@ -109,8 +114,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
     p.add_argument("--only", default="", help="keep pairs whose zoo or baseline name contains this")
+    p.add_argument("--pair", action="append", default=[], metavar="ZOO,BASELINE",
+                   help="time this pair (batch 8, 224 px) instead of the table; repeatable")
     args = p.parse_args()
     pairs = [pr for pr in PAIRS if args.only in pr[0] or args.only in pr[1]]
+    if args.pair:
+        names = [tuple(n.strip() for n in pr.split(",")) for pr in args.pair]
+        bad = [pr for pr, n in zip(args.pair, names) if len(n) != 2 or not all(n)]
+        if bad:
+            p.error(f"--pair takes ZOO,BASELINE (two model names), got {bad}")
+        pairs = [(zoo_name, base_name, 8, 224) for zoo_name, base_name in names]
     if not pairs:
         p.error(f"--only {args.only!r} matches no pair; names: {sorted({n for pr in PAIRS for n in pr[:2]})}")
     run_table(pairs, [int(t) for t in args.threads.split(",")], args.rounds)

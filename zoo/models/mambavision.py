@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Attention, ClassifierHead, DropPath, LayerScale, LayerScale2d, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.layers import Attention, ClassifierHead, DropPath, LayerScale, LayerScale2d, Mlp
+from timm.models import generate_default_cfgs, register_model
 
-from ..checkpoint import extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
+from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..layers.ssm import (
     ScanInputs,
     dt_bc_projection,
@@ -45,6 +42,10 @@ from ..layers.ssm import (
     s4d_real_A_log,
     scan,
     ssm_parameters,
+)
+from ._hierarchical import (
+    HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, raise_official_problems,
+    run_blocks, stage_widths,
 )
 
 __all__ = [
@@ -248,26 +249,21 @@ class MambaVisionStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
 
-    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.conv:
-            return self._run_blocks(x)
+            return run_blocks(self.blocks, x, self.grad_checkpointing)
         height, width = x.shape[-2:]
         window = self.window_size
         pad_b, pad_r = (-height) % window, (-width) % window
         if pad_b or pad_r:  # zero-padded like the official code, and not masked
             x = F.pad(x, (0, pad_r, 0, pad_b))
-        x = self._run_blocks(window_partition(x, window))
+        x = run_blocks(self.blocks, window_partition(x, window), self.grad_checkpointing)
         x = window_reverse(x, window, height + pad_b, width + pad_r)
         return x[:, :, :height, :width].contiguous() if (pad_b or pad_r) else x
 
 
-class MambaVision(nn.Module):
+class MambaVision(HierarchicalMixin, nn.Module):
     """MambaVision classifier / backbone: 2 conv stages, 2 windowed Mamba + attention stages.
 
     Args:
@@ -309,8 +305,8 @@ class MambaVision(nn.Module):
     ):
         super().__init__()
         num_stages = len(depths)
-        dims = [dims * 2 ** i for i in range(num_stages)] if isinstance(dims, int) else [int(d) for d in dims]
-        for name, values in (("dims", dims), ("window_size", window_size), ("num_heads", num_heads)):
+        dims = stage_widths(dims, depths, "MambaVision")
+        for name, values in (("window_size", window_size), ("num_heads", num_heads)):
             if len(values) != num_stages:
                 raise ValueError(f"MambaVision: got {len(values)} {name} for {num_stages} stages "
                                  f"(depths={tuple(depths)})")
@@ -353,113 +349,22 @@ class MambaVision(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         # as officially: every Linear (the mixer's dt_proj too) truncated-normal, zero bias
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_weights_trunc_normal(m, (nn.LayerNorm, nn.BatchNorm2d))
 
-    # --- timm model API ---------------------------------------------------------------------------
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """The mixers' A (log) and D are not decayed (as in Mamba)."""
-        return {n for n, _ in self.named_parameters() if n.endswith((".A_log", ".D"))}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
+    # timm API from HierarchicalMixin: NCHW stages, a final BatchNorm2d, an NCHW ClassifierHead
+    stem_name = "stem"
+    stage_fmt = "NCHW"
+    no_weight_decay_suffixes = (".A_log", ".D")  # the mixers' A (log) and D, as in Mamba
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"MambaVision: expected an image batch of shape (B, {self.in_chans}, H, W), got {shape}")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> BatchNorm-ed final map (B, num_features, ceil(H/32), ceil(W/32))."""
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W), checked -> the stem's NCHW map at stride 4."""
         self._check_input(x)
-        return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (after each stage's blocks, before the next downsample) and the final features.
-
-        Args:
-            indices: stages to return (int: the last n; None: all). norm: apply the final BatchNorm to the
-                last stage's output. output_fmt: 'NCHW' or 'NHWC'.
-
-        Returns:
-            The intermediates, or (final normed NCHW features, intermediates).
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if (torch.jit.is_scripting() or not stop_early) else self.stages[:max_index + 1]
-        intermediates = []
-        x = self.stem(x)
-        last = len(self.stages) - 1
-        i = -1
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if (norm and i == last) else x
-                intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == "NHWC" else y)
-        if intermediates_only:
-            return intermediates
-        if i == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        """Drops the stages after the last wanted one (and optionally the norm/head)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+        return self.stem(x)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -564,10 +469,7 @@ def official_kwargs_to_model_args(**kwargs: Any) -> Dict[str, Any]:
         layer_scale=_layer_scale("layer_scale", kwargs.pop("layer_scale", None), problems),
         layer_scale_conv=_layer_scale("layer_scale_conv", kwargs.pop("layer_scale_conv", None), problems),
     )
-    if kwargs:
-        problems.append(f"unknown kwargs {sorted(kwargs)}")
-    if problems:
-        raise ValueError("official MambaVision kwargs not supported: " + "; ".join(problems))
+    raise_official_problems("MambaVision", kwargs, problems)
     return args
 
 
@@ -583,32 +485,15 @@ def from_official_kwargs(**kwargs: Any) -> MambaVision:
 
 
 def _create_mambavision(variant: str, pretrained: bool = False, **kwargs: Any) -> MambaVision:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    route_local_file_to_custom_load(kwargs)  # released files pickle the training args next to the weights
-    return build_model_with_cfg(
-        MambaVision,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    # released files pickle the training args next to the weights: local files go through load_pretrained
+    return create_hierarchical(MambaVision, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
+    return hierarchical_cfg(url, **{
         "crop_pct": 1.0,
         "crop_mode": "center",
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.0",
-        "classifier": "head.fc",
         # released as timm training checkpoints that pickle argparse args: load through model.load_pretrained
         "custom_load": bool(url),
         "license": "nvidia-source-code-license-nc",
@@ -616,7 +501,7 @@ def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
         "paper_name": "MambaVision: A Hybrid Mamba-Transformer Vision Backbone",
         "origin_url": "https://github.com/NVlabs/MambaVision",
         **kwargs,
-    }
+    })
 
 
 _HF = "https://huggingface.co/nvidia/MambaVision-{}-1K/resolve/main/mambavision_{}_1k.pth.tar"

@@ -24,18 +24,16 @@ import math
 import os
 import re
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, GluMlp, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import checkpoint_seq
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
-from ..checkpoint import STATE_DICT_KEYS, extract_state_dict, load_pretrained_file, route_local_file_to_custom_load
+from ..checkpoint import STATE_DICT_KEYS, extract_state_dict, load_pretrained_file
 from ..layers.ssm import (
     ScanInputs,
     cross_merge_2d,
@@ -47,7 +45,10 @@ from ..layers.ssm import (
     ssm_parameters,
 )
 from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED
-from .msvmamba import _LEGACY_RENAMES, MSVMamba
+from ._hierarchical import (
+    HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, raise_official_problems,
+    rename_vmamba_legacy, run_blocks, stage_widths,
+)
 
 __all__ = [
     "VMamba",
@@ -304,10 +305,7 @@ class VMambaStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
 
 
 class PatchEmbed(nn.Module):
@@ -365,7 +363,7 @@ def _norm_layer(name: str, eps: float) -> type:
     raise ValueError(f"VMamba: unknown norm_layer {name!r}; accepted: 'ln', 'ln2d', 'bn'")
 
 
-class VMamba(nn.Module):
+class VMamba(HierarchicalMixin, nn.Module):
     """VMamba classifier / backbone (4 stages at strides 4, 8, 16, 32), channels-last inside.
 
     Args:
@@ -421,12 +419,7 @@ class VMamba(nn.Module):
         norm_eps: float = 1e-5,
     ):
         super().__init__()
-        num_stages = len(depths)
-        if isinstance(dims, int):
-            dims = [dims * 2 ** i for i in range(num_stages)]
-        dims = [int(d) for d in dims]
-        if len(dims) != num_stages:
-            raise ValueError(f"VMamba: got {len(dims)} dims for {num_stages} stages (depths={tuple(depths)})")
+        dims = stage_widths(dims, depths, "VMamba")
         if downsample not in ("merge", "conv2", "conv3"):
             raise ValueError(f"VMamba: unknown downsample {downsample!r}; accepted: 'merge', 'conv2', 'conv3'")
         self.num_classes = num_classes
@@ -465,24 +458,12 @@ class VMamba(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.norm = norm(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, input_fmt="NHWC")
-        self.apply(self._init_weights)
+        self.apply(init_weights_trunc_normal)
 
-    # the stage-wise timm API is MSVMamba's (NHWC stages, a final norm, an NHWC ClassifierHead)
-    _init_weights = staticmethod(MSVMamba._init_weights)
-    group_matcher = MSVMamba.group_matcher
-    set_grad_checkpointing = MSVMamba.set_grad_checkpointing
-    get_classifier = MSVMamba.get_classifier
-    reset_classifier = MSVMamba.reset_classifier
-    forward_features = MSVMamba.forward_features
-    forward_head = MSVMamba.forward_head
-    forward = MSVMamba.forward
-    forward_intermediates = MSVMamba.forward_intermediates
-    prune_intermediate_layers = MSVMamba.prune_intermediate_layers
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """SSM A (log) and D parameters and the position embedding are not decayed."""
-        return {n for n, _ in self.named_parameters() if n.endswith((".A_logs", ".Ds", ".pos_embed"))}
+    # timm API from HierarchicalMixin: NHWC stages, a final norm, an NHWC ClassifierHead
+    stem_name = "patch_embed"
+    stage_fmt = "NHWC"
+    no_weight_decay_suffixes = (".A_logs", ".Ds", ".pos_embed")  # SSM A (log), D and the position embedding
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -535,12 +516,6 @@ def _map_official_key(key: str, stem: Mapping[str, str]) -> str:
     return key
 
 
-def _rename_legacy(key: str) -> str:
-    for pattern, repl in _LEGACY_RENAMES:
-        key = pattern.sub(repl, key)
-    return key
-
-
 def checkpoint_filter_fn(
     state_dict: Mapping[str, Any], model: Optional[nn.Module] = None, use_ema: bool = False
 ) -> Dict[str, torch.Tensor]:
@@ -559,7 +534,7 @@ def checkpoint_filter_fn(
     state_dict = extract_state_dict(state_dict, keys=STATE_DICT_KEYS + ("model_ema",))
     if any(k.startswith("stages.") for k in state_dict):
         return dict(state_dict)
-    renamed = {_rename_legacy(k): v for k, v in state_dict.items()}
+    renamed = {rename_vmamba_legacy(k): v for k, v in state_dict.items()}
     stem = _STEM_V2 if "patch_embed.5.weight" in renamed else _STEM_V1
     out = {}
     for key, value in renamed.items():
@@ -665,10 +640,7 @@ def official_kwargs_to_model_args(**kwargs: Any) -> Dict[str, Any]:
         pos_embed=bool(kwargs.pop("posembed", False)),
         img_size=kwargs.pop("imgsize", 224),
     )
-    if kwargs:
-        problems.append(f"unknown kwargs {sorted(kwargs)}")
-    if problems:
-        raise ValueError("official VMamba kwargs not supported: " + "; ".join(problems))
+    raise_official_problems("VMamba", kwargs, problems)
     return args
 
 
@@ -684,42 +656,21 @@ def from_official_kwargs(**kwargs: Any) -> VMamba:
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> VMamba:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    route_local_file_to_custom_load(kwargs)  # official .pth files pickle a yacs config
-    return build_model_with_cfg(
-        VMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_hierarchical(VMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/"
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
+    return hierarchical_cfg(url, **{
         "first_conv": "patch_embed.conv1",
-        "classifier": "head.fc",
-        # the official .pth files pickle a yacs config: load them through model.load_pretrained
-        "custom_load": True,
         "license": "mit",
         "paper_ids": "arXiv:2401.10166",
         "paper_name": "VMamba: Visual State Space Model",
         "origin_url": "https://github.com/MzeroMiko/VMamba",
         **kwargs,
-    }
+    })
 
 
 default_cfgs = generate_default_cfgs({
