@@ -24,16 +24,17 @@ def test_cold_process_compile_fullgraph_is_the_first_call(model_name):
     # a fresh interpreter: the kernels are not loaded yet when dynamo traces the first forward
     code = textwrap.dedent(f"""
         import torch, timm, zoo
-        from zoo.ops import _build, last_backend
+        from zoo.ops import _build
         assert _build._state["cpu"] is None, "the kernels must not be loaded before the compiled call"
         torch.manual_seed(0)
         model = timm.create_model({model_name!r}).eval()
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             got = torch.compile(model, fullgraph=True, backend="eager")(x)
+            # Vim's CPU inference runs the fused mixer ops, which bypass the scan dispatcher
+            print("KERNELS", _build._state["cpu"] is True)
             want = model(x)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        print("BACKEND", last_backend().name)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
@@ -42,7 +43,7 @@ def test_cold_process_compile_fullgraph_is_the_first_call(model_name):
     from zoo.ops import compiled
 
     if compiled.kernels_available("cpu")[0]:  # where the kernels build, the compiled graph used them
-        assert "BACKEND compiled" in res.stdout, res.stdout
+        assert "KERNELS True" in res.stdout, res.stdout
 
 
 def test_export_then_eager_returns_real_tensors():
