@@ -1,20 +1,19 @@
 """The README's examples run as written, and its commands are the ones CI uses."""
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _doc_blocks import ROOT, doc_blocks
+
 README = (ROOT / "README.md").read_text()
+PYTHON_BLOCKS = doc_blocks(ROOT / "README.md")
 
 
-def _blocks(lang: str):
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
-
-
-@pytest.mark.parametrize("index", range(len(_blocks("python"))))
-def test_readme_python_examples_run(index):
-    exec(compile(_blocks("python")[index], f"README.md[python block {index}]", "exec"), {})
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"line{b.line}" for b in PYTHON_BLOCKS])
+def test_readme_python_examples_run(block):
+    if block.no_run:
+        pytest.skip(block.no_run)
+    exec(compile(block.code, f"README.md[python block at line {block.line}]", "exec"), {})
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -377,7 +377,7 @@ class MSVMamba(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
-        like = self.patch_embed.proj.weight  # the new head lives where the model does
+        like = next(self.patch_embed.parameters())  # the new head lives where the model does (any stem)
         self.head.to(device=like.device, dtype=like.dtype).train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
