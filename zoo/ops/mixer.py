@@ -88,13 +88,13 @@ def fused_mixer_enabled(x: torch.Tensor) -> bool:
         return False
     if resolve_backend(x.device).name != "compiled":
         return False
-    return _row_kernels_built()
+    return _row_kernels_built(x.device.type)
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing it
-def _row_kernels_built() -> bool:
+def _row_kernels_built(device_type: str) -> bool:
     # a library built ahead of time from older sources may lack these kernels
-    key = "CPU" if x.device.type == "cpu" else "CUDA"
+    key = "CPU" if device_type == "cpu" else "CUDA"
     return torch._C._dispatch_has_kernel_for_dispatch_key("zoo_scan::bimamba_scan", key)
 
 
