@@ -39,6 +39,9 @@ setup(
             "ninja",
             "datasets>=4",  # train_imagenet.py --dataset hfds (tests/test_train_datasets.py)
             "webdataset>=0.2",  # train_imagenet.py --dataset wds
+            "onnx",  # tests/test_onnx.py: torch.onnx.export(dynamo=True) + onnxruntime round trips
+            "onnxscript",
+            "onnxruntime",
         ],
     },
     ext_modules=ext_modules,

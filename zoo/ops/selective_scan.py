@@ -80,16 +80,29 @@ def resolve_backend(device: Union[str, torch.device], backend: Optional[str] = N
     """
     device = torch.device(device)
     requested = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if requested != "auto" and requested not in _BACKENDS:
+        raise ValueError(
+            f"unknown selective-scan backend {requested!r}; accepted: 'auto', "
+            + ", ".join(repr(n) for n in sorted(_BACKENDS))
+        )
+    if torch.onnx.is_in_onnx_export():
+        return _onnx_export_choice()
     if requested != "auto":
-        if requested not in _BACKENDS:
-            raise ValueError(
-                f"unknown selective-scan backend {requested!r}; accepted: 'auto', "
-                + ", ".join(repr(n) for n in sorted(_BACKENDS))
-            )
         return explicit_choice(_BACKENDS, requested, device, "selective-scan")
     choice, _ = auto_choice(_BACKENDS, device)
     assert choice is not None, "the reference backend is always usable"
     return choice
+
+
+def _onnx_export_choice() -> BackendChoice:
+    """During ``torch.onnx.export`` the reference scan runs: it is plain torch ops, which ONNX can
+    express, while the compiled ``zoo_scan`` ops have no ONNX translation."""
+    if torch.jit.is_tracing():  # the legacy TorchScript exporter (dynamo=False)
+        raise RuntimeError(
+            "zoo models export to ONNX with the dynamo exporter only: call torch.onnx.export(model, (x,), "
+            "dynamo=True); the legacy TorchScript exporter (dynamo=False) is not supported"
+        )
+    return BackendChoice("reference", "ONNX export: the reference scan exports as plain ONNX ops")
 
 
 def last_backend() -> Optional[BackendChoice]:
