@@ -66,8 +66,10 @@ def _fetch_timm_tests(cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def timm_tests(request):
-    path = _fetch_timm_tests(Path(request.config.cache.mkdir("timm_test_models")))
+def timm_tests(request, tmp_path_factory):
+    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`: fetch into a temp dir
+    folder = cache.mkdir("timm_test_models") if cache is not None else tmp_path_factory.mktemp("timm_test_models")
+    path = _fetch_timm_tests(Path(folder))
     spec = importlib.util.spec_from_file_location("timm_upstream_test_models", path)
     module = importlib.util.module_from_spec(spec)
     # timm's module switches TorchScript to the profiling executor; keep the process's settings
