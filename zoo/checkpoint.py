@@ -264,7 +264,7 @@ def route_local_file_to_custom_load(kwargs: Dict[str, Any]) -> None:
 LOCAL_FILE_HINT = (
     "download the released checkpoint and load it locally with "
     "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth')) "
-    "(timm's local-file route, shown in docs/msvmamba.md)"
+    "(timm's local-file route, shown in docs/models.md)"
 )
 
 

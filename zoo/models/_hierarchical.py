@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from ..checkpoint import route_local_file_to_custom_load
+from ..checkpoint import build_with_local_file_hint, route_local_file_to_custom_load
 
 __all__ = [
     "HierarchicalMixin",
@@ -197,14 +197,14 @@ def create_hierarchical(
     loaded through the model's own ``load_pretrained`` (they pickle training configs)."""
     out_indices: Sequence[int] = kwargs.pop("out_indices", (0, 1, 2, 3))
     route_local_file_to_custom_load(kwargs)
-    return build_model_with_cfg(
+    return build_with_local_file_hint(lambda: build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
         pretrained_filter_fn=filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
-    )
+    ), variant)
 
 
 def hierarchical_cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:

@@ -153,8 +153,9 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)
-        if fused_mixer_enabled(xz):  # CPU inference: row-layout kernels, same result (zoo/ops/mixer.py)
-            return self.out_proj(bimamba_rows(xz, self.fwd, self.bwd, self.out_scale))
+        if not torch.jit.is_scripting():  # TorchScript and FX tracing keep the reference layout
+            if fused_mixer_enabled(xz):  # CPU inference: row-layout kernels, same result (zoo/ops/mixer.py)
+                return self.out_proj(bimamba_rows(xz, self.fwd, self.bwd, self.out_scale))
         xz = xz.transpose(1, 2)  # (B, 2 * d_inner, L)
         x, z = xz.chunk(2, dim=1)
         y = scan_bidirectional(self.fwd(x), self.bwd(x), z=z, scale=self.out_scale)

@@ -79,7 +79,7 @@ def fused_mixer_enabled(x: torch.Tensor) -> bool:
     selective-scan backend in use ``compiled`` (so ``ZOO_SCAN_BACKEND=reference`` still runs the
     reference mixer), and either a float32 CPU tensor or, only under ``ZOO_CUDA_SCAN=lparallel``, a
     float32 / float16 / bfloat16 CUDA tensor."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy):  # FX symbolic tracing: reference layout
         return False
     if x.device.type == "cpu":
         if x.dtype != torch.float32:
