@@ -349,8 +349,9 @@ class Vim(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         """pos_embed, cls_token and every SSM A_log / D (the official repo decays A_log by mistake)."""
+        # by name, not by the parameters' ``_no_weight_decay`` flag, which FSDP's re-created parameters lose
         names = {"pos_embed", "cls_token"}
-        names.update(n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False))
+        names.update(n for n, _ in self.named_parameters() if n.endswith((".A_log", ".D")))
         return names
 
     @torch.jit.ignore

@@ -27,7 +27,8 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "load_finetune_weights",
-    "load_state_strict",
+    "weights_source",
+    "has_ema_weights",
     "CheckpointWriteError",
 ]
 
@@ -71,7 +72,7 @@ def load_training_checkpoint(path: str | Path, need_training_state: bool = True)
     except Exception as err:  # noqa: BLE001 - torn, truncated or foreign files fail in many ways
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot read checkpoint {path}: {first}") from err
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or ("model" not in ckpt and "shards" not in ckpt):
         raise ConfigError(
             f"{path} is not a zoo training checkpoint (no 'model' entry); "
             "to start from plain or official weights use --finetune instead of --resume"
@@ -86,20 +87,24 @@ def load_training_checkpoint(path: str | Path, need_training_state: bool = True)
     return ckpt
 
 
-def load_state_strict(model: nn.Module, state: Dict[str, torch.Tensor], path: str | Path, what: str) -> None:
-    """``load_state_dict(strict=True)`` whose failure names the keys that did not fit, as a ConfigError."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing (first: {missing[:3]})" if missing else "",
-                 f"{len(unexpected)} unexpected (first: {unexpected[:3]})" if unexpected else "",
-                 f"{len(wrong)} of another shape (first: {wrong[:3]})" if wrong else ""]
-        raise ConfigError(f"{what} {path} does not fit model {type(model).__name__}: "
-                          + "; ".join(p for p in parts if p))
-    model.load_state_dict(state)
+def weights_source(ckpt: Dict[str, Any], path: str | Path):
+    """The tensors of a training checkpoint (``model.*``, ``model_ema.*``, ``optimizer.<i>.<name>``) as one
+    source that :func:`zoo.train.fsdp.load_module` reads, whether the run that wrote it was sharded or not."""
+    from .fsdp import FullSource, ShardedSource, split_optimizer_state
+
+    if "shards" in ckpt:
+        shards = ckpt["shards"]
+        return ShardedSource(Path(path).parent / shards["folder"], int(shards["world_size"]))
+    tensors = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    if ckpt.get("model_ema") is not None:
+        tensors.update({f"model_ema.{k}": v for k, v in ckpt["model_ema"].items()})
+    if isinstance(ckpt.get("optimizer"), dict):
+        tensors.update(split_optimizer_state(ckpt["optimizer"])[1])
+    return FullSource(tensors)
+
+
+def has_ema_weights(source) -> bool:
+    return any(k.startswith("model_ema.") for k in source.keys())
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -190,6 +195,12 @@ def load_finetune_weights(model: nn.Module, path: str | Path, prefer_ema: bool =
     if not path.is_file():
         raise FileNotFoundError(f"--finetune checkpoint not found: {path}")
     raw = load_checkpoint_file(str(path))
+    if isinstance(raw, dict) and "shards" in raw:  # a sharded (FSDP) run's last.pth: assemble whole tensors
+        from .fsdp import whole_tensors
+
+        source = weights_source(raw, path)
+        prefix = "model_ema." if prefer_ema and has_ema_weights(source) else "model."
+        raw = whole_tensors(source, prefix)
     state = _unwrap_state_dict(raw, prefer_ema) if isinstance(raw, dict) else raw
     module = sys.modules.get(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)

@@ -97,6 +97,7 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP
     threads: Optional[int] = None  # intra-op CPU threads per process; None: torch's default
     output: str = "runs"
     experiment: Optional[str] = None  # run folder under output; None: <model>-<timestamp>

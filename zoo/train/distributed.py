@@ -29,8 +29,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Reads torchrun's environment; NCCL on GPUs, gloo on CPU. A plain ``python`` run is world size 1."""
+def init_distributed(device: str = "auto", need_group: bool = False) -> DistInfo:
+    """Reads torchrun's environment; NCCL on GPUs, gloo on CPU. A plain ``python`` run is world size 1, with a
+    process group of its own only when ``need_group`` (FSDP shards over a group, even a group of one)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device "
@@ -44,9 +45,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend)
         rank, world_size = dist.get_rank(), dist.get_world_size()
+    elif need_group and not dist.is_initialized():
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=dev if use_cuda else None)
     return DistInfo(rank, world_size, local_rank, dev)
 
 

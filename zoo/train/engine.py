@@ -259,6 +259,11 @@ def _clip_gradients(model: nn.Module, clip_grad: Optional[float], clip_mode: str
     return nn.utils.clip_grad_norm_(model.parameters(), clip_grad)  # a device tensor, read at log time
 
 
+def _host_float(value: torch.Tensor) -> float:
+    """A (possibly distributed, e.g. FSDP's gradient norm) scalar tensor as a Python float."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -293,6 +298,7 @@ def train_one_epoch(
     model.train()
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     bare = model.module if is_ddp else model
+    is_fsdp = hasattr(model, "set_requires_gradient_sync")  # torch.distributed.fsdp.FSDPModule
     meter = meter or LossMeter(device, state, {None: "none", torch.bfloat16: "bf16"}.get(dtype, "fp16"))
     micro = 0
     remaining_micro = (steps - state.step_in_epoch) * accum_steps
@@ -314,6 +320,8 @@ def train_one_epoch(
         micro += 1
         do_step = micro % accum_steps == 0
         sync = contextlib.nullcontext() if (do_step or not is_ddp) else model.no_sync()
+        if is_fsdp:  # reduce-scatter the gradients on the accumulation window's last micro-step only
+            model.set_requires_gradient_sync(do_step)
         with sync:
             with autocast_context(device, dtype):
                 output = model(images)
@@ -340,7 +348,7 @@ def train_one_epoch(
                 "loss": mean_loss,
                 "lr": optimizer.param_groups[0]["lr"],
                 "img_per_s": window_images / max(now - window_start, 1e-9),
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": _host_float(grad_norm) if grad_norm is not None else None,
                 "peak_mem_mb": peak_memory_mb(device),
             }
             window_start, window_images = now, 0
@@ -358,16 +366,39 @@ def train_one_epoch(
     return {"loss_sum": loss_sum, "samples": state.epoch_samples, "seconds": state.epoch_seconds}
 
 
+def _lockstep(batches: Iterable, model: nn.Module, device: torch.device, dtype: Optional[torch.dtype],
+              input_size: Tuple[int, ...]):
+    """The batches of this rank, and then forwards on a dummy image until every rank is done: under FSDP each
+    forward gathers parameters from all ranks, so all of them must run the same number of forwards."""
+    import torch.distributed as dist
+
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if batch is not None:
+            yield batch
+        else:
+            with autocast_context(device, dtype):
+                model(torch.zeros((1, *input_size), device=device))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: Optional[torch.dtype],
-             channels_last: bool = False) -> Dict[str, float]:
+             channels_last: bool = False, lockstep_input: Optional[Tuple[int, ...]] = None) -> Dict[str, float]:
     """Sums of loss / top-1 / top-5 hits and the image count on this process (reduce over ranks).
 
-    The sums stay on the device until the end (one host sync per evaluation)."""
+    The sums stay on the device until the end (one host sync per evaluation). ``lockstep_input`` (the input
+    size, for sharded models): ranks with fewer batches run forwards of that size until all ranks are done."""
     model.eval()
     sums = torch.zeros(3, dtype=_sum_dtype(device), device=device)
     count = 0
-    for images, targets in loader:
+    batches = loader if lockstep_input is None else _lockstep(loader, model, device, dtype, lockstep_input)
+    for images, targets in batches:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if channels_last:

@@ -24,9 +24,10 @@ from typing import Callable, List, Optional
 from .config import ConfigError, TrainConfig
 from .distributed import all_gather_objects
 
-__all__ = ["RunDir", "resolve_run_dir", "CHECKPOINT_NAMES"]
+__all__ = ["RunDir", "resolve_run_dir", "remove_shard_folders", "CHECKPOINT_NAMES", "SHARD_DIR_PREFIX"]
 
 CHECKPOINT_NAMES = ("last.pth", "best.pth")
+SHARD_DIR_PREFIX = "last.shards-step"  # a sharded (FSDP) run's last.pth names one such folder of shard files
 # everything a run writes into its folder; --overwrite removes these (and only these)
 RUN_OUTPUTS = CHECKPOINT_NAMES + ("config.yaml", "log.jsonl", "summary.json", "eval.json")
 
@@ -60,6 +61,16 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp.name)
         return removed
+
+
+def remove_shard_folders(run_folder: Path, keep: Optional[str] = None) -> List[str]:
+    """Shard folders in ``run_folder`` other than ``keep``: older checkpoints, saves a kill interrupted."""
+    removed = []
+    for folder in sorted(run_folder.glob(SHARD_DIR_PREFIX + "*")):
+        if folder.is_dir() and folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
 
 
 def _new_run_folder(output: Path, model: str) -> Path:
@@ -127,6 +138,7 @@ def _protect(run_dir: RunDir, cfg: TrainConfig, say: Callable[[str], None]) -> N
         for name in RUN_OUTPUTS:
             (run_dir.path / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir.path / "tb", ignore_errors=True)
+        remove_shard_folders(run_dir.path)
         say(f"[train] --overwrite: removed the earlier run's {', '.join(held)} and logs in {run_dir.path}")
         return
     where = f" (--resume points at {resume})" if resume is not None else ""

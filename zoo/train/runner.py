@@ -1,6 +1,7 @@
 """The training run: wires data, model, optimisation, checkpoints and logging together."""
 from __future__ import annotations
 
+import copy
 import json
 import random
 import sys
@@ -17,15 +18,16 @@ from timm.data import resolve_data_config
 from timm.utils import ModelEmaV3
 
 from . import checkpoint as ckpt_io
+from . import fsdp
 from .config import ConfigError, TrainConfig, save_config
 from .data import (ShardSampler, SeededTransformDataset, build_datasets, build_loader, build_streaming_datasets,
                    build_train_sampler, build_transforms, is_streaming, steps_per_epoch)
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .engine import (LossMeter, NonFiniteLossError, TrainState, amp_dtype, build_criterion, build_mixup,
                      build_model, build_optimizer_and_scheduler, check_input_size, evaluate, peak_memory_mb,
                      train_one_epoch)
 from .logger import RunLogger
-from .rundir import RunDir, resolve_run_dir
+from .rundir import SHARD_DIR_PREFIX, RunDir, remove_shard_folders, resolve_run_dir
 
 __all__ = ["run", "seed_everything"]
 
@@ -64,7 +66,8 @@ def run(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] = 
     cfg.validate()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    dist_info: DistInfo = init_distributed(cfg.device)
+    owns_group = not torch.distributed.is_initialized()
+    dist_info: DistInfo = init_distributed(cfg.device, need_group=cfg.fsdp and not cfg.eval_only)
     say = (lambda message: print(message, flush=True)) if dist_info.is_main else (lambda message: None)
     run_dir = resolve_run_dir(cfg, dist_info.is_main, say)
     logger = RunLogger(run_dir.path, dist_info.is_main, cfg.tensorboard)
@@ -78,6 +81,8 @@ def run(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] = 
         raise
     finally:
         logger.close()
+        if owns_group and dist_info.world_size == 1:
+            cleanup()  # the one-process group this run made for FSDP (torchrun's groups are the launcher's)
 
 
 @dataclass
@@ -156,36 +161,40 @@ class _Training:
             logger.print(f"[train] fine-tuning from {cfg.finetune}: {len(report['missing'])} missing, "
                          f"{len(report['unexpected'])} unexpected, dropped {report['dropped']}, "
                          f"resized {report['resized']}")
+        self.sharded = cfg.fsdp
+        # FSDP modules cannot be deep-copied: the EMA copy is taken first and sharded the same way
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+        if self.sharded:
+            fsdp.shard_model(self.model)
+            if self.ema is not None:
+                fsdp.shard_model(self.ema.module)
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(cfg, self.model, self.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=setup.dtype == torch.float16)
-        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.mixup = build_mixup(cfg, setup.data.num_classes)
         if self.mixup is not None and self.micro % 2:
             raise ConfigError(f"mixup/cutmix need an even per-process batch, got batch_size={self.micro}")
         self.criterion = build_criterion(cfg, self.mixup)
         self.state = TrainState()
         self.meter: Optional[LossMeter] = None
+        self.resumed_shards: Optional[str] = None  # the shard folder of the checkpoint resumed from
         if run_dir.resume_path is not None:
             _restore(run_dir.resume_path, self, logger)
         self.train_model: nn.Module = self.model
-        if dist_info.enabled:
+        if dist_info.enabled and not self.sharded:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # -- checkpoints -------------------------------------------------------------------------------------
-    def _payload(self, rng_states) -> Dict[str, Any]:
-        state, ema = self.state, self.ema
-        return {
-            "model": self.model.state_dict(),
-            "model_ema": ema.module.state_dict() if ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
+    def _payload(self, rng_states, weights: Dict[str, Any], epoch_totals) -> Dict[str, Any]:
+        state = self.state
+        return dict(weights, **{
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": state.epoch,
             "step_in_epoch": state.step_in_epoch,
             "global_step": state.global_step,
-            "epoch_loss_sum": float(state.epoch_loss_sum),
-            "epoch_samples": int(state.epoch_samples),
+            "epoch_loss_sum": float(epoch_totals[0]),  # over all ranks: resumable on any number of them
+            "epoch_samples": int(epoch_totals[1]),
             "epoch_seconds": float(state.epoch_seconds),
             "best_top1": state.best_top1,
             "best_epoch": state.best_epoch,
@@ -193,15 +202,16 @@ class _Training:
             "rng": rng_states,
             "config": self.cfg.to_dict(),
             "format": "zoo-train-v1",
-        }
+        })
+
+    def _modules(self):
+        return [("model", self.model)] + ([("model_ema", self.ema.module)] if self.ema is not None else [])
 
     def _check_finite(self) -> None:
         """Before any checkpoint: a diverged loss or non-finite weights must not replace the last good file."""
         if self.meter is not None:
             self.meter.sync()
-        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
-        flags = [torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point()]
-        if flags and not bool(torch.stack(flags).all()):
+        if not fsdp.all_finite([t for _, m in self._modules() for t in m.state_dict().values()], self.device):
             raise NonFiniteLossError(
                 f"weights became non-finite by global step {self.state.global_step} (epoch {self.state.epoch}); "
                 f"not saving them, so {self.out_dir / 'last.pth'} keeps the last finite state; lower the lr "
@@ -211,16 +221,46 @@ class _Training:
         self._check_finite()
         # every rank hands its RNG state to rank 0, so a resumed multi-process run continues each stream
         rng_states = all_gather_objects(ckpt_io.capture_rng_state())
-        if self.dist.is_main:
-            ckpt_io.atomic_save(self._payload(rng_states), self.out_dir / "last.pth")
+        totals = all_reduce_sum([self.state.epoch_loss_sum, self.state.epoch_samples], self.device)
+        if self.sharded:
+            self._save_sharded(rng_states, totals)
+        elif self.dist.is_main:
+            weights = {name: m.state_dict() for name, m in self._modules()}
+            weights.setdefault("model_ema", None)
+            weights["optimizer"] = self.optimizer.state_dict()
+            ckpt_io.atomic_save(self._payload(rng_states, weights, totals), self.out_dir / "last.pth")
+            remove_shard_folders(self.out_dir)  # a sharded checkpoint this run resumed from is replaced
         barrier()
 
-    def save_best(self, epoch: int, top1: float) -> None:
+    def _save_sharded(self, rng_states, totals) -> None:
+        """Each rank writes its rows into a new shard folder; last.pth names it once all of them are there."""
+        rank, world = self.dist.rank, self.dist.world_size
+        folder = all_gather_objects(f"{SHARD_DIR_PREFIX}{self.state.global_step:09d}-{time.time_ns():x}")[0]
         if self.dist.is_main:
-            # best.pth: weights only (plus metrics), loadable with --finetune or --eval --finetune
-            ema = self.ema
-            ckpt_io.atomic_save({"model": self.model.state_dict(),
-                                 "model_ema": ema.module.state_dict() if ema is not None else None,
+            (self.out_dir / folder).mkdir()
+        barrier()
+        plain_optimizer, tensors = fsdp.split_optimizer_state(self.optimizer.state_dict())
+        for name, module in self._modules():
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        error = None
+        try:
+            fsdp.save_shards(self.out_dir / folder, tensors, rank, world)
+        except ckpt_io.CheckpointWriteError as err:
+            error = str(err)
+        errors = [e for e in all_gather_objects(error) if e]
+        if errors:  # every rank stops with the same message; last.pth still names the previous folder
+            raise ckpt_io.CheckpointWriteError(errors[0])
+        if self.dist.is_main:
+            weights = {"optimizer": plain_optimizer, "shards": {"folder": folder, "world_size": world}}
+            ckpt_io.atomic_save(self._payload(rng_states, weights, totals), self.out_dir / "last.pth")
+            remove_shard_folders(self.out_dir, keep=folder)
+
+    def save_best(self, epoch: int, top1: float) -> None:
+        # best.pth: whole weights only (plus metrics), loadable with --finetune or --eval --finetune
+        gather = fsdp.full_state_dict if self.sharded else (lambda m: m.state_dict())
+        weights = {name: gather(m) for name, m in self._modules()}  # gathering is collective under FSDP
+        if self.dist.is_main:
+            ckpt_io.atomic_save({"model": weights["model"], "model_ema": weights.get("model_ema"),
                                  "epoch": epoch, "val_top1": top1, "config": self.cfg.to_dict()},
                                 self.out_dir / "best.pth")
 
@@ -239,7 +279,8 @@ class _Training:
         cfg, data, world = self.cfg, self.setup.data, self.dist.world_size
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            stale = self.run_dir.remove_stale_temporaries()
+            # and shard folders no checkpoint names (older saves, or a save a kill interrupted)
+            stale = self.run_dir.remove_stale_temporaries() + remove_shard_folders(self.out_dir, self.resumed_shards)
             if stale:
                 self.logger.print(f"[train] removed unfinished checkpoint writes of a killed run: {', '.join(stale)}")
             if self.run_dir.resume_path is not None:
@@ -293,8 +334,9 @@ class _Training:
         # throughput: every device's images over the slowest device's seconds; memory: the largest peak
         per_rank = all_gather_objects((stats["seconds"], peak_memory_mb(device)))
         seconds = max(s for s, _ in per_rank)
-        metrics = _reduce_eval(evaluate(self.model, self.setup.val_loader, device, dtype, cfg.channels_last),
-                               device)
+        lockstep = tuple(self.setup.data_config["input_size"]) if self.sharded else None
+        metrics = _reduce_eval(evaluate(self.model, self.setup.val_loader, device, dtype, cfg.channels_last,
+                                        lockstep), device)
         record: Dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(samples, 1),
@@ -310,7 +352,8 @@ class _Training:
         }
         if self.ema is not None:
             ema_metrics = _reduce_eval(
-                evaluate(self.ema.module, self.setup.val_loader, device, dtype, cfg.channels_last), device)
+                evaluate(self.ema.module, self.setup.val_loader, device, dtype, cfg.channels_last, lockstep),
+                device)
             record.update(ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"], ema_loss=ema_metrics["loss"])
         return record
 
@@ -372,7 +415,7 @@ class _Training:
 # global batch into micro-batches); any other key changed between the checkpoint and the resumed run is reported
 _RESUME_NEUTRAL_KEYS = frozenset({
     "resume", "finetune", "eval_only", "output", "experiment", "data_dir", "device", "workers", "pin_memory",
-    "threads", "overwrite", "skip_corrupt",
+    "threads", "overwrite", "skip_corrupt", "fsdp",
     "persistent_workers", "batch_size", "log_interval", "save_every_steps", "progress", "tensorboard",
 })
 
@@ -405,12 +448,16 @@ def _restore(path: Path, run: "_Training", logger: RunLogger) -> None:
                      + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items())
                      + "; optimizer and LR-schedule state are the checkpoint's, so the run will not match an "
                        "uninterrupted run of either config")
-    ckpt_io.load_state_strict(run.model, ckpt["model"], path, "--resume checkpoint")
+    # sharded or whole, written by any number of processes: laid out as this run's model is
+    source = ckpt_io.weights_source(ckpt, path)
+    fsdp.load_module(run.model, source, "model.", path, "--resume checkpoint")
     if run.ema is not None:
-        run.ema.module.load_state_dict(ckpt["model_ema"] if ckpt.get("model_ema") is not None else ckpt["model"])
+        ema_prefix = "model_ema." if ckpt_io.has_ema_weights(source) else "model."
+        fsdp.load_module(run.ema.module, source, ema_prefix, path, "--resume checkpoint's EMA of")
+    plain_optimizer = ckpt["optimizer"] if "shards" in ckpt else fsdp.split_optimizer_state(ckpt["optimizer"])[0]
     try:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError) as err:
+        fsdp.load_optimizer(run.optimizer, plain_optimizer, source)
+    except (ValueError, KeyError, IndexError) as err:
         raise ConfigError(f"the optimizer state in {path} does not fit this run's optimizer "
                           f"(--opt {cfg.opt}): {err}") from err
     run.scheduler.load_state_dict(ckpt["scheduler"])
@@ -418,12 +465,15 @@ def _restore(path: Path, run: "_Training", logger: RunLogger) -> None:
     state.epoch = int(ckpt["epoch"])
     state.step_in_epoch = int(ckpt["step_in_epoch"])
     state.global_step = int(ckpt["global_step"])
-    state.epoch_loss_sum = float(ckpt.get("epoch_loss_sum", 0.0))
-    state.epoch_samples = int(ckpt.get("epoch_samples", 0))
+    # the epoch's partial loss sum covers all ranks of the writing run: rank 0 carries it on
+    carried = run.dist.is_main
+    state.epoch_loss_sum = float(ckpt.get("epoch_loss_sum", 0.0)) if carried else 0.0
+    state.epoch_samples = int(ckpt.get("epoch_samples", 0)) if carried else 0
     state.epoch_seconds = float(ckpt.get("epoch_seconds", 0.0))
     state.best_top1 = float(ckpt.get("best_top1", -1.0))
     state.best_epoch = int(ckpt.get("best_epoch", -1))
     state.history = list(ckpt.get("history") or [])
+    run.resumed_shards = ckpt["shards"]["folder"] if "shards" in ckpt else None
     run.scheduler.step_update(num_updates=state.global_step)
     rng, why = ckpt_io.split_rng_for_rank(ckpt.get("rng"), run.dist.rank, run.dist.world_size)
     if rng is not None:
@@ -442,13 +492,12 @@ def _eval_weights(cfg: TrainConfig, model: nn.Module, run_dir: RunDir, logger: R
     if resume_path is not None:
         ckpt = ckpt_io.load_training_checkpoint(resume_path, need_training_state=False)
         _check_model_matches(ckpt, resume_path, cfg)
-        ckpt_io.load_state_strict(model, ckpt["model"], resume_path, "--eval checkpoint")
-        if ckpt.get("model_ema") is None:
+        source = ckpt_io.weights_source(ckpt, resume_path)
+        fsdp.load_module(model, source, "model.", resume_path, "--eval checkpoint")
+        if not ckpt_io.has_ema_weights(source):
             return resume_path, None
-        import copy
-
         ema_model = copy.deepcopy(model)
-        ckpt_io.load_state_strict(ema_model, ckpt["model_ema"], resume_path, "--eval checkpoint's EMA of")
+        fsdp.load_module(ema_model, source, "model_ema.", resume_path, "--eval checkpoint's EMA of")
         return resume_path, ema_model
     if not cfg.finetune:
         raise ConfigError("--eval needs weights: pass --resume <last.pth> or --finetune <checkpoint>")
