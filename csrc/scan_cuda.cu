@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "cuda_math.cuh"
 #include "scan_checks.h"
 #include "scan_lpar.h"
 
@@ -32,29 +33,8 @@
 namespace zoo_scan {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+using namespace cuda_math;  // NOLINT: exp2_fast, to_f, from_f, softplus_f, sigmoid_f, kLog2e, kLn2
 constexpr int kThreads = 64;  // threads per block, forward and backward
-
-__device__ __forceinline__ float exp2_fast(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float softplus_f(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // One scan direction: its inputs, parameters and outputs.
 struct Dir {

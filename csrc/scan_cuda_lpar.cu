@@ -33,6 +33,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cuda_math.cuh"
 #include "scan_chunk.h"
 #include "scan_lpar.h"
 
@@ -46,27 +47,10 @@ using PairF = Pair<float>;
 constexpr int kThreads = 128;  // threads per block, every launch
 constexpr int kRun = 8;        // steps per lane: one 16-byte load of fp16/bf16, two of fp32
 constexpr int kWarps = kThreads / 32;
-constexpr float kLog2e = 1.4426950408889634f;
+using namespace cuda_math;  // NOLINT
 constexpr unsigned kFull = 0xffffffffu;
 
 enum Mode { kOut = 0, kSummary = 1, kCkpt = 2, kAdjSummary = 3 };
-
-__device__ __forceinline__ float exp2_fast(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x) {
-  if constexpr (std::is_same_v<T, float>) return x;
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-  else return __float2bfloat16_rn(x);
-}
-__device__ __forceinline__ float softplus_f(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 
 struct LParams {
   int batch, dim, N, groups, dg;
