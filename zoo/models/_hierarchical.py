@@ -10,7 +10,6 @@ each have a ``grad_checkpointing`` flag), ``self.norm`` (applied to the last sta
 
 The registration tails are shared too: :func:`create_hierarchical` and :func:`hierarchical_cfg`.
 """
-from __future__ import annotations
 
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
@@ -114,6 +113,8 @@ class HierarchicalMixin:
         if global_pool is not None:
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
+        like = next(self.stages.parameters())  # the new head lives where the model does
+        self.head.to(device=like.device, dtype=like.dtype).train(self.training)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> the stage-0 input (stride 4, in ``stage_fmt``); override to check input first."""

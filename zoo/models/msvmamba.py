@@ -23,15 +23,14 @@ import math
 import os
 import re
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, trunc_normal_
+from timm.layers import ClassifierHead, DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
@@ -39,6 +38,7 @@ from ..checkpoint import (
     build_with_local_file_hint, extract_state_dict, load_pretrained_file, route_local_file_to_custom_load,
 )
 from ..layers.helpers import leaf_function
+from ._hierarchical import HierarchicalMixin, init_weights_trunc_normal, stage_widths
 from ..layers.ssm import ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, stacked_ssm_inputs
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS
 
@@ -225,7 +225,7 @@ class MSVMambaStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.grad_checkpointing and not torch.jit.is_scripting():  # inline: TorchScript cannot pass modules
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
@@ -254,7 +254,7 @@ def check_image_batch(x: torch.Tensor, in_chans: int, patch: int) -> torch.Tenso
     return x
 
 
-class MSVMamba(nn.Module):
+class MSVMamba(HierarchicalMixin, nn.Module):
     """Multi-Scale VMamba classifier / backbone (4 stages at strides 4, 8, 16, 32).
 
     Args:
@@ -295,12 +295,7 @@ class MSVMamba(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        num_stages = len(depths)
-        if isinstance(dims, int):
-            dims = [dims * 2 ** i for i in range(num_stages)]
-        dims = [int(d) for d in dims]
-        if len(dims) != num_stages:
-            raise ValueError(f"MSVMamba: got {len(dims)} dims for {num_stages} stages (depths={tuple(depths)})")
+        dims = stage_widths(dims, depths, "MSVMamba")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -330,116 +325,15 @@ class MSVMamba(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features, eps=norm_eps)
         self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, input_fmt="NHWC")
-        self.apply(self._init_weights)
+        self.apply(init_weights_trunc_normal)
         if device is not None or dtype is not None:  # timm's factory kwargs
             self.to(device=device, dtype=dtype)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    # --- timm model API (the rest comes from HierarchicalMixin) ----------------------------------------
 
-    # --- timm model API ---------------------------------------------------------------------------
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """SSM A (log) and D parameters are not decayed (as in Mamba/VMamba)."""
-        return {n for n, _ in self.named_parameters() if n.endswith((".A_logs", ".Ds"))}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^patch_embed",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
-        like = next(self.patch_embed.parameters())  # the new head lives where the model does (any stem)
-        self.head.to(device=like.device, dtype=like.dtype).train(self.training)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> normed channels-last features (B, H/32, W/32, num_features)."""
-        x = self.patch_embed(x)
-        x = self.stages(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (after each stage's blocks, before the next downsample) and the final features.
-
-        Args:
-            indices: stages to return (int: the last n; None: all). norm: apply the final norm to the
-                last stage's output. output_fmt: 'NCHW' or 'NHWC'.
-
-        Returns:
-            The intermediates, or (final normed NHWC features, intermediates).
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if (torch.jit.is_scripting() or not stop_early) else self.stages[:max_index + 1]
-        intermediates = []
-        x = self.patch_embed(x)
-        last = len(self.stages) - 1
-        i = -1
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if (norm and i == last) else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return intermediates
-        if i == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        """Drops the stages after the last wanted one (and optionally the norm/head)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> the channels-last stage-0 input (B, H/4, W/4, dims[0])."""
+        return self.patch_embed(x)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
