@@ -6,9 +6,10 @@ parity tests can never pass by silently not running.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REQUIRE_ENV = "ZOO_REQUIRE_PARITY"
 SHARED_PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
@@ -28,3 +29,24 @@ def parity_files(family: str, pattern: str, keep: Optional[Callable[[Path], bool
             "CI must run with the official fixtures at ../shared/parity"
         )
     return files
+
+
+def fixture_id(path: Path) -> str:
+    """pytest id of a fixture or manifest file: its name without the suffix."""
+    return path.stem
+
+
+def load_fixture(sidecar: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """(sidecar JSON, every tensor of the .safetensors next to it, the official state dict stored in it
+    under ``state_dict.``)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads(sidecar.read_text())
+    tensors = load_file(str(sidecar.with_suffix(".safetensors")))
+    official_sd = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    return meta, tensors, official_sd
+
+
+class FakeCfgNode(dict):
+    """Stands in for the yacs CfgNode that official VMamba-codebase checkpoints pickle (a dict subclass
+    that ``torch.load(weights_only=True)`` refuses)."""

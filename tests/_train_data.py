@@ -64,6 +64,18 @@ def as_flags(values: dict) -> List[str]:
     return flags
 
 
+# run(config json in argv[1]) that SIGKILLs its own process once global step argv[2] is done
+KILL_SCRIPT = """
+import json, os, signal, sys
+from zoo.train import make_config, run
+kill_at = int(sys.argv[2])
+def hook(info):
+    if info["global_step"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+run(make_config(json.loads(sys.argv[1])), on_step=hook)
+"""
+
+
 def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

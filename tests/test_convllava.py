@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from _parity import parity_dir, parity_files
+from _parity import load_fixture, parity_dir, parity_files
 import zoo  # noqa: F401  (registers the models)
 from zoo.models.convllava import ConvLLaVAConvNeXt, checkpoint_filter_fn, from_official_kwargs, token_grid
 
@@ -22,10 +22,7 @@ needs_parity = pytest.mark.skipif(not PARITY_DIR.is_dir(), reason=f"parity fixtu
 
 
 def _load_fixture(sidecar: Path):
-    from safetensors.torch import load_file
-    meta = json.loads(sidecar.read_text())
-    tensors = load_file(str(sidecar.with_suffix(".safetensors")))
-    state_dict = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    meta, tensors, state_dict = load_fixture(sidecar)
     return meta, tensors["input"], state_dict, tensors["tokens"]
 
 

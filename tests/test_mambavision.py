@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from _parity import parity_dir, parity_files
+from _parity import fixture_id, load_fixture, parity_dir, parity_files
 import zoo
 from zoo.models.mambavision import (
     MambaVisionMixer,
@@ -34,30 +33,17 @@ OFFICIAL_TO_ZOO = {"mamba_vision_T": "mambavision_tiny", "mamba_vision_T2": "mam
                    "mamba_vision_L": "mambavision_large", "mamba_vision_L2": "mambavision_large2"}
 
 
-def _id(path: Path) -> str:
-    return path.stem
-
-
-def _load_fixture(fixture: Path):
-    from safetensors.torch import load_file
-
-    meta = json.loads(fixture.read_text())
-    tensors = load_file(str(fixture.with_suffix(".safetensors")))
-    official_sd = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
-    return meta, tensors, official_sd
-
-
 # --- official parity --------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 @pytest.mark.parametrize("scan_backend", ["reference", "auto"])
-@pytest.mark.parametrize("fixture", FIXTURES, ids=_id)
+@pytest.mark.parametrize("fixture", FIXTURES, ids=fixture_id)
 def test_official_parity(fixture, scan_backend, monkeypatch):
     monkeypatch.setenv("ZOO_SCAN_BACKEND", scan_backend)
     if scan_backend == "auto" and zoo.ops.resolve_backend("cpu").name == "reference":
         pytest.skip("no faster scan backend on this machine: 'auto' is the reference run")
-    meta, tensors, official_sd = _load_fixture(fixture)
+    meta, tensors, official_sd = load_fixture(fixture)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
@@ -79,7 +65,7 @@ def test_official_parity(fixture, scan_backend, monkeypatch):
 def test_fixture_window_plans_match_the_model():
     """The padded and unpadded fixtures exercise what they say: our stages pad exactly where the official did."""
     for fixture in FIXTURES:
-        meta, tensors, _ = _load_fixture(fixture)
+        meta, tensors, _ = load_fixture(fixture)
         model = from_official_kwargs(**meta["official_kwargs"])
         for plan in meta["diagnostics"]["window_plan"]:
             stage = model.stages[plan["level"]]
@@ -96,7 +82,7 @@ def test_released_style_checkpoint_loads_through_timm(tmp_path):
     """A released-style .pth.tar (timm training checkpoint: weights under 'state_dict' next to pickled
     argparse args) through timm's pretrained file path, and the other wrappings the official loader accepts."""
     fixture = next(f for f in FIXTURES if "pad" in f.stem)
-    meta, tensors, official_sd = _load_fixture(fixture)
+    meta, tensors, official_sd = load_fixture(fixture)
     path = tmp_path / "mambavision_tiny_1k.pth.tar"
     torch.save({"state_dict": official_sd, "args": argparse.Namespace(model="mamba_vision_T"), "epoch": 309}, path)
     args = official_kwargs_to_model_args(**meta["official_kwargs"])
@@ -120,7 +106,7 @@ def test_released_style_checkpoint_loads_through_timm(tmp_path):
 
 
 @pytest.mark.skipif(not MANIFESTS, reason=NO_FIXTURES)
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_id)
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=fixture_id)
 def test_manifest_loads_strictly(manifest):
     meta = json.loads(manifest.read_text())
     name = OFFICIAL_TO_ZOO[meta["official_model_name"]]

@@ -1,14 +1,13 @@
 """The fused CPU Vim mixer (zoo_scan::bimamba_conv / bimamba_scan) against the unfused reference path."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _parity import parity_files
+from _parity import load_fixture, parity_files
 import zoo
 from zoo.models import vim as vim_mod
 from zoo.models.vim import BiMambaMixer, checkpoint_filter_fn, from_official_kwargs
@@ -192,8 +191,6 @@ def test_build_is_portable_and_dispatches_on_this_cpu():
 @pytest.mark.skipif(not FIXTURES, reason="no Vim parity fixtures (../shared/parity/vim)")
 @pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.stem)
 def test_official_parity_through_fused_mixer(fixture: Path, monkeypatch):
-    from safetensors.torch import load_file
-
     monkeypatch.delenv("ZOO_SCAN_BACKEND", raising=False)
     calls = []
 
@@ -202,9 +199,7 @@ def test_official_parity_through_fused_mixer(fixture: Path, monkeypatch):
         return bimamba_rows(*args)
 
     monkeypatch.setattr(vim_mod, "bimamba_rows", counted)
-    meta = json.loads(fixture.read_text())
-    tensors = load_file(str(fixture.with_suffix(".safetensors")))
-    state_dict = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    meta, tensors, state_dict = load_fixture(fixture)
     m = from_official_kwargs(**meta["official_kwargs"])
     m.load_state_dict(checkpoint_filter_fn(state_dict, m), strict=True)
     m.eval()

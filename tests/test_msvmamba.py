@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from _parity import parity_dir, parity_files
+from _parity import FakeCfgNode, fixture_id, load_fixture, parity_dir, parity_files
 import zoo  # noqa: F401  (registers the models)
 from zoo.ops import selective_scan_naive
 from zoo.ops.multi_direction import (
@@ -36,10 +35,6 @@ MANIFESTS = parity_files("msvmamba", "manifest_*.json")
 NO_FIXTURES = f"official parity fixtures not found in {PARITY_DIR}"
 OFFICIAL_TO_ZOO = {"vssm_nano_ms_e300": "msvmamba_nano", "vssm_micro_ms_e300": "msvmamba_micro",
                    "vssm_tiny_ms_e300": "msvmamba_tiny"}
-
-
-def _id(path: Path) -> str:
-    return path.stem
 
 
 # --- the multi-direction seam ---------------------------------------------------------------------
@@ -207,18 +202,14 @@ def test_mixer_matches_explicit_construction_on_odd_map(monkeypatch):
 
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 @pytest.mark.parametrize("scan_backend", ["reference", "auto"])
-@pytest.mark.parametrize("fixture", FIXTURES, ids=_id)
+@pytest.mark.parametrize("fixture", FIXTURES, ids=fixture_id)
 def test_official_parity(fixture, scan_backend, monkeypatch):
-    from safetensors.torch import load_file
-
     monkeypatch.setenv("ZOO_SCAN_BACKEND", scan_backend)
     monkeypatch.delenv("ZOO_MULTI_DIRECTION_BACKEND", raising=False)
     if scan_backend == "auto" and zoo.ops.resolve_backend("cpu").name == "reference":
         pytest.skip("no faster scan backend on this machine: 'auto' is the reference run")
 
-    meta = json.loads(fixture.read_text())
-    tensors = load_file(str(fixture.with_suffix(".safetensors")))
-    official_sd = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    meta, tensors, official_sd = load_fixture(fixture)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
@@ -237,14 +228,9 @@ def test_official_parity(fixture, scan_backend, monkeypatch):
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 def test_official_style_checkpoint_loads_through_timm(tmp_path):
     """An official-layout .pth (weights under 'model' next to a pickled config) via pretrained_cfg file."""
-    from safetensors.torch import load_file
-
-    fixture = FIXTURES[0]
-    meta = json.loads(fixture.read_text())
-    official_sd = {k[len("state_dict."):]: v for k, v in load_file(str(fixture.with_suffix(".safetensors"))).items()
-                   if k.startswith("state_dict.")}
+    meta, _, official_sd = load_fixture(FIXTURES[0])
     path = tmp_path / "official_style.pth"
-    torch.save({"model": official_sd, "config": _FakeCfgNode(NAME="x"), "epoch": 299}, path)
+    torch.save({"model": official_sd, "config": FakeCfgNode(NAME="x"), "epoch": 299}, path)
 
     args = official_kwargs_to_model_args(**meta["official_kwargs"])
     model = timm.create_model("msvmamba_nano", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args)
@@ -258,12 +244,8 @@ def test_official_style_checkpoint_loads_through_timm(tmp_path):
     assert model.get_classifier().out_features == 3
 
 
-class _FakeCfgNode(dict):
-    """Stands in for yacs' CfgNode (a dict subclass weights_only refuses)."""
-
-
 @pytest.mark.skipif(not MANIFESTS, reason=NO_FIXTURES)
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_id)
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=fixture_id)
 def test_manifest_loads_strictly(manifest):
     meta = json.loads(manifest.read_text())
     name = OFFICIAL_TO_ZOO[meta["official_model_name"]]

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import zoo  # noqa: F401
-from _train_data import subprocess_env, tiny_run_config, write_imagefolder
+from _train_data import KILL_SCRIPT, subprocess_env, tiny_run_config, write_imagefolder
 from zoo.train import ConfigError, make_config, run
 from zoo.train import checkpoint as ckpt_io
 from zoo.train import fsdp
@@ -33,17 +33,6 @@ _DDP_THEN_FSDP = textwrap.dedent("""
         run(make_config(values))
     cleanup()
 """)
-
-_KILLED = textwrap.dedent("""
-    import json, os, signal, sys
-    from zoo.train import make_config, run
-    kill_at = int(sys.argv[2])
-    def hook(info):
-        if info["global_step"] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    run(make_config(json.loads(sys.argv[1])), on_step=hook)
-""")
-
 
 @pytest.fixture(scope="module")
 def tiny_imagefolder(tmp_path_factory) -> Path:
@@ -117,7 +106,7 @@ def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path, tiny_imagefo
     run ends, within 1e-5, with the same epoch loss (the partial sum in the checkpoint covers both ranks)."""
     ref = run(make_config(tiny_run_config(tiny_imagefolder, tmp_path, "straight", **COMMON)))
     values = tiny_run_config(tiny_imagefolder, tmp_path, "killed", fsdp=True, save_every_steps=4, **COMMON)
-    proc = _torchrun(_KILLED, json.dumps(values), "9", cwd=tmp_path)
+    proc = _torchrun(KILL_SCRIPT, json.dumps(values), "9", cwd=tmp_path)
     assert proc.returncode != 0 and "SIGKILL" in proc.stdout + proc.stderr, proc.stderr[-2000:]
     ckpt = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)
     assert (ckpt["global_step"], ckpt["shards"]["world_size"]) == (8, 2)

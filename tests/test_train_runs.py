@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import zoo  # noqa: F401
-from _train_data import as_flags, subprocess_env, tiny_run_config, write_imagefolder
+from _train_data import KILL_SCRIPT, as_flags, subprocess_env, tiny_run_config, write_imagefolder
 from zoo.train import ConfigError, make_config, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,17 +67,6 @@ def test_tiny_vim_learns_digits(tmp_path):
     assert (tmp_path / "digits" / "best.pth").is_file() and (tmp_path / "digits" / "config.yaml").is_file()
 
 
-_KILL_SCRIPT = textwrap.dedent("""
-    import json, os, signal, sys
-    from zoo.train import make_config, run
-    kill_at = int(sys.argv[2])
-    def hook(info):
-        if info["global_step"] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    run(make_config(json.loads(sys.argv[1])), on_step=hook)
-""")
-
-
 def test_resume_after_kill_reaches_the_uninterrupted_weights(tmp_path, tiny_imagefolder):
     """Mixup, cutmix, RandAugment, random erasing, drop path and the layer-wise shuffle all draw random
     numbers; a run SIGKILLed after step 9 and resumed from its step-8 checkpoint (in the middle of epoch 2)
@@ -88,7 +77,7 @@ def test_resume_after_kill_reaches_the_uninterrupted_weights(tmp_path, tiny_imag
     assert ref["global_steps"] == 12  # 48 images / batch 8 = 6 steps per epoch
 
     values = _tiny_run_config(tiny_imagefolder, tmp_path, "killed", **regularised)
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, json.dumps(values), "9"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(values), "9"], cwd=tmp_path,
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpt = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)

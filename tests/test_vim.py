@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _parity import parity_dir, parity_files
+from _parity import load_fixture, parity_dir, parity_files
 import zoo
 from zoo.layers import ssm as ssm_layers
 from zoo.models import vim as vim_mod
@@ -58,15 +57,6 @@ def _small(**kw) -> Vim:
     return Vim(**args)
 
 
-def _load_fixture(path: Path):
-    from safetensors.torch import load_file
-
-    meta = json.loads(path.read_text())
-    tensors = load_file(str(path.with_suffix(".safetensors")))
-    state_dict = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
-    return meta, tensors, state_dict
-
-
 # --- official parity ------------------------------------------------------------------------------
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -80,7 +70,7 @@ def test_official_parity(fixture: Path, backend: str, monkeypatch):
         monkeypatch.delenv("ZOO_SCAN_BACKEND", raising=False)
         if zoo.ops.resolve_backend("cpu").name == "reference":
             pytest.skip("the best CPU backend here is the reference scan (covered by the reference case)")
-    meta, tensors, state_dict = _load_fixture(fixture)
+    meta, tensors, state_dict = load_fixture(fixture)
     m = from_official_kwargs(**meta["official_kwargs"])
     m.load_state_dict(checkpoint_filter_fn(state_dict, m), strict=True)
     m.eval()
@@ -99,7 +89,7 @@ def test_official_parity(fixture: Path, backend: str, monkeypatch):
 def test_official_checkpoint_wrapped_and_resized():
     """{'model': ...} wrapping loads; a checkpoint loaded at another image size gives the same result
     as running the original-size model on that size (pos_embed resampled the same way, class row kept)."""
-    meta, tensors, state_dict = _load_fixture(FIXTURES[0])
+    meta, tensors, state_dict = load_fixture(FIXTURES[0])
     kw = dict(meta["official_kwargs"])
     m = from_official_kwargs(**kw)
     m.load_state_dict(checkpoint_filter_fn({"model": dict(state_dict)}, m), strict=True)
@@ -130,7 +120,7 @@ def test_official_pth_through_timm_pretrained_and_zoo_checkpoint(tmp_path):
 
     from zoo.checkpoint import load_state_dict_file
 
-    meta, tensors, state_dict = _load_fixture(FIXTURES[0])
+    meta, tensors, state_dict = load_fixture(FIXTURES[0])
     kw = meta["official_kwargs"]
     x = tensors["input"]
     with_args = tmp_path / "official_with_args.pth"

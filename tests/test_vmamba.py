@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from _parity import parity_dir, parity_files
+from _parity import FakeCfgNode, fixture_id, load_fixture, parity_dir, parity_files
 import zoo  # noqa: F401  (registers the models)
 from zoo.layers.ssm import cross_merge_2d, cross_scan_2d
 from zoo.ops import scan_order_index, selective_scan_naive
@@ -29,18 +28,6 @@ OFFICIAL_TO_ZOO = {
 # the v0 layout on the test-sized widths (gated SS2D, no MLP, patch stem, PatchMerging)
 TEST_V0 = dict(d_state=3, ssm_ratio=2.0, stem="patch", downsample="merge", conv_bias=True, gate=True,
                mlp_ratio=0.0, force_fp32=True)
-
-
-def _id(path: Path) -> str:
-    return path.stem
-
-
-def _fixture(path: Path):
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path.with_suffix(".safetensors")))
-    official_sd = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
-    return json.loads(path.read_text()), tensors, official_sd
 
 
 # --- cross scan / merge and the mixer ----------------------------------------------------------------
@@ -119,12 +106,12 @@ def test_mixer_matches_explicit_construction(gate, d_state, monkeypatch):
 
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 @pytest.mark.parametrize("scan_backend", ["reference", "compiled"])
-@pytest.mark.parametrize("fixture", FIXTURES, ids=_id)
+@pytest.mark.parametrize("fixture", FIXTURES, ids=fixture_id)
 def test_official_parity(fixture, scan_backend, monkeypatch):
     if scan_backend != "reference" and not zoo.ops.available_backends("cpu")[scan_backend].name == scan_backend:
         pytest.skip(f"the {scan_backend} scan backend is not usable on this machine")
     monkeypatch.setenv("ZOO_SCAN_BACKEND", scan_backend)
-    meta, tensors, official_sd = _fixture(fixture)
+    meta, tensors, official_sd = load_fixture(fixture)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
@@ -155,9 +142,9 @@ def _legacy_layout(official_sd):
 
 
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
-@pytest.mark.parametrize("fixture", FIXTURES, ids=_id)
+@pytest.mark.parametrize("fixture", FIXTURES, ids=fixture_id)
 def test_checkpoint_layouts(fixture):
-    meta, _, official_sd = _fixture(fixture)
+    meta, _, official_sd = load_fixture(fixture)
     model = from_official_kwargs(**meta["official_kwargs"])
     expected = checkpoint_filter_fn(official_sd, model)
     assert set(expected) == set(model.state_dict())
@@ -183,7 +170,7 @@ def test_checkpoint_layouts(fixture):
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 def test_legacy_names_and_conv_shaped_linears_load_strictly():
     for fixture in FIXTURES:
-        meta, tensors, official_sd = _fixture(fixture)
+        meta, tensors, official_sd = load_fixture(fixture)
         model = from_official_kwargs(**meta["official_kwargs"]).eval()
         model.load_state_dict(checkpoint_filter_fn(_legacy_layout(official_sd), model), strict=True)
         with torch.no_grad():
@@ -194,9 +181,9 @@ def test_legacy_names_and_conv_shaped_linears_load_strictly():
 def test_official_style_checkpoint_loads_through_timm(tmp_path):
     """An official-layout .pth (weights under 'model' next to a pickled config) via pretrained_cfg file."""
     fixture = [f for f in FIXTURES if "v2v" in f.name][0]
-    meta, _, official_sd = _fixture(fixture)
+    meta, _, official_sd = load_fixture(fixture)
     path = tmp_path / "official_style.pth"
-    torch.save({"model": official_sd, "config": _FakeCfgNode(NAME="x"), "epoch": 263}, path)
+    torch.save({"model": official_sd, "config": FakeCfgNode(NAME="x"), "epoch": 263}, path)
 
     args = official_kwargs_to_model_args(**meta["official_kwargs"])
     model = timm.create_model("vmamba_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args)
@@ -209,12 +196,8 @@ def test_official_style_checkpoint_loads_through_timm(tmp_path):
     assert model.get_classifier().out_features == 3
 
 
-class _FakeCfgNode(dict):
-    """Stands in for yacs' CfgNode (a dict subclass weights_only refuses)."""
-
-
 @pytest.mark.skipif(not MANIFESTS, reason=NO_FIXTURES)
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_id)
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=fixture_id)
 def test_manifest_loads_strictly(manifest):
     meta = json.loads(manifest.read_text())
     name = OFFICIAL_TO_ZOO[meta["official_model_name"]]

@@ -28,17 +28,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
-from ..checkpoint import (
-    build_with_local_file_hint, extract_state_dict, load_pretrained_file, route_local_file_to_custom_load,
-)
+from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..layers.helpers import leaf_function
-from ._hierarchical import HierarchicalMixin, init_weights_trunc_normal, stage_widths
+from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal,
+                           stage_widths)
 from ..layers.ssm import ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, stacked_ssm_inputs
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS
 
@@ -506,39 +504,15 @@ def from_official_kwargs(**kwargs: Any) -> MSVMamba:
 
 
 def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> MSVMamba:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    route_local_file_to_custom_load(kwargs)  # official .pth files pickle a yacs config
-    return build_with_local_file_hint(lambda: build_model_with_cfg(
-        MSVMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    ), variant)
+    return create_hierarchical(MSVMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        # the official .pth files pickle a yacs config: load them through model.load_pretrained
-        "custom_load": True,
-        "license": "mit",
-        "paper_ids": "arXiv:2405.14174",
-        "paper_name": "Multi-Scale VMamba: Hierarchy in Hierarchy Visual State Space Model",
-        "origin_url": "https://github.com/YuHengsss/MSVMamba",
-        **kwargs,
-    }
+    # the official .pth files pickle a yacs config: hierarchical_cfg loads them through model.load_pretrained
+    return hierarchical_cfg(
+        first_conv="patch_embed.proj", license="mit", paper_ids="arXiv:2405.14174",
+        paper_name="Multi-Scale VMamba: Hierarchy in Hierarchy Visual State Space Model",
+        origin_url="https://github.com/YuHengsss/MSVMamba", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -16,7 +16,7 @@ which this trainer never loads.)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 import torch.distributed as dist
