@@ -36,7 +36,7 @@ from timm.models.swin_transformer import PatchMerging
 from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..layers.helpers import leaf_function
 from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal,
-                           stage_widths)
+                           raise_official_problems, stage_widths)
 from ..layers.ssm import ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, stacked_ssm_inputs
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS
 
@@ -485,10 +485,7 @@ def official_kwargs_to_model_args(**kwargs: Any) -> Dict[str, Any]:
         ffn_drop_rate=float(kwargs.pop("ffn_dropout", 0.2)),
         se_reduction=8 if kwargs.pop("add_se", False) else 0,
     )
-    if kwargs:
-        problems.append(f"unknown kwargs {sorted(kwargs)}")
-    if problems:
-        raise ValueError("official MSVMamba kwargs not supported: " + "; ".join(problems))
+    raise_official_problems("MSVMamba", kwargs, problems)
     return args
 
 
