@@ -17,6 +17,7 @@
 
 #include "cpu_vec.h"
 #include "mixer_common.h"
+#include "rows_scan.h"
 
 namespace zoo_scan {
 namespace {
@@ -112,25 +113,8 @@ ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_
     const float* __restrict dp = a.delta + (row0 + t) * dim + c0;
     const float* __restrict Bt = Bb + t * a.bc_st;
     const float* __restrict Ct = Cb + t * a.bc_st;
-    float dt[W], dtu[W], y[W];
-#pragma omp simd
-    for (int64_t j = 0; j < W; ++j) {
-      const float raw = dp[j] + bias[j];
-      dt[j] = Softplus ? zoo_vec::softplus(raw) : raw;
-      dtu[j] = dt[j] * up[j];
-      y[j] = Dd[j] * up[j];
-    }
-    for (int64_t n = 0; n < N; ++n) {
-      const float bn = Bt[n], cn = Ct[n];
-      float* __restrict hn = h + n * W;
-      const float* __restrict an = At + n * W;
-#pragma omp simd
-      for (int64_t j = 0; j < W; ++j) {
-        const float hj = zoo_vec::exp(dt[j] * an[j]) * hn[j] + dtu[j] * bn;
-        hn[j] = hj;
-        y[j] += hj * cn;
-      }
-    }
+    float y[W];
+    scan_step<W, Softplus>(up, dp, bias, Dd, At, h, Bt, Ct, N, y);
     float* __restrict yb = ybuf + t * W;
     if (dir == 0) {
       for (int64_t j = 0; j < W; ++j) yb[j] = y[j];

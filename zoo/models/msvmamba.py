@@ -37,8 +37,10 @@ from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..layers.helpers import leaf_function
 from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal,
                            raise_official_problems, stage_widths)
-from ..layers.ssm import ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, stacked_ssm_inputs
-from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, SCAN_ORDERS
+from ..layers.ssm import (ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, ssm_parameters,
+                          stacked_ssm_inputs)
+from ..ops.mixer import fused_mixer_enabled
+from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, ROW_MAJOR, SCAN_ORDERS, scan_order_index
 
 __all__ = [
     "MSVMamba",
@@ -140,6 +142,9 @@ class MultiScaleSS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
+        if not torch.jit.is_scripting():  # TorchScript and FX tracing keep the reference layout
+            if fused_mixer_enabled(x, "scan_orders"):  # CPU inference: channels-last kernels, same result
+                return self.proj_drop(self.out_proj(self._forward_rows(x)))
         batch, height, width, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
         z = self.act(z)
@@ -164,8 +169,46 @@ class MultiScaleSS2D(nn.Module):
         return self.proj_drop(self.out_proj(y))
 
 
+    @torch.jit.unused
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer between in_proj and out_proj on channels-last maps and (B, L, C) rows
+        (``zoo_scan::depthwise_conv2d_silu`` and ``zoo_scan::scan_orders``, see zoo/ops/mixer.py): no
+        transposes, no gathered copies per traversal order."""
+        batch, height, width, _ = x.shape
+        d = self.d_inner
+        xz = self.in_proj(x)
+        x_in, z = xz[..., :d], self.act(xz[..., d:])
+        conv = torch.ops.zoo_scan.depthwise_conv2d_silu
+        u_full = conv(x_in, self.conv_full.weight, self.conv_full.bias, 1)
+        u_low = conv(x_in, self.conv_low.weight, self.conv_low.bias, 2)
+        low_h, low_w = u_low.shape[1], u_low.shape[2]
+        y_full = self._scan_rows(u_full, self.full_res_slot, [ROW_MAJOR])[:, 0]
+        y_low = self._scan_rows(u_low, self.low_res_slot, self.low_res_orders)  # (B, K, h * w, D)
+        y_full = self.out_norm(y_full).view(batch, height, width, d)
+        y_low = self.out_norm(y_low).sum(dim=1).view(batch, low_h, low_w, d).permute(0, 3, 1, 2)
+        y_low = F.interpolate(y_low, size=(height, width), mode="bilinear", align_corners=False)
+        return self.se(y_full + y_low.permute(0, 2, 3, 1)) * z
+
+    @torch.jit.unused
+    def _scan_rows(self, u: torch.Tensor, slot: int, orders: List[str]) -> torch.Tensor:
+        """Channels-last u (B, h, w, D) scanned along ``orders`` as one sequence -> (B, K, h * w, D)."""
+        batch, height, width, d = u.shape
+        rows = u.view(batch, height * width, d)
+        rank, n = self.dt_rank, self.d_state
+        x_dbl = rows @ self.x_proj_weight[slot].t()  # (B, L, R + 2N): B and C stay column slices
+        delta = x_dbl[..., :rank] @ self.dt_projs_weight[slot].t()
+        A, D, delta_bias = ssm_parameters(self.A_logs[slot * d:(slot + 1) * d], self.Ds[slot * d:(slot + 1) * d],
+                                          self.dt_projs_bias[slot])
+        index = torch.stack([scan_order_index(o, height, width) for o in orders])
+        return torch.ops.zoo_scan.scan_orders(rows, delta, A, x_dbl[..., rank:rank + n], x_dbl[..., rank + n:], D,
+                                              delta_bias, index, True)
+
+
 class ConvFFN(nn.Module):
-    """1x1 conv -> (+ 3x3 depthwise residual) -> GELU -> 1x1 conv, on (B, C, H, W)."""
+    """1x1 conv -> (+ 3x3 depthwise residual) -> GELU -> 1x1 conv, on channels-last (B, H, W, C).
+
+    The 1x1 convs keep the official Conv2d parameters but run as matmuls over the channels-last pixels
+    (the same maths; on CPU a 1x1 conv on a channels-last map takes ATen's slow im2col path)."""
 
     def __init__(self, dim: int, expansion: int = 2, drop: float = 0.0):
         super().__init__()
@@ -178,9 +221,9 @@ class ConvFFN(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop1(self.fc1(x))
-        x = self.act(x + self.dwconv(x))
-        return self.drop2(self.fc2(x))
+        x = self.drop1(F.linear(x, self.fc1.weight.flatten(1), self.fc1.bias))
+        x = self.act(x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return self.drop2(F.linear(x, self.fc2.weight.flatten(1), self.fc2.bias))
 
 
 class MSVMambaBlock(nn.Module):
@@ -204,8 +247,7 @@ class MSVMambaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(self.norm1(x)))
-        ffn_out = self.ffn(self.norm2(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return x + self.drop_path(ffn_out)
+        return x + self.drop_path(self.ffn(self.norm2(x)))
 
 
 class MSVMambaStage(nn.Module):

@@ -12,7 +12,17 @@ Here the work between the linear layers is two ops on rows with channels in the 
   z (batch, L, dim); y (batch, L, dim) = scale * (y_fwd + y_rev) * silu(z), the reverse direction
   scanned from the last step to the first.
 
-Both are inference ops (no autograd formula: training keeps the differentiable path). The CPU kernels
+MSVMamba's mixer works on the channels-last map its in-projection produces (``csrc/rows_cpu.cpp``):
+
+* ``zoo_scan::depthwise_conv2d_silu(x, weight, bias, stride) -> u``: x (batch, H, W, C) with channel
+  stride 1 (a column slice of the in-projection is fine); weight (C, 1, k, k), odd k, zero padding
+  (k - 1) / 2; u (batch, H', W', C) = silu(conv + bias).
+* ``zoo_scan::scan_orders(u, delta, A, B, C, D, delta_bias, orders, delta_softplus) -> y``: u, delta
+  (batch, L, dim); A (dim, N); B, C (batch, L, N); D, delta_bias (dim); orders (K, L) int64, each a
+  permutation of the tokens. The K traversals are scanned as one sequence (the state carried from one
+  into the next); y (batch, K, L, dim) holds every order's outputs at the tokens' own positions.
+
+All are inference ops (no autograd formula: training keeps the differentiable path). The CPU kernels
 (``csrc/mixer_cpu.cpp``) take float32; the CUDA ones (``csrc/mixer_cuda.cu``, on the L-parallel scan)
 also float16 / bfloat16 activations and serve the mixer only under ``ZOO_CUDA_SCAN=lparallel``
 (opt-in until they have passed ``pytest -m cuda`` on a device).
@@ -38,6 +48,26 @@ _lib.define(
 )
 
 
+_lib.define("depthwise_conv2d_silu(Tensor x, Tensor weight, Tensor? bias, int stride) -> Tensor")
+_lib.define(
+    "scan_orders(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor delta_bias, Tensor orders, "
+    "bool delta_softplus) -> Tensor"
+)
+
+
+@torch.library.register_fake("zoo_scan::depthwise_conv2d_silu")
+def _depthwise_conv2d_silu_fake(x, weight, bias, stride):
+    k, pad = weight.shape[-1], (weight.shape[-1] - 1) // 2
+    batch, height, width, channels = x.shape
+    size = [(n + 2 * pad - k) // stride + 1 for n in (height, width)]
+    return x.new_empty((batch, *size, channels))
+
+
+@torch.library.register_fake("zoo_scan::scan_orders")
+def _scan_orders_fake(u, delta, A, B, C, D, delta_bias, orders, delta_softplus):
+    return u.new_empty((u.shape[0], orders.shape[0], *u.shape[1:]))
+
+
 @torch.library.register_fake("zoo_scan::bimamba_conv")
 def _bimamba_conv_fake(x, weight, bias):
     return x.new_empty((2, *x.shape))
@@ -50,12 +80,14 @@ def _bimamba_scan_fake(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scal
 
 def _no_backward(ctx, *grads):
     raise RuntimeError(
-        "zoo_scan::bimamba_* are inference ops without a backward; the Vim mixer uses them only when "
-        "gradients are off (torch.no_grad / torch.inference_mode)"
+        "zoo_scan's row-layout mixer ops (bimamba_*, depthwise_conv2d_silu, scan_orders) are inference ops "
+        "without a backward; the Vim and MSVMamba mixers use them only when gradients are off "
+        "(torch.no_grad / torch.inference_mode)"
     )
 
 
-for _op in ("zoo_scan::bimamba_conv", "zoo_scan::bimamba_scan"):
+for _op in ("zoo_scan::bimamba_conv", "zoo_scan::bimamba_scan", "zoo_scan::depthwise_conv2d_silu",
+            "zoo_scan::scan_orders"):
     torch.library.register_autograd(_op, _no_backward)
 
 
@@ -74,11 +106,12 @@ class _Direction(Protocol):
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def fused_mixer_enabled(x: torch.Tensor) -> bool:
-    """Whether :func:`bimamba_rows` serves ``x``: gradients off, the compiled kernels built, the
-    selective-scan backend in use ``compiled`` (so ``ZOO_SCAN_BACKEND=reference`` still runs the
-    reference mixer), and either a float32 CPU tensor or, only under ``ZOO_CUDA_SCAN=lparallel``, a
-    float32 / float16 / bfloat16 CUDA tensor."""
+def fused_mixer_enabled(x: torch.Tensor, op: str = "bimamba_scan") -> bool:
+    """Whether the row-layout op ``zoo_scan::<op>`` serves ``x`` (``bimamba_scan``: :func:`bimamba_rows`;
+    ``scan_orders``: MSVMamba's mixer): gradients off, the compiled kernels built, the selective-scan
+    backend in use ``compiled`` (so ``ZOO_SCAN_BACKEND=reference`` still runs the reference mixer), and
+    either a float32 CPU tensor or, only under ``ZOO_CUDA_SCAN=lparallel`` and for an op with a CUDA
+    kernel, a float32 / float16 / bfloat16 CUDA tensor."""
     if torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy):  # FX symbolic tracing: reference layout
         return False
     if x.device.type == "cpu":
@@ -88,14 +121,14 @@ def fused_mixer_enabled(x: torch.Tensor) -> bool:
         return False
     if resolve_backend(x.device).name != "compiled":
         return False
-    return _row_kernels_built(x.device.type)
+    return _row_kernel_built(x.device.type, op)
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing it
-def _row_kernels_built(device_type: str) -> bool:
-    # a library built ahead of time from older sources may lack these kernels
+def _row_kernel_built(device_type: str, op: str) -> bool:
+    # a library built ahead of time from older sources may lack these kernels; scan_orders has no CUDA one
     key = "CPU" if device_type == "cpu" else "CUDA"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("zoo_scan::bimamba_scan", key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"zoo_scan::{op}", key)
 
 
 def _stacked(fwd: torch.Tensor, rev: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,40 @@
+// One step of the selective scan for W channels in the vector lanes, in the (batch, L, dim) row
+// layout: the inner loop of every row-layout CPU kernel (mixer_cpu.cpp, rows_cpu.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_vec.h"
+
+namespace zoo_scan {
+
+// dt = softplus(delta + bias) (or delta + bias), then per state n: h_n = exp(dt * A_n) * h_n + dt * u * B_n
+// and y = D * u + sum_n h_n * C_n. u, delta: the step's W channels; At, h: N x W (state-major);
+// Bt, Ct: the step's N values (shared by the lanes); y: W outputs.
+template <int64_t W, bool Softplus>
+ZOO_INLINE void scan_step(const float* __restrict up, const float* __restrict dp, const float* __restrict bias,
+                          const float* __restrict Dd, const float* __restrict At, float* __restrict h,
+                          const float* __restrict Bt, const float* __restrict Ct, int64_t N,
+                          float* __restrict y) {
+  float dt[W], dtu[W];
+#pragma omp simd
+  for (int64_t j = 0; j < W; ++j) {
+    const float raw = dp[j] + bias[j];
+    dt[j] = Softplus ? zoo_vec::softplus(raw) : raw;
+    dtu[j] = dt[j] * up[j];
+    y[j] = Dd[j] * up[j];
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const float bn = Bt[n], cn = Ct[n];
+    float* __restrict hn = h + n * W;
+    const float* __restrict an = At + n * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) {
+      const float hj = zoo_vec::exp(dt[j] * an[j]) * hn[j] + dtu[j] * bn;
+      hn[j] = hj;
+      y[j] += hj * cn;
+    }
+  }
+}
+
+}  // namespace zoo_scan

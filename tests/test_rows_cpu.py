@@ -1,0 +1,122 @@
+"""MSVMamba's channels-last CPU mixer (zoo_scan::depthwise_conv2d_silu / scan_orders) against F.conv2d,
+the naive scan over gathered copies, and the reference mixer on the official fixtures."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from _parity import fixture_id, load_fixture, parity_files
+from zoo.models import msvmamba as msv_mod
+from zoo.models.msvmamba import checkpoint_filter_fn, from_official_kwargs
+from zoo.ops import scan_order_index, selective_scan_naive
+from zoo.ops.compiled import kernels_available
+from zoo.ops.mixer import fused_mixer_enabled
+from zoo.ops.multi_direction import SCAN_ORDERS
+
+KERNELS, WHY = kernels_available("cpu")
+pytestmark = pytest.mark.skipif(not KERNELS, reason=f"compiled CPU kernels unavailable: {WHY}")
+FIXTURES = parity_files("msvmamba", "msvmamba_*.json")
+
+
+@pytest.mark.parametrize("k, stride, size, channels, bias", [
+    (3, 1, (7, 5), 37, True), (7, 2, (14, 9), 16, True), (7, 2, (1, 3), 5, False), (5, 1, (4, 4), 19, False),
+])
+def test_depthwise_conv2d_silu_matches_conv2d(k, stride, size, channels, bias):
+    """Odd and even map sizes (stride-2 edges), a channel tail past the 16-lane blocks, no bias, and an input
+    that is a column slice of a wider channels-last tensor (how the mixer passes in_proj's output)."""
+    torch.manual_seed(0)
+    wide = torch.randn(2, *size, 2 * channels + 3)
+    x = wide[..., 3:3 + channels]
+    weight = torch.randn(channels, 1, k, k)
+    b = torch.randn(channels) if bias else None
+    out = torch.ops.zoo_scan.depthwise_conv2d_silu(x, weight, b, stride)
+    want = F.silu(F.conv2d(x.permute(0, 3, 1, 2), weight, b, stride=stride, padding=(k - 1) // 2, groups=channels))
+    torch.testing.assert_close(out, want.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def _scan_inputs(batch: int, L: int, dim: int, n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, L, dim, generator=gen)
+    delta = torch.randn(batch, L, dim, generator=gen) * 0.5
+    A = -torch.rand(dim, n, generator=gen) * 4 - 0.1
+    x_dbl = torch.randn(batch, L, 2 * n + 3, generator=gen)  # B and C as column slices, as the mixer has them
+    return u, delta, A, x_dbl[..., 3:3 + n], x_dbl[..., 3 + n:], torch.randn(dim, generator=gen), \
+        torch.randn(dim, generator=gen) * 0.3
+
+
+@pytest.mark.parametrize("height, width, dim, n", [(3, 5, 37, 1), (4, 4, 16, 3), (1, 6, 5, 1), (2, 7, 20, 16)])
+def test_scan_orders_is_one_sequence_over_the_gathered_orders(height, width, dim, n):
+    """Every order of SCAN_ORDERS, the state running from one into the next: equals the naive scan of the
+    concatenated reordered copies, each order's outputs put back to row-major positions."""
+    L = height * width
+    u, delta, A, B, C, D, bias = _scan_inputs(2, L, dim, n)
+    orders = torch.stack([scan_order_index(o, height, width) for o in SCAN_ORDERS])
+    out = torch.ops.zoo_scan.scan_orders(u, delta, A, B, C, D, bias, orders, True)
+
+    flat = orders.reshape(-1)
+    gathered = [t[:, flat].transpose(1, 2) for t in (u, delta)]  # (batch, dim, K * L)
+    bc = [t[:, flat].transpose(1, 2) for t in (B, C)]
+    y = selective_scan_naive(gathered[0], gathered[1], A, bc[0], bc[1], D, delta_bias=bias, delta_softplus=True)
+    want = torch.empty_like(out)
+    for k in range(len(SCAN_ORDERS)):
+        want[:, k, orders[k]] = y[:, :, k * L:(k + 1) * L].transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_orders_refuses_orders_that_are_not_permutations():
+    u, delta, A, B, C, D, bias = _scan_inputs(1, 4, 3, 1)
+    with pytest.raises(RuntimeError, match=r"orders\[0\] visits token 1 twice"):
+        torch.ops.zoo_scan.scan_orders(u, delta, A, B, C, D, bias, torch.tensor([[0, 1, 1, 3]]), True)
+    with pytest.raises(RuntimeError, match=r"orders\[1\] holds token 4 outside \[0, 4\)"):
+        torch.ops.zoo_scan.scan_orders(u, delta, A, B, C, D, bias, torch.tensor([[0, 1, 2, 3], [4, 0, 1, 2]]), True)
+    with pytest.raises(RuntimeError, match=r"orders must be an int64 CPU tensor"):
+        torch.ops.zoo_scan.scan_orders(u, delta, A, B, C, D, bias, torch.tensor([[0, 1, 2, 3]], dtype=torch.int32),
+                                       True)
+    with pytest.raises(RuntimeError, match=r"delta must be u's shape"):
+        torch.ops.zoo_scan.scan_orders(u, delta[:, :3], A, B, C, D, bias, torch.tensor([[0, 1, 2, 3]]), True)
+
+
+def test_fused_path_serves_inference_only():
+    x = torch.randn(1, 4, 4, 8)
+    with torch.no_grad():
+        assert fused_mixer_enabled(x, "scan_orders")
+    assert not fused_mixer_enabled(x, "scan_orders")  # gradients on: the differentiable path
+    with torch.no_grad():
+        assert not fused_mixer_enabled(x.double(), "scan_orders")
+
+
+@pytest.mark.skipif(not FIXTURES, reason="no MSVMamba parity fixtures (../shared/parity/msvmamba)")
+@pytest.mark.parametrize("fixture", FIXTURES, ids=fixture_id)
+def test_official_parity_through_the_fused_mixer(fixture, monkeypatch):
+    """The official fixtures through the channels-last mixer (checked to run), within their tolerance."""
+    monkeypatch.delenv("ZOO_SCAN_BACKEND", raising=False)
+    calls = []
+    real = msv_mod.MultiScaleSS2D._forward_rows
+
+    def counted(self, x):
+        calls.append(1)
+        return real(self, x)
+
+    monkeypatch.setattr(msv_mod.MultiScaleSS2D, "_forward_rows", counted)
+    meta, tensors, official_sd = load_fixture(fixture)
+    model = from_official_kwargs(**meta["official_kwargs"]).eval()
+    model.load_state_dict(checkpoint_filter_fn(official_sd, model), strict=True)
+    with torch.no_grad():
+        logits = model(tensors["input"])
+    assert len(calls) == sum(len(s.blocks) for s in model.stages)
+    torch.testing.assert_close(logits, tensors["logits"], rtol=meta["rtol"], atol=meta["atol"])
+
+
+def test_fused_and_reference_mixers_agree_on_a_released_shape(monkeypatch):
+    """msvmamba_nano at 64 px (odd low-resolution maps in the later stages), seeded weights: the fused
+    inference path and ZOO_SCAN_BACKEND=reference give the same logits."""
+    torch.manual_seed(0)
+    model = timm.create_model("msvmamba_nano").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = model(x)
+        monkeypatch.setenv("ZOO_SCAN_BACKEND", "reference")
+        reference = model(x)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
