@@ -22,6 +22,7 @@ namespace zoo_scan {
 namespace {
 
 constexpr int64_t kLanes = 16;  // channels per block: one AVX-512 register, two AVX2 ones
+constexpr int64_t kChunk = 64;  // channels per scan task: whole cache lines of every row it reads
 
 void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "zoo_scan::", op, ": ", name,
@@ -45,37 +46,36 @@ struct DwConvArgs {
   float* out;                // (batch, Ho, Wo, C)
 };
 
-template <int64_t L>
-ZOO_INLINE void conv_pixel(const DwConvArgs& a, const float* xb, int64_t oh, int64_t ow, int64_t c0,
-                           float* __restrict o) {
-  float acc[L];
-  for (int64_t j = 0; j < L; ++j) acc[j] = a.bias != nullptr ? a.bias[c0 + j] : 0.0f;
-  for (int64_t kh = 0; kh < a.K; ++kh) {
-    const int64_t ih = oh * a.stride - a.pad + kh;
-    if (ih < 0 || ih >= a.H) continue;
-    for (int64_t kw = 0; kw < a.K; ++kw) {
-      const int64_t iw = ow * a.stride - a.pad + kw;
-      if (iw < 0 || iw >= a.W) continue;
-      const float* __restrict xs = xb + ih * a.x_sh + iw * a.x_sw + c0;
-      const float* __restrict wk = a.w + (kh * a.K + kw) * a.C + c0;
-#pragma omp simd
-      for (int64_t j = 0; j < L; ++j) acc[j] += wk[j] * xs[j];
-    }
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < L; ++j) o[c0 + j] = zoo_vec::silu(acc[j]);
-}
-
-// output rows (b, oh) in [begin, end) of the flattened (batch, Ho)
+// output rows (b, oh) in [begin, end) of the flattened (batch, Ho). Per output pixel the taps are the
+// outer loop and all C channels the inner one: each tap's address math is paid once per pixel, and the
+// pixel's C accumulators stay in L1 while the taps stream through it.
 ZOO_CPU_DISPATCH void dwconv_rows(const DwConvArgs& a, int64_t begin, int64_t end) {
+  const int64_t C = a.C;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / a.Ho, oh = r % a.Ho;
     const float* xb = a.x + b * a.x_sb;
+    const int64_t kh0 = std::max<int64_t>(0, a.pad - oh * a.stride);
+    const int64_t kh1 = std::min<int64_t>(a.K, a.H + a.pad - oh * a.stride);
     for (int64_t ow = 0; ow < a.Wo; ++ow) {
-      float* o = a.out + (r * a.Wo + ow) * a.C;
-      int64_t c0 = 0;
-      for (; c0 + kLanes <= a.C; c0 += kLanes) conv_pixel<kLanes>(a, xb, oh, ow, c0, o);
-      for (; c0 < a.C; ++c0) conv_pixel<1>(a, xb, oh, ow, c0, o);
+      float* __restrict o = a.out + (r * a.Wo + ow) * C;
+      if (a.bias != nullptr) {
+        std::copy(a.bias, a.bias + C, o);
+      } else {
+        std::fill(o, o + C, 0.0f);
+      }
+      const int64_t kw0 = std::max<int64_t>(0, a.pad - ow * a.stride);
+      const int64_t kw1 = std::min<int64_t>(a.K, a.W + a.pad - ow * a.stride);
+      for (int64_t kh = kh0; kh < kh1; ++kh) {
+        const float* xrow = xb + (oh * a.stride - a.pad + kh) * a.x_sh;
+        for (int64_t kw = kw0; kw < kw1; ++kw) {
+          const float* __restrict xs = xrow + (ow * a.stride - a.pad + kw) * a.x_sw;
+          const float* __restrict wk = a.w + (kh * a.K + kw) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * xs[c];
+        }
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::silu(o[c]);
     }
   }
 }
@@ -126,49 +126,62 @@ struct OrderScanArgs {
   float* out;              // (batch, K, L, dim)
 };
 
-template <int64_t W, bool Softplus>
-ZOO_INLINE void scan_block(const OrderScanArgs& a, int64_t b, int64_t c0, float* At, float* h) {
-  const int64_t L = a.L, dim = a.dim, N = a.N;
-  float Dd[W], bias[W];
-  for (int64_t j = 0; j < W; ++j) {
-    Dd[j] = a.D[c0 + j];
-    bias[j] = a.bias[c0 + j];
-    for (int64_t n = 0; n < N; ++n) At[n * W + j] = a.A[(c0 + j) * N + n];
+// Channels c0 .. c0 + width (<= kChunk) of batch b over all K orders. The step loop is the outer one, so
+// each token's rows are read whole and in order (a per-block task would touch one line of a row and come
+// back for the next after it left the cache); inside, blocks of kLanes lanes, then single lanes. At and h
+// hold each block's N x lanes values at offset (first lane) * N; dtbuf (L x width) the time scales when K > 1.
+template <bool Softplus>
+ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, float* At, float* h,
+                           float* dtbuf) {
+  const int64_t L = a.L, dim = a.dim, N = a.N, full = width / kLanes * kLanes;
+  for (int64_t j = 0; j < width; ++j) {
+    const int64_t j0 = j < full ? j / kLanes * kLanes : j, lanes = j < full ? kLanes : 1;
+    for (int64_t n = 0; n < N; ++n) At[j0 * N + n * lanes + (j - j0)] = a.A[(c0 + j) * N + n];
   }
-  std::fill(h, h + N * W, 0.0f);
+  std::fill(h, h + width * N, 0.0f);
+  const float *D = a.D + c0, *bias = a.bias + c0;
+  auto delta_row = [&](int64_t t) { return a.delta + b * a.d_sb + t * a.d_st + c0; };
+  if (a.K > 1) {  // every token is visited K times: its time scale once, in token order
+    for (int64_t t = 0; t < L; ++t) {
+      float* dt = dtbuf + t * width;
+      for (int64_t j = 0; j < full; j += kLanes) step_dt<kLanes, Softplus>(delta_row(t) + j, bias + j, dt + j);
+      for (int64_t j = full; j < width; ++j) step_dt<1, Softplus>(delta_row(t) + j, bias + j, dt + j);
+    }
+  }
   for (int64_t k = 0; k < a.K; ++k) {  // the state runs on from one order into the next
     const int64_t* order = a.orders + k * L;
-    float* outk = a.out + (b * a.K + k) * L * dim + c0;
     for (int64_t s = 0; s < L; ++s) {
       const int64_t t = order[s];
-      float y[W];
-      scan_step<W, Softplus>(a.u + b * a.u_sb + t * a.u_st + c0, a.delta + b * a.d_sb + t * a.d_st + c0, bias,
-                             Dd, At, h, a.B + b * a.bc_sb + t * a.bc_st, a.C + b * a.bc_sb + t * a.bc_st, N, y);
-      float* __restrict o = outk + t * dim;
-      for (int64_t j = 0; j < W; ++j) o[j] = y[j];
+      const float* up = a.u + b * a.u_sb + t * a.u_st + c0;
+      const float *Bt = a.B + b * a.bc_sb + t * a.bc_st, *Ct = a.C + b * a.bc_sb + t * a.bc_st;
+      float* o = a.out + ((b * a.K + k) * L + t) * dim + c0;
+      if (a.K > 1) {
+        const float* dt = dtbuf + t * width;
+        for (int64_t j = 0; j < full; j += kLanes)
+          scan_step_dt<kLanes>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, o + j);
+        for (int64_t j = full; j < width; ++j)
+          scan_step_dt<1>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, o + j);
+      } else {
+        const float* dp = delta_row(t);
+        for (int64_t j = 0; j < full; j += kLanes)
+          scan_step<kLanes, Softplus>(up + j, dp + j, bias + j, D + j, At + j * N, h + j * N, Bt, Ct, N, o + j);
+        for (int64_t j = full; j < width; ++j)
+          scan_step<1, Softplus>(up + j, dp + j, bias + j, D + j, At + j * N, h + j * N, Bt, Ct, N, o + j);
+      }
     }
   }
 }
 
-template <int64_t W>
-ZOO_INLINE void scan_block_any(const OrderScanArgs& a, int64_t b, int64_t c0, float* At, float* h) {
-  if (a.softplus)
-    scan_block<W, true>(a, b, c0, At, h);
-  else
-    scan_block<W, false>(a, b, c0, At, h);
-}
-
-// tasks [begin, end) of the flattened (batch, channel block); a last partial block runs lane by lane
-ZOO_CPU_DISPATCH void order_scan_blocks(const OrderScanArgs& a, int64_t begin, int64_t end) {
-  const int64_t blocks = (a.dim + kLanes - 1) / kLanes;
-  std::vector<float> At(a.N * kLanes), h(a.N * kLanes);
+// tasks [begin, end) of the flattened (batch, chunk of kChunk channels)
+ZOO_CPU_DISPATCH void order_scan_chunks(const OrderScanArgs& a, int64_t begin, int64_t end) {
+  const int64_t chunks = (a.dim + kChunk - 1) / kChunk;
+  std::vector<float> At(a.N * kChunk), h(a.N * kChunk), dtbuf(a.K > 1 ? a.L * kChunk : 0);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / blocks, c0 = (task % blocks) * kLanes;
-    if (c0 + kLanes <= a.dim) {
-      scan_block_any<kLanes>(a, b, c0, At.data(), h.data());
-    } else {
-      for (int64_t c = c0; c < a.dim; ++c) scan_block_any<1>(a, b, c, At.data(), h.data());
-    }
+    const int64_t b = task / chunks, c0 = (task % chunks) * kChunk, width = std::min(kChunk, a.dim - c0);
+    if (a.softplus)
+      scan_chunk<true>(a, b, c0, width, At.data(), h.data(), dtbuf.data());
+    else
+      scan_chunk<false>(a, b, c0, width, At.data(), h.data(), dtbuf.data());
   }
 }
 
@@ -219,9 +232,9 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
                   us.stride(0), us.stride(1), ds.stride(0), ds.stride(1), Ac.data_ptr<float>(),
                   Bs.data_ptr<float>(), Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1),
                   Dc.data_ptr<float>(), bc.data_ptr<float>(), idx, out.data_ptr<float>()};
-  const int64_t blocks = (dim + kLanes - 1) / kLanes;
-  at::parallel_for(0, batch * blocks, zoo_vec::grain_for(K * L * N * kLanes),
-                   [&](int64_t begin, int64_t end) { order_scan_blocks(a, begin, end); });
+  const int64_t chunks = (dim + kChunk - 1) / kChunk;
+  at::parallel_for(0, batch * chunks, zoo_vec::grain_for(K * L * N * kChunk),
+                   [&](int64_t begin, int64_t end) { order_scan_chunks(a, begin, end); });
   return out;
 }
 

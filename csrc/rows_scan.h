@@ -8,19 +8,16 @@
 
 namespace zoo_scan {
 
-// dt = softplus(delta + bias) (or delta + bias), then per state n: h_n = exp(dt * A_n) * h_n + dt * u * B_n
-// and y = D * u + sum_n h_n * C_n. u, delta: the step's W channels; At, h: N x W (state-major);
-// Bt, Ct: the step's N values (shared by the lanes); y: W outputs.
-template <int64_t W, bool Softplus>
-ZOO_INLINE void scan_step(const float* __restrict up, const float* __restrict dp, const float* __restrict bias,
-                          const float* __restrict Dd, const float* __restrict At, float* __restrict h,
-                          const float* __restrict Bt, const float* __restrict Ct, int64_t N,
-                          float* __restrict y) {
-  float dt[W], dtu[W];
+// Per state n: h_n = exp(dt * A_n) * h_n + dt * u * B_n, and y = D * u + sum_n h_n * C_n. u, dt: the
+// step's W channels; At, h: N x W (state-major); Bt, Ct: the step's N values (shared by the lanes);
+// y: W outputs.
+template <int64_t W>
+ZOO_INLINE void scan_step_dt(const float* __restrict up, const float* __restrict dt, const float* __restrict Dd,
+                             const float* __restrict At, float* __restrict h, const float* __restrict Bt,
+                             const float* __restrict Ct, int64_t N, float* __restrict y) {
+  float dtu[W];
 #pragma omp simd
   for (int64_t j = 0; j < W; ++j) {
-    const float raw = dp[j] + bias[j];
-    dt[j] = Softplus ? zoo_vec::softplus(raw) : raw;
     dtu[j] = dt[j] * up[j];
     y[j] = Dd[j] * up[j];
   }
@@ -35,6 +32,27 @@ ZOO_INLINE void scan_step(const float* __restrict up, const float* __restrict dp
       y[j] += hj * cn;
     }
   }
+}
+
+// dt = softplus(delta + bias) (or delta + bias) for W channels: the step's time scale.
+template <int64_t W, bool Softplus>
+ZOO_INLINE void step_dt(const float* __restrict dp, const float* __restrict bias, float* __restrict dt) {
+#pragma omp simd
+  for (int64_t j = 0; j < W; ++j) {
+    const float raw = dp[j] + bias[j];
+    dt[j] = Softplus ? zoo_vec::softplus(raw) : raw;
+  }
+}
+
+// One step from the raw delta: step_dt, then scan_step_dt.
+template <int64_t W, bool Softplus>
+ZOO_INLINE void scan_step(const float* __restrict up, const float* __restrict dp, const float* __restrict bias,
+                          const float* __restrict Dd, const float* __restrict At, float* __restrict h,
+                          const float* __restrict Bt, const float* __restrict Ct, int64_t N,
+                          float* __restrict y) {
+  float dt[W];
+  step_dt<W, Softplus>(dp, bias, dt);
+  scan_step_dt<W>(up, dt, Dd, At, h, Bt, Ct, N, y);
 }
 
 }  // namespace zoo_scan
