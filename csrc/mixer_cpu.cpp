@@ -101,7 +101,7 @@ ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_
   for (int64_t j = 0; j < W; ++j) {
     Dd[j] = a.D[dir * dim + c0 + j];
     bias[j] = a.bias[dir * dim + c0 + j];
-    for (int64_t n = 0; n < N; ++n) At[n * W + j] = a.A[(dir * dim + c0 + j) * N + n];
+    load_scaled_A(a.A + (dir * dim + c0 + j) * N, N, W, j, At);
   }
   std::fill(h, h + N * W, 0.0f);
   const int64_t row0 = (dir * a.batch + b) * L;

@@ -136,7 +136,7 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
   const int64_t L = a.L, dim = a.dim, N = a.N, full = width / kLanes * kLanes;
   for (int64_t j = 0; j < width; ++j) {
     const int64_t j0 = j < full ? j / kLanes * kLanes : j, lanes = j < full ? kLanes : 1;
-    for (int64_t n = 0; n < N; ++n) At[j0 * N + n * lanes + (j - j0)] = a.A[(c0 + j) * N + n];
+    load_scaled_A(a.A + (c0 + j) * N, N, lanes, j - j0, At + j0 * N);
   }
   std::fill(h, h + width * N, 0.0f);
   const float *D = a.D + c0, *bias = a.bias + c0;

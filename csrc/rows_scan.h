@@ -9,8 +9,8 @@
 namespace zoo_scan {
 
 // Per state n: h_n = exp(dt * A_n) * h_n + dt * u * B_n, and y = D * u + sum_n h_n * C_n. u, dt: the
-// step's W channels; At, h: N x W (state-major); Bt, Ct: the step's N values (shared by the lanes);
-// y: W outputs.
+// step's W channels; At: A_n * log2(e), h: N x W (state-major; see load_scaled_A); Bt, Ct: the step's N
+// values (shared by the lanes); y: W outputs.
 template <int64_t W>
 ZOO_INLINE void scan_step_dt(const float* __restrict up, const float* __restrict dt, const float* __restrict Dd,
                              const float* __restrict At, float* __restrict h, const float* __restrict Bt,
@@ -27,11 +27,16 @@ ZOO_INLINE void scan_step_dt(const float* __restrict up, const float* __restrict
     const float* __restrict an = At + n * W;
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) {
-      const float hj = zoo_vec::exp(dt[j] * an[j]) * hn[j] + dtu[j] * bn;
+      const float hj = zoo_vec::exp2(dt[j] * an[j]) * hn[j] + dtu[j] * bn;
       hn[j] = hj;
       y[j] += hj * cn;
     }
   }
+}
+
+// A (its row of N states for channel c) as scan_step_dt reads it: At[n * W + lane] = A[c, n] * log2(e)
+ZOO_INLINE void load_scaled_A(const float* A_row, int64_t N, int64_t W, int64_t lane, float* At) {
+  for (int64_t n = 0; n < N; ++n) At[n * W + lane] = A_row[n] * zoo_vec::kLog2e;
 }
 
 // dt = softplus(delta + bias) (or delta + bias) for W channels: the step's time scale.
