@@ -196,7 +196,7 @@ class MultiScaleSS2D(nn.Module):
         rows = u.view(batch, height * width, d)
         rank, n = self.dt_rank, self.d_state
         x_dbl = rows @ self.x_proj_weight[slot].t()  # (B, L, R + 2N): B and C stay column slices
-        delta = x_dbl[..., :rank] @ self.dt_projs_weight[slot].t()
+        delta = x_dbl[..., :rank].contiguous() @ self.dt_projs_weight[slot].t()  # faster than on the slice
         A, D, delta_bias = ssm_parameters(self.A_logs[slot * d:(slot + 1) * d], self.Ds[slot * d:(slot + 1) * d],
                                           self.dt_projs_bias[slot])
         index = torch.stack([scan_order_index(o, height, width) for o in orders])

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import compiled  # noqa: F401  (defines the zoo_scan library these ops join)
 from ._build import cuda_scan_lparallel
@@ -148,14 +149,16 @@ def bimamba_rows(xz: torch.Tensor, fwd: _Direction, rev: _Direction, scale: floa
     conv_b = _stacked(fwd.conv1d.bias, rev.conv1d.bias)
     u = torch.ops.zoo_scan.bimamba_conv(x, conv_w, conv_b)  # (2, batch, L, d_inner), x's dtype
     # the projections in the activations' dtype (float32 on CPU; fp16/bf16 models and autocast on CUDA)
-    x_proj_w = _stacked(fwd.x_proj.weight, rev.x_proj.weight, u.dtype).transpose(1, 2)
-    x_dbl = torch.bmm(u.view(2, batch * L, d_inner), x_proj_w).to(u.dtype)
+    x_proj_w = _stacked(fwd.x_proj.weight, rev.x_proj.weight, u.dtype)
+    # zero rows up to a multiple of 16 outputs: the skinny GEMM (R + 2N = 44 at Vim-Ti) runs 1.25x faster
+    x_proj_w = F.pad(x_proj_w, (0, 0, 0, -x_proj_w.shape[1] % 16))
+    x_dbl = torch.bmm(u.view(2, batch * L, d_inner), x_proj_w.transpose(1, 2)).to(u.dtype)
     # a contiguous copy of the rank-R slice first: bmm on the strided slice is ~2x slower than copy + bmm
     delta = torch.bmm(x_dbl[..., :rank].contiguous(),
                       _stacked(fwd.dt_proj.weight, rev.dt_proj.weight, u.dtype).transpose(1, 2))
     delta = delta.to(u.dtype)
     B = x_dbl[..., rank:rank + N].view(2, batch, L, N)
-    C = x_dbl[..., rank + N:].view(2, batch, L, N)
+    C = x_dbl[..., rank + N:rank + 2 * N].view(2, batch, L, N)
     A = -torch.exp(_stacked(fwd.A_log, rev.A_log))
     return torch.ops.zoo_scan.bimamba_scan(
         u, delta.view(2, batch, L, d_inner), A, B, C, _stacked(fwd.D, rev.D),
