@@ -1,4 +1,4 @@
-// MSVMamba's mixer on the CPU in the channels-last / (batch, L, dim) row layout of its linear layers,
+// MSVMamba's and VMamba's mixers on the CPU in the channels-last / (batch, L, dim) row layout of its linear layers,
 // so neither the depthwise convs nor the scans need transposed or gathered copies:
 //
 //   depthwise_conv2d_silu: a k x k depthwise conv (stride 1 or 2, zero padding) + bias + SiLU on a
@@ -6,7 +6,9 @@
 //   scan_orders:           the selective scan over K traversal orders of the tokens as ONE sequence
 //                          (the state carried from one order into the next, as the official
 //                          multi-direction scan does), every order's outputs written straight to
-//                          the tokens' row-major positions.
+//                          the tokens' row-major positions (MSVMamba);
+//   scan_cross:            K independent scans, one per traversal order with its own parameters,
+//                          summed at the tokens' row-major positions (VMamba's cross-scan and merge).
 //
 // Both kernels are ZOO_CPU_DISPATCH (one clone per ISA, picked at load time).
 #include <ATen/ATen.h>
@@ -111,62 +113,79 @@ at::Tensor depthwise_conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weig
   return out;
 }
 
-// ---- scan_orders ----
+// ---- scan_orders / scan_cross ----
 
+// One kernel for both ops. scan_orders (MSVMamba): the K orders share delta, B, C and the parameters,
+// form one sequence (the state runs on from one order into the next) and keep separate outputs.
+// scan_cross (VMamba): each order k has its own delta, B, C, A, D and bias (the *_sk strides), starts
+// from a zero state, and the K outputs are summed.
 struct OrderScanArgs {
   int64_t batch, L, dim, N, K;
-  bool softplus;
-  const float *u, *delta;  // (batch, L, dim), channel stride 1
-  int64_t u_sb, u_st, d_sb, d_st;
-  const float* A;          // (dim, N)
-  const float *B, *C;      // (batch, L, N), state stride 1, the same strides
-  int64_t bc_sb, bc_st;
-  const float *D, *bias;   // (dim)
+  bool softplus, independent, summed;
+  const float *u, *delta;  // u (batch, L, dim); delta per order: channel stride 1
+  int64_t u_sb, u_st, d_sk, d_sb, d_st;
+  const float* A;          // (K or 1, dim, N)
+  const float *B, *C;      // per order (batch, L, N), state stride 1, the same strides for both
+  int64_t bc_sk, bc_sb, bc_st;
+  const float *D, *bias;   // (K or 1, dim)
+  int64_t p_sk;            // order stride of D and bias (dim or 0); of A it is p_sk * N
   const int64_t* orders;   // (K, L): step s of order k reads token orders[k * L + s]
-  float* out;              // (batch, K, L, dim)
+  float* out;              // summed: (batch, L, dim); else (batch, K, L, dim)
 };
 
 // Channels c0 .. c0 + width (<= kChunk) of batch b over all K orders. The step loop is the outer one, so
 // each token's rows are read whole and in order (a per-block task would touch one line of a row and come
 // back for the next after it left the cache); inside, blocks of kLanes lanes, then single lanes. At and h
-// hold each block's N x lanes values at offset (first lane) * N; dtbuf (L x width) the time scales when K > 1.
+// hold each block's N x lanes values at offset (first lane) * N; dtbuf (L x width) the time scales when
+// the K orders share them; ybuf one step's outputs.
 template <bool Softplus>
 ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, float* At, float* h,
-                           float* dtbuf) {
+                           float* dtbuf, float* ybuf) {
   const int64_t L = a.L, dim = a.dim, N = a.N, full = width / kLanes * kLanes;
-  for (int64_t j = 0; j < width; ++j) {
-    const int64_t j0 = j < full ? j / kLanes * kLanes : j, lanes = j < full ? kLanes : 1;
-    load_scaled_A(a.A + (c0 + j) * N, N, lanes, j - j0, At + j0 * N);
-  }
-  std::fill(h, h + width * N, 0.0f);
-  const float *D = a.D + c0, *bias = a.bias + c0;
-  auto delta_row = [&](int64_t t) { return a.delta + b * a.d_sb + t * a.d_st + c0; };
-  if (a.K > 1) {  // every token is visited K times: its time scale once, in token order
+  const bool shared_dt = a.K > 1 && a.d_sk == 0;  // each token visited K times with one delta
+  auto delta_row = [&](int64_t k, int64_t t) { return a.delta + k * a.d_sk + b * a.d_sb + t * a.d_st + c0; };
+  if (shared_dt) {
     for (int64_t t = 0; t < L; ++t) {
       float* dt = dtbuf + t * width;
-      for (int64_t j = 0; j < full; j += kLanes) step_dt<kLanes, Softplus>(delta_row(t) + j, bias + j, dt + j);
-      for (int64_t j = full; j < width; ++j) step_dt<1, Softplus>(delta_row(t) + j, bias + j, dt + j);
+      const float* dp = delta_row(0, t);
+      for (int64_t j = 0; j < full; j += kLanes) step_dt<kLanes, Softplus>(dp + j, a.bias + c0 + j, dt + j);
+      for (int64_t j = full; j < width; ++j) step_dt<1, Softplus>(dp + j, a.bias + c0 + j, dt + j);
     }
   }
-  for (int64_t k = 0; k < a.K; ++k) {  // the state runs on from one order into the next
+  for (int64_t k = 0; k < a.K; ++k) {
+    if (k == 0 || a.p_sk != 0) {
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t j0 = j < full ? j / kLanes * kLanes : j, lanes = j < full ? kLanes : 1;
+        load_scaled_A(a.A + (k * a.p_sk + c0 + j) * N, N, lanes, j - j0, At + j0 * N);
+      }
+    }
+    if (k == 0 || a.independent) std::fill(h, h + width * N, 0.0f);
+    const float *D = a.D + k * a.p_sk + c0, *bias = a.bias + k * a.p_sk + c0;
     const int64_t* order = a.orders + k * L;
     for (int64_t s = 0; s < L; ++s) {
       const int64_t t = order[s];
       const float* up = a.u + b * a.u_sb + t * a.u_st + c0;
-      const float *Bt = a.B + b * a.bc_sb + t * a.bc_st, *Ct = a.C + b * a.bc_sb + t * a.bc_st;
-      float* o = a.out + ((b * a.K + k) * L + t) * dim + c0;
-      if (a.K > 1) {
+      const float *Bt = a.B + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
+      const float *Ct = a.C + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
+      if (shared_dt) {
         const float* dt = dtbuf + t * width;
         for (int64_t j = 0; j < full; j += kLanes)
-          scan_step_dt<kLanes>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, o + j);
+          scan_step_dt<kLanes>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
         for (int64_t j = full; j < width; ++j)
-          scan_step_dt<1>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, o + j);
+          scan_step_dt<1>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
       } else {
-        const float* dp = delta_row(t);
+        const float* dp = delta_row(k, t);
         for (int64_t j = 0; j < full; j += kLanes)
-          scan_step<kLanes, Softplus>(up + j, dp + j, bias + j, D + j, At + j * N, h + j * N, Bt, Ct, N, o + j);
+          scan_step<kLanes, Softplus>(up + j, dp + j, bias + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
         for (int64_t j = full; j < width; ++j)
-          scan_step<1, Softplus>(up + j, dp + j, bias + j, D + j, At + j * N, h + j * N, Bt, Ct, N, o + j);
+          scan_step<1, Softplus>(up + j, dp + j, bias + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
+      }
+      float* __restrict o = a.out + (a.summed ? b * L + t : (b * a.K + k) * L + t) * dim + c0;
+      if (a.summed && k > 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) o[j] += ybuf[j];
+      } else {
+        std::copy(ybuf, ybuf + width, o);
       }
     }
   }
@@ -175,14 +194,57 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
 // tasks [begin, end) of the flattened (batch, chunk of kChunk channels)
 ZOO_CPU_DISPATCH void order_scan_chunks(const OrderScanArgs& a, int64_t begin, int64_t end) {
   const int64_t chunks = (a.dim + kChunk - 1) / kChunk;
-  std::vector<float> At(a.N * kChunk), h(a.N * kChunk), dtbuf(a.K > 1 ? a.L * kChunk : 0);
+  const bool shared_dt = a.K > 1 && a.d_sk == 0;
+  std::vector<float> At(a.N * kChunk), h(a.N * kChunk), dtbuf(shared_dt ? a.L * kChunk : 0), ybuf(kChunk);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / chunks, c0 = (task % chunks) * kChunk, width = std::min(kChunk, a.dim - c0);
     if (a.softplus)
-      scan_chunk<true>(a, b, c0, width, At.data(), h.data(), dtbuf.data());
+      scan_chunk<true>(a, b, c0, width, At.data(), h.data(), dtbuf.data(), ybuf.data());
     else
-      scan_chunk<false>(a, b, c0, width, At.data(), h.data(), dtbuf.data());
+      scan_chunk<false>(a, b, c0, width, At.data(), h.data(), dtbuf.data(), ybuf.data());
   }
+}
+
+// orders (K, L) int64: each a permutation of the L tokens; returns it contiguous
+at::Tensor checked_orders(const at::Tensor& orders, const char* op, int64_t K, int64_t L) {
+  TORCH_CHECK(orders.dim() == 2 && orders.size(0) >= 1 && (K < 0 || orders.size(0) == K) && orders.size(1) == L &&
+                  orders.scalar_type() == at::kLong && orders.device().is_cpu(),
+              "zoo_scan::", op, ": orders must be an int64 CPU tensor (", K < 0 ? "K >= 1" : "K", ", L = ", L,
+              "), got ", orders.scalar_type(), " ", orders.sizes());
+  const at::Tensor oc = orders.contiguous();
+  const int64_t* idx = oc.data_ptr<int64_t>();
+  std::vector<int64_t> seen(L, -1);  // every order must visit each token exactly once
+  for (int64_t k = 0; k < oc.size(0); ++k) {
+    for (int64_t s = 0; s < L; ++s) {
+      const int64_t t = idx[k * L + s];
+      TORCH_CHECK(t >= 0 && t < L, "zoo_scan::", op, ": orders[", k, "] holds token ", t, " outside [0, ", L, ")");
+      TORCH_CHECK(seen[t] != k, "zoo_scan::", op, ": orders[", k, "] visits token ", t,
+                  " twice; each order must be a permutation of 0 .. L - 1");
+      seen[t] = k;
+    }
+  }
+  return oc;
+}
+
+// The kernel call both ops share, after their own checks: B and C get one set of strides (unit state stride).
+at::Tensor run_order_scan(OrderScanArgs a, const at::Tensor& B, const at::Tensor& C, at::Tensor out,
+                          int64_t bc_order_dim) {
+  auto unit_last = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  at::Tensor Bs = unit_last(B), Cs = unit_last(C);
+  if (Cs.strides() != Bs.strides()) {
+    Bs = Bs.contiguous();
+    Cs = Cs.contiguous();
+  }
+  a.B = Bs.data_ptr<float>();
+  a.C = Cs.data_ptr<float>();
+  a.bc_sk = bc_order_dim < 0 ? 0 : Bs.stride(bc_order_dim);
+  a.bc_sb = Bs.stride(0);
+  a.bc_st = Bs.stride(1);
+  a.out = out.data_ptr<float>();
+  const int64_t chunks = (a.dim + kChunk - 1) / kChunk;
+  at::parallel_for(0, a.batch * chunks, zoo_vec::grain_for(a.K * a.L * a.N * kChunk),
+                   [&](int64_t begin, int64_t end) { order_scan_chunks(a, begin, end); });
+  return out;
 }
 
 at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -201,41 +263,49 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
   check_sizes(C, op, "C", {batch, L, N}, "(batch, L, d_state)");
   check_sizes(D, op, "D", {dim}, "(dim)");
   check_sizes(delta_bias, op, "delta_bias", {dim}, "(dim)");
-  TORCH_CHECK(orders.dim() == 2 && orders.size(0) >= 1 && orders.size(1) == L &&
-                  orders.scalar_type() == at::kLong && orders.device().is_cpu(),
-              "zoo_scan::scan_orders: orders must be an int64 CPU tensor (K >= 1, L = ", L, "), got ",
-              orders.scalar_type(), " ", orders.sizes());
-  const at::Tensor oc = orders.contiguous();
-  const int64_t* idx = oc.data_ptr<int64_t>();
-  std::vector<int64_t> seen(L, -1);  // every order must visit each token exactly once
-  for (int64_t k = 0; k < oc.size(0); ++k) {
-    for (int64_t s = 0; s < L; ++s) {
-      const int64_t t = idx[k * L + s];
-      TORCH_CHECK(t >= 0 && t < L, "zoo_scan::scan_orders: orders[", k, "] holds token ", t, " outside [0, ", L,
-                  ")");
-      TORCH_CHECK(seen[t] != k, "zoo_scan::scan_orders: orders[", k, "] visits token ", t,
-                  " twice; each order must be a permutation of 0 .. L - 1");
-      seen[t] = k;
-    }
-  }
+  const at::Tensor oc = checked_orders(orders, op, -1, L);
+  const int64_t K = oc.size(0);
   auto unit_last = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   const at::Tensor us = unit_last(u), ds = unit_last(delta), Ac = A.contiguous(), Dc = D.contiguous();
   const at::Tensor bc = delta_bias.contiguous();
-  at::Tensor Bs = unit_last(B), Cs = unit_last(C);
-  if (Cs.strides() != Bs.strides()) {  // the kernel takes one set of strides for both
-    Bs = Bs.contiguous();
-    Cs = Cs.contiguous();
-  }
-  const int64_t K = oc.size(0);
-  auto out = at::empty({batch, K, L, dim}, u.options());
-  OrderScanArgs a{batch, L, dim, N, K, delta_softplus, us.data_ptr<float>(), ds.data_ptr<float>(),
-                  us.stride(0), us.stride(1), ds.stride(0), ds.stride(1), Ac.data_ptr<float>(),
-                  Bs.data_ptr<float>(), Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1),
-                  Dc.data_ptr<float>(), bc.data_ptr<float>(), idx, out.data_ptr<float>()};
-  const int64_t chunks = (dim + kChunk - 1) / kChunk;
-  at::parallel_for(0, batch * chunks, zoo_vec::grain_for(K * L * N * kChunk),
-                   [&](int64_t begin, int64_t end) { order_scan_chunks(a, begin, end); });
-  return out;
+  OrderScanArgs a{};
+  a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
+  a.softplus = delta_softplus, a.independent = false, a.summed = false;
+  a.u = us.data_ptr<float>(), a.u_sb = us.stride(0), a.u_st = us.stride(1);
+  a.delta = ds.data_ptr<float>(), a.d_sk = 0, a.d_sb = ds.stride(0), a.d_st = ds.stride(1);
+  a.A = Ac.data_ptr<float>(), a.D = Dc.data_ptr<float>(), a.bias = bc.data_ptr<float>(), a.p_sk = 0;
+  a.orders = oc.data_ptr<int64_t>();
+  return run_order_scan(a, B, C, at::empty({batch, K, L, dim}, u.options()), -1);
+}
+
+at::Tensor scan_cross_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias,
+                          const at::Tensor& orders, bool delta_softplus) {
+  const char* op = "scan_cross";
+  TORCH_CHECK(u.dim() == 3 && u.size(1) >= 1, "zoo_scan::scan_cross: u must be (batch, L >= 1, dim), got ",
+              u.sizes());
+  TORCH_CHECK(A.dim() == 3 && A.size(0) >= 1, "zoo_scan::scan_cross: A must be (K, dim, d_state), got ", A.sizes());
+  const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2), K = A.size(0), N = A.size(2);
+  const std::pair<const at::Tensor*, const char*> floats[] = {
+      {&u, "u"}, {&delta, "delta"}, {&A, "A"}, {&B, "B"}, {&C, "C"}, {&D, "D"}, {&delta_bias, "delta_bias"}};
+  for (const auto& [t, name] : floats) check_float_cpu(*t, op, name);
+  check_sizes(delta, op, "delta", {K, batch, L, dim}, "(K, batch, L, dim)");
+  check_sizes(A, op, "A", {K, dim, N}, "(K, dim, d_state)");
+  check_sizes(B, op, "B", {batch, L, K, N}, "(batch, L, K, d_state)");
+  check_sizes(C, op, "C", {batch, L, K, N}, "(batch, L, K, d_state)");
+  check_sizes(D, op, "D", {K, dim}, "(K, dim)");
+  check_sizes(delta_bias, op, "delta_bias", {K, dim}, "(K, dim)");
+  const at::Tensor oc = checked_orders(orders, op, K, L);
+  const at::Tensor us = u.stride(2) == 1 ? u : u.contiguous(), ds = delta.contiguous();
+  const at::Tensor Ac = A.contiguous(), Dc = D.contiguous(), bc = delta_bias.contiguous();
+  OrderScanArgs a{};
+  a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
+  a.softplus = delta_softplus, a.independent = true, a.summed = true;
+  a.u = us.data_ptr<float>(), a.u_sb = us.stride(0), a.u_st = us.stride(1);
+  a.delta = ds.data_ptr<float>(), a.d_sk = ds.stride(0), a.d_sb = ds.stride(1), a.d_st = ds.stride(2);
+  a.A = Ac.data_ptr<float>(), a.D = Dc.data_ptr<float>(), a.bias = bc.data_ptr<float>(), a.p_sk = dim;
+  a.orders = oc.data_ptr<int64_t>();
+  return run_order_scan(a, B, C, at::empty({batch, L, dim}, u.options()), 2);
 }
 
 }  // namespace
@@ -243,6 +313,7 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
 TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
   m.impl("depthwise_conv2d_silu", &depthwise_conv2d_silu_cpu);
   m.impl("scan_orders", &scan_orders_cpu);
+  m.impl("scan_cross", &scan_cross_cpu);
 }
 
 }  // namespace zoo_scan

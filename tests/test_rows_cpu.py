@@ -1,5 +1,6 @@
-"""MSVMamba's channels-last CPU mixer (zoo_scan::depthwise_conv2d_silu / scan_orders) against F.conv2d,
-the naive scan over gathered copies, and the reference mixer on the official fixtures."""
+"""MSVMamba's and VMamba's channels-last CPU mixers (zoo_scan::depthwise_conv2d_silu / scan_orders /
+scan_cross) against F.conv2d, the naive scan over gathered copies, and the reference mixer on the official
+fixtures (VMamba's fixtures run through its fused mixer in test_vmamba.py)."""
 from __future__ import annotations
 
 import pytest
@@ -65,6 +66,35 @@ def test_scan_orders_is_one_sequence_over_the_gathered_orders(height, width, dim
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("height, width, dim, n", [(3, 5, 37, 1), (4, 4, 16, 3), (2, 7, 70, 16)])
+def test_scan_cross_sums_independent_scans_of_each_order(height, width, dim, n):
+    """Four orders, each with its own delta, B, C, A, D and bias and a zero initial state: equals the sum of
+    four naive scans over the gathered copies, put back to row-major positions (VMamba's scan + merge)."""
+    L, K = height * width, len(SCAN_ORDERS)
+    gen = torch.Generator().manual_seed(1)
+    u = torch.randn(2, L, dim, generator=gen)
+    delta = torch.randn(K, 2, L, dim, generator=gen) * 0.5
+    A = -torch.rand(K, dim, n, generator=gen) * 4 - 0.1
+    x_dbl = torch.randn(2, L, K, 2 * n + 2, generator=gen)
+    B, C = x_dbl[..., 2:2 + n], x_dbl[..., 2 + n:]
+    D, bias = torch.randn(K, dim, generator=gen), torch.randn(K, dim, generator=gen) * 0.3
+    orders = torch.stack([scan_order_index(o, height, width) for o in SCAN_ORDERS])
+    out = torch.ops.zoo_scan.scan_cross(u, delta, A, B, C, D, bias, orders, True)
+
+    want = torch.zeros_like(out)
+    for k in range(K):
+        idx = orders[k]
+        y = selective_scan_naive(u[:, idx].transpose(1, 2), delta[k][:, idx].transpose(1, 2), A[k],
+                                 B[:, idx, k].transpose(1, 2), C[:, idx, k].transpose(1, 2), D[k],
+                                 delta_bias=bias[k], delta_softplus=True)
+        want[:, idx] += y.transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=rf"scan_cross: orders must be an int64 CPU tensor \(K, L = {L}\), got Long \[3, {L}\]"):
+        torch.ops.zoo_scan.scan_cross(u, delta, A, B, C, D, bias, orders[:3], True)
+    with pytest.raises(RuntimeError, match=rf"scan_cross: delta must be \(K, batch, L, dim\) = \[{K}, 2, {L}, {dim}\]"):
+        torch.ops.zoo_scan.scan_cross(u, delta[:, :, :-1], A, B, C, D, bias, orders, True)
+
+
 def test_scan_orders_refuses_orders_that_are_not_permutations():
     u, delta, A, B, C, D, bias = _scan_inputs(1, 4, 3, 1)
     with pytest.raises(RuntimeError, match=r"orders\[0\] visits token 1 twice"):
@@ -120,3 +150,4 @@ def test_fused_and_reference_mixers_agree_on_a_released_shape(monkeypatch):
         monkeypatch.setenv("ZOO_SCAN_BACKEND", "reference")
         reference = model(x)
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+

@@ -44,7 +44,8 @@ from ..layers.ssm import (
     scan,
     ssm_parameters,
 )
-from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED
+from ..ops.mixer import fused_mixer_enabled
+from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED, scan_order_index
 from ._hierarchical import (
     HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, raise_official_problems,
     rename_vmamba_legacy, run_blocks, stage_widths,
@@ -163,6 +164,8 @@ class SS2D(nn.Module):
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.orders = SCAN_MODES[scan_mode]
         self.gate, self.gate_act, self.force_fp32 = gate, gate_act, force_fp32
+        # the channels-last CPU inference path fuses a SiLU after the depthwise conv (VMamba's default)
+        self.rows_layout = conv_kernel >= 2 and act_layer is nn.SiLU
         num_dirs = len(self.orders)
 
         self.in_proj = nn.Linear(dim, 2 * d_inner if gate else d_inner, bias=False)
@@ -215,21 +218,53 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
+        if not torch.jit.is_scripting():  # TorchScript and FX tracing keep the reference layout
+            if self.rows_layout and fused_mixer_enabled(x, "scan_cross"):  # CPU inference, same result
+                return self._forward_rows(x)
         batch, height, width, _ = x.shape
         x = self.in_proj(x)
+        z = x
         if self.gate:
             x, z = x.chunk(2, dim=-1)
             if self.gate_act:
                 z = self.act(z)
         x = self.act(self.conv(x.permute(0, 3, 1, 2)))
         y = self._scan(x).transpose(1, 2).reshape(batch, height, width, self.d_inner)
+        return self._output(y, z, x.dtype)
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Scan output (B, H, W, d_inner) -> out_norm, out_act, the z gate, out_proj."""
         norm_weight = next(self.out_norm.parameters(), None)
         if norm_weight is not None:  # an fp32 scan output meets bf16 weights in a bf16 model
             y = y.to(norm_weight.dtype)
-        y = self.out_act(self.out_norm(y)).to(x.dtype)
+        y = self.out_act(self.out_norm(y)).to(dtype)
         if self.gate:
             y = y * z
         return self.proj_drop(self.out_proj(y))
+
+    @torch.jit.unused
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference forward on channels-last maps and (B, L, C) rows (``zoo_scan::depthwise_conv2d_silu``
+        and ``zoo_scan::scan_cross``, see zoo/ops/mixer.py): no cross-scan copies, flips or transposes."""
+        batch, height, width, _ = x.shape
+        d, k, rank, n = self.d_inner, len(self.orders), self.dt_rank, self.d_state
+        x = self.in_proj(x)
+        z = x
+        if self.gate:
+            x, z = x[..., :d], x[..., d:]
+            if self.gate_act:
+                z = self.act(z)
+        rows = torch.ops.zoo_scan.depthwise_conv2d_silu(x, self.conv.weight, self.conv.bias, 1).view(batch, -1, d)
+        proj = rank + 2 * n
+        # every direction's projection on the row-major tokens (it is per token, so order does not matter)
+        x_dbl = (rows @ self.x_proj_weight.reshape(k * proj, d).t()).view(batch, -1, k, proj)
+        dts = x_dbl[..., :rank].permute(2, 0, 1, 3).reshape(k, -1, rank)
+        delta = torch.bmm(dts, self.dt_projs_weight.transpose(1, 2)).view(k, batch, -1, d)
+        A, D, delta_bias = ssm_parameters(self.A_logs, self.Ds, self.dt_projs_bias)
+        index = torch.stack([scan_order_index(o, height, width) for o in self.orders])
+        y = torch.ops.zoo_scan.scan_cross(rows, delta, A.view(k, d, n), x_dbl[..., rank:rank + n],
+                                          x_dbl[..., rank + n:], D.view(k, d), delta_bias, index, True)
+        return self._output(y.view(batch, height, width, d), z, x.dtype)
 
 
 class VSSBlock(nn.Module):

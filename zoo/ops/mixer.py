@@ -22,6 +22,13 @@ MSVMamba's mixer works on the channels-last map its in-projection produces (``cs
   permutation of the tokens. The K traversals are scanned as one sequence (the state carried from one
   into the next); y (batch, K, L, dim) holds every order's outputs at the tokens' own positions.
 
+VMamba's cross-scan is the same kernel with one parameter set per order:
+
+* ``zoo_scan::scan_cross(u, delta, A, B, C, D, delta_bias, orders, delta_softplus) -> y``: u (batch, L,
+  dim); delta (K, batch, L, dim); A (K, dim, N); B, C (batch, L, K, N); D, delta_bias (K, dim); orders
+  (K, L). Order k is an independent scan (zero initial state) with its own inputs and parameters; y
+  (batch, L, dim) is the sum of the K outputs at the tokens' own positions (scan, then cross-merge).
+
 All are inference ops (no autograd formula: training keeps the differentiable path). The CPU kernels
 (``csrc/mixer_cpu.cpp``) take float32; the CUDA ones (``csrc/mixer_cuda.cu``, on the L-parallel scan)
 also float16 / bfloat16 activations and serve the mixer only under ``ZOO_CUDA_SCAN=lparallel``
@@ -56,6 +63,17 @@ _lib.define(
 )
 
 
+_lib.define(
+    "scan_cross(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor delta_bias, Tensor orders, "
+    "bool delta_softplus) -> Tensor"
+)
+
+
+@torch.library.register_fake("zoo_scan::scan_cross")
+def _scan_cross_fake(u, delta, A, B, C, D, delta_bias, orders, delta_softplus):
+    return torch.empty_like(u)
+
+
 @torch.library.register_fake("zoo_scan::depthwise_conv2d_silu")
 def _depthwise_conv2d_silu_fake(x, weight, bias, stride):
     k, pad = weight.shape[-1], (weight.shape[-1] - 1) // 2
@@ -81,14 +99,14 @@ def _bimamba_scan_fake(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scal
 
 def _no_backward(ctx, *grads):
     raise RuntimeError(
-        "zoo_scan's row-layout mixer ops (bimamba_*, depthwise_conv2d_silu, scan_orders) are inference ops "
-        "without a backward; the Vim and MSVMamba mixers use them only when gradients are off "
+        "zoo_scan's row-layout mixer ops (bimamba_*, depthwise_conv2d_silu, scan_orders, scan_cross) are "
+        "inference ops without a backward; the Vim, MSVMamba and VMamba mixers use them only when gradients are off "
         "(torch.no_grad / torch.inference_mode)"
     )
 
 
 for _op in ("zoo_scan::bimamba_conv", "zoo_scan::bimamba_scan", "zoo_scan::depthwise_conv2d_silu",
-            "zoo_scan::scan_orders"):
+            "zoo_scan::scan_orders", "zoo_scan::scan_cross"):
     torch.library.register_autograd(_op, _no_backward)
 
 
@@ -109,8 +127,8 @@ _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def fused_mixer_enabled(x: torch.Tensor, op: str = "bimamba_scan") -> bool:
     """Whether the row-layout op ``zoo_scan::<op>`` serves ``x`` (``bimamba_scan``: :func:`bimamba_rows`;
-    ``scan_orders``: MSVMamba's mixer): gradients off, the compiled kernels built, the selective-scan
-    backend in use ``compiled`` (so ``ZOO_SCAN_BACKEND=reference`` still runs the reference mixer), and
+    ``scan_orders`` / ``scan_cross``: MSVMamba's / VMamba's mixer): gradients off, the compiled kernels
+    built, the selective-scan backend in use ``compiled`` (so ``ZOO_SCAN_BACKEND=reference`` still runs the reference mixer), and
     either a float32 CPU tensor or, only under ``ZOO_CUDA_SCAN=lparallel`` and for an op with a CUDA
     kernel, a float32 / float16 / bfloat16 CUDA tensor."""
     if torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy):  # FX symbolic tracing: reference layout
