@@ -216,7 +216,13 @@ def markdown(res: dict) -> str:
     tr = res.get("train") or {}
     lines += ["", f"- bf16 training ({tr.get('model', '-')}, bs{tr.get('batch', '-')}): {tr.get('steps', 0)} steps, "
                   f"finite: {tr.get('finite', '-')}, loss curve (step, loss): {tr.get('curve', [])[::5]}",
-              "", "steps (name rc seconds):", "", "```", *res["steps"], "```", ""]
+              ""]
+    sync = res.get("train_sync") or {}
+    if sync.get("ms_per_step"):  # issue 17: the engine's step with a host sync every step vs every 50
+        steps = ", ".join(f"every {n}: {ms:.2f} ms" for n, ms in sync["ms_per_step"].items())
+        lines += [f"- engine step time ({sync.get('model')}, bs{sync.get('batch')}, {sync.get('amp')}), host sync "
+                  f"{steps}", ""]
+    lines += ["steps (name rc seconds):", "", "```", *res["steps"], "```", ""]
     return "\n".join(lines)
 
 
@@ -231,6 +237,7 @@ def report(args) -> None:
                            _rows(d, "models_mamba", "models_mamba_compiled"), _load(d / "models_default.json")),
         tests=dict(lparallel=_tests(d / "pytest_lparallel.log"), default=_tests(d / "pytest_default.log")),
         train=_load(d / "train.json"),
+        train_sync=_load(d / "train_sync.json"),
         steps=(d / "steps.txt").read_text().splitlines() if (d / "steps.txt").exists() else [],
     )
     (d / "result.json").write_text(json.dumps(res, indent=1))

@@ -5,7 +5,8 @@
 #      --no-build-isolation -d .device/`),
 #   2. pytest -m cuda with the new kernels on (ZOO_CUDA_SCAN=lparallel: L-parallel scan, fused CUDA mixer),
 #   3. bench_scan.py (lparallel, then default), the Vim mixer timing, bench_models.py on zoo's kernels
-#      and on the mamba-ssm adapter, a bf16 Vim-Ti run, then as time allows pytest -m cuda on the
+#      and on the mamba-ssm adapter, a bf16 Vim-Ti run, the engine's step time with a host sync every step
+#      vs every 50 (bench_train_step.py, issue 17), then as time allows pytest -m cuda on the
 #      default kernel, its model figures, and compiled (torch.compile) model figures on both sides,
 #   4. $OUT/result.json (issue 11's schema) + $OUT/result.md, rewritten after every step; benchmarks
 #      write their JSON after every row, so a step that times out keeps what it measured.
@@ -117,6 +118,8 @@ step models_lparallel 75 env ZOO_CUDA_SCAN=lparallel "$PY" benchmarks/bench_mode
 (( MAMBA_OK )) && step models_mamba 60 "$PY" benchmarks/bench_models.py --labels Vim-Ti,MSVMamba-T \
   --backend mamba_ssm --json "$OUT/models_mamba.json"
 step train 60 env ZOO_CUDA_SCAN=lparallel "$PY" benchmarks/device_report.py train --steps 500 --json "$OUT/train.json"
+step train_sync 50 env ZOO_CUDA_SCAN=lparallel "$PY" benchmarks/bench_train_step.py --model vim_tiny_patch16_224 \
+  --batch 128 --steps 30 --rounds 2 --json "$OUT/train_sync.json"
 step pytest_default 60 env ZOO_CUDA_SCAN=default "$PY" -m pytest -v -p no:cacheprovider -m cuda -ra \
   -k "not lparallel" tests/test_kernels_cuda.py
 step models_default 45 env ZOO_CUDA_SCAN=default "$PY" benchmarks/bench_models.py --labels Vim-Ti,MSVMamba-T \
@@ -129,6 +132,8 @@ step models_lparallel_compiled 60 env ZOO_CUDA_SCAN=lparallel "$PY" benchmarks/b
 if (( DRY )); then  # exercise the report on a tiny real CPU training run and a synthetic scan row
   ZOO_SCAN_BACKEND=reference "$PY" benchmarks/device_report.py train --steps 2 --batch 2 --img-size 32 \
     --json "$OUT/train.json" > /dev/null
+  ZOO_SCAN_BACKEND=reference "$PY" benchmarks/bench_train_step.py --model test_vim --img-size 32 --batch 4 \
+    --steps 2 --rounds 1 --amp none --json "$OUT/train_sync.json" > /dev/null
   echo '{"rows": [{"shape": "dry", "fwd_ms": 1.0, "fwdbwd_ms": 2.0, "mamba_fwd_ms": 2.0, "mamba_fwdbwd_ms": 4.0}]}' \
     > "$OUT/scan_lparallel.json"
 fi
