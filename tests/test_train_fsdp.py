@@ -185,3 +185,8 @@ def test_fsdp_units_are_the_repeated_blocks(name, blocks):
     """One FSDP unit per block of every ``blocks`` / ``layers`` container, each a different module."""
     units = fsdp.fsdp_units(timm.create_model(name))
     assert len(units) == blocks and len({id(u) for u in units}) == blocks, [type(u).__name__ for u in units]
+
+
+def test_fsdp_refuses_fp16():
+    with pytest.raises(ConfigError, match=r"config key 'amp'='fp16': fp16 is not supported with --fsdp"):
+        make_config(dict(model="test_vim", fsdp=True, amp="fp16")).validate()

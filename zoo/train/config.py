@@ -133,6 +133,9 @@ class TrainConfig:
             fail("threads", "must be a positive integer or null (torch's default)")
         if self.resume is not None and self.overwrite:
             fail("overwrite", "cannot be combined with --resume (continue the run, or start it over)")
+        if self.fsdp and self.amp == "fp16":  # GradScaler's inf check would see one rank's shard only
+            fail("amp", "fp16 is not supported with --fsdp (each rank's scaler would skip steps on its own shard's "
+                        "overflow); use --amp bf16 or --amp none")
         for key in ("workers", "save_every_steps"):
             if getattr(self, key) < 0:
                 fail(key, "must be >= 0")
