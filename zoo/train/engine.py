@@ -21,6 +21,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
 from .config import ConfigError, TrainConfig, TrainingError
+from .fsdp import is_sharded
 
 __all__ = [
     "NonFiniteLossError",
@@ -298,7 +299,7 @@ def train_one_epoch(
     model.train()
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     bare = model.module if is_ddp else model
-    is_fsdp = hasattr(model, "set_requires_gradient_sync")  # torch.distributed.fsdp.FSDPModule
+    is_fsdp = is_sharded(model)
     meter = meter or LossMeter(device, state, {None: "none", torch.bfloat16: "bf16"}.get(dtype, "fp16"))
     micro = 0
     remaining_micro = (steps - state.step_in_epoch) * accum_steps

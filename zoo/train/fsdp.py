@@ -5,7 +5,7 @@ MambaVision, ...) is one FSDP unit, the model itself is the root unit holding th
 stay fp32 and bf16 comes from autocast, exactly as under DDP, so an FSDP run computes what a DDP run computes.
 
 Checkpoints of a sharded run: every process writes its own rows of each tensor into
-``last.shards-step<N>/rank<r>-of-<W>.pth`` (tensors and plain values only, read back with
+``last.shards-step<N>-<id>/rank<r>-of-<W>.pth`` (tensors and plain values only, read back with
 ``torch.load(weights_only=True, mmap=True)``), and rank 0 writes ``last.pth`` with the rest of the training state
 and the folder's name. ``last.pth`` is replaced only after every shard is on disk, so a kill at any point leaves
 the previous checkpoint whole. Reading needs no knowledge of the writer's world size: a tensor's rows are taken
