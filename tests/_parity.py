@@ -50,3 +50,37 @@ def load_fixture(sidecar: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[st
 class FakeCfgNode(dict):
     """Stands in for the yacs CfgNode that official VMamba-codebase checkpoints pickle (a dict subclass
     that ``torch.load(weights_only=True)`` refuses)."""
+
+
+def check_official_style_file(tmp_path: Path, model_name: str, official_sd: Dict[str, Any], model_args: Dict[str, Any],
+                              filter_fn: Callable, probe: Tuple[str, str]) -> None:
+    """An official-layout .pth (weights under 'model' next to a pickled yacs config, as the VMamba codebase
+    saves them) built through timm's ``pretrained_cfg_overlay=dict(file=...)``: every converted tensor loads;
+    with another head size the backbone (``probe``: zoo key, official key) loads and the head is new."""
+    import timm
+    import torch
+
+    path = tmp_path / "official_style.pth"
+    torch.save({"model": official_sd, "config": FakeCfgNode(NAME="x"), "epoch": 299}, path)
+    overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    own = timm.create_model(model_name, **overlay, **model_args).state_dict()
+    for key, value in filter_fn(official_sd).items():
+        assert torch.equal(own[key], value), key
+    model = timm.create_model(model_name, **overlay, **dict(model_args, num_classes=3))
+    assert torch.equal(model.state_dict()[probe[0]], official_sd[probe[1]])
+    assert model.get_classifier().out_features == 3
+
+
+def assert_matches_official(model: Any, meta: Dict[str, Any], tensors: Dict[str, Any]) -> None:
+    """A hierarchical model (eval, official weights loaded) against its fixture, within the sidecar's
+    tolerance: logits and pre-logits from ``forward_intermediates`` + ``forward_head``, and every stage."""
+    import torch
+
+    tol = dict(rtol=meta["rtol"], atol=meta["atol"])
+    with torch.no_grad():
+        final, stages = model.forward_intermediates(tensors["input"])
+        torch.testing.assert_close(model.forward_head(final), tensors["logits"], **tol)
+        torch.testing.assert_close(model.forward_head(final, pre_logits=True), tensors["pre_logits"], **tol)
+    assert len(stages) == len([k for k in tensors if k.startswith("intermediates.stage")])
+    for i, y in enumerate(stages):
+        torch.testing.assert_close(y, tensors[f"intermediates.stage{i}"], **tol, msg=lambda m: f"stage {i}: {m}")

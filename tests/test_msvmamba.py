@@ -9,7 +9,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from _parity import FakeCfgNode, fixture_id, load_fixture, parity_dir, parity_files
+from _parity import (assert_matches_official, check_official_style_file, fixture_id,
+                     load_fixture, parity_dir, parity_files)
 import zoo  # noqa: F401  (registers the models)
 from zoo.ops import selective_scan_naive
 from zoo.ops.multi_direction import (
@@ -215,33 +216,16 @@ def test_official_parity(fixture, scan_backend, monkeypatch):
 
     model = from_official_kwargs(**meta["official_kwargs"]).eval()
     model.load_state_dict(checkpoint_filter_fn(official_sd, model), strict=True)
-    tol = dict(rtol=meta["rtol"], atol=meta["atol"])
-    with torch.no_grad():
-        final, stages = model.forward_intermediates(tensors["input"])
-        torch.testing.assert_close(model.forward_head(final), tensors["logits"], **tol)
-        torch.testing.assert_close(model.forward_head(final, pre_logits=True), tensors["pre_logits"], **tol)
-    assert len(stages) == len([k for k in tensors if k.startswith("intermediates.stage")])
-    for i, y in enumerate(stages):
-        torch.testing.assert_close(y, tensors[f"intermediates.stage{i}"], **tol, msg=lambda m: f"stage {i}: {m}")
+    assert_matches_official(model, meta, tensors)
 
 
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 def test_official_style_checkpoint_loads_through_timm(tmp_path):
     """An official-layout .pth (weights under 'model' next to a pickled config) via pretrained_cfg file."""
     meta, _, official_sd = load_fixture(FIXTURES[0])
-    path = tmp_path / "official_style.pth"
-    torch.save({"model": official_sd, "config": FakeCfgNode(NAME="x"), "epoch": 299}, path)
-
     args = official_kwargs_to_model_args(**meta["official_kwargs"])
-    model = timm.create_model("msvmamba_nano", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args)
-    own = model.state_dict()
-    for key, value in checkpoint_filter_fn(official_sd).items():
-        assert torch.equal(own[key], value), key
-    # another head size: the backbone loads, the classifier is left to fine-tune
-    model = timm.create_model("msvmamba_nano", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                              **dict(args, num_classes=3))
-    assert torch.equal(model.state_dict()["stages.3.blocks.0.mixer.A_logs"], official_sd["layers.3.blocks.0.op.A_logs"])
-    assert model.get_classifier().out_features == 3
+    check_official_style_file(tmp_path, "msvmamba_nano", official_sd, args, checkpoint_filter_fn,
+                              ("stages.3.blocks.0.mixer.A_logs", "layers.3.blocks.0.op.A_logs"))
 
 
 @pytest.mark.skipif(not MANIFESTS, reason=NO_FIXTURES)

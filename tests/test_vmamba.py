@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from _parity import FakeCfgNode, fixture_id, load_fixture, parity_dir, parity_files
+from _parity import assert_matches_official, check_official_style_file, fixture_id, load_fixture, parity_dir, parity_files
 import zoo  # noqa: F401  (registers the models)
 from zoo.layers.ssm import cross_merge_2d, cross_scan_2d
 from zoo.ops import scan_order_index, selective_scan_naive
@@ -117,20 +117,14 @@ def test_official_parity(fixture, scan_backend, monkeypatch):
 
     model = from_official_kwargs(**meta["official_kwargs"]).eval()
     model.load_state_dict(checkpoint_filter_fn(official_sd, model), strict=True)
-    tol = dict(rtol=meta["rtol"], atol=meta["atol"])
     calls = []
-    monkeypatch.setattr(SS2D, "_forward_rows", lambda self, x, real=SS2D._forward_rows: calls.append(1) or real(self, x))
-    with torch.no_grad():
-        final, stages = model.forward_intermediates(tensors["input"])
-        torch.testing.assert_close(model.forward_head(final), tensors["logits"], **tol)
-        torch.testing.assert_close(model.forward_head(final, pre_logits=True), tensors["pre_logits"], **tol)
+    real = SS2D._forward_rows
+    monkeypatch.setattr(SS2D, "_forward_rows", lambda self, x: calls.append(1) or real(self, x))
+    assert_matches_official(model, meta, tensors)
     if scan_backend == "compiled":  # CPU inference: the channels-last mixer with the compiled kernels
         assert len(calls) == sum(len(s.blocks) for s in model.stages)
     else:
         assert not calls and zoo.ops.last_backend().name == "reference"
-    assert len(stages) == len([k for k in tensors if k.startswith("intermediates.stage")]) == 4
-    for i, y in enumerate(stages):
-        torch.testing.assert_close(y, tensors[f"intermediates.stage{i}"], **tol, msg=lambda m: f"stage {i}: {m}")
 
 
 def _legacy_layout(official_sd):
@@ -185,20 +179,10 @@ def test_legacy_names_and_conv_shaped_linears_load_strictly():
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 def test_official_style_checkpoint_loads_through_timm(tmp_path):
     """An official-layout .pth (weights under 'model' next to a pickled config) via pretrained_cfg file."""
-    fixture = [f for f in FIXTURES if "v2v" in f.name][0]
-    meta, _, official_sd = load_fixture(fixture)
-    path = tmp_path / "official_style.pth"
-    torch.save({"model": official_sd, "config": FakeCfgNode(NAME="x"), "epoch": 263}, path)
-
+    meta, _, official_sd = load_fixture([f for f in FIXTURES if "v2v" in f.name][0])
     args = official_kwargs_to_model_args(**meta["official_kwargs"])
-    model = timm.create_model("vmamba_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args)
-    own = model.state_dict()
-    for key, value in checkpoint_filter_fn(official_sd).items():
-        assert torch.equal(own[key], value), key
-    model = timm.create_model("vmamba_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                              **dict(args, num_classes=3))  # new head: the backbone loads, the head is fresh
-    assert torch.equal(model.state_dict()["stages.3.blocks.0.mixer.A_logs"], official_sd["layers.3.blocks.0.op.A_logs"])
-    assert model.get_classifier().out_features == 3
+    check_official_style_file(tmp_path, "vmamba_tiny", official_sd, args, checkpoint_filter_fn,
+                              ("stages.3.blocks.0.mixer.A_logs", "layers.3.blocks.0.op.A_logs"))
 
 
 @pytest.mark.skipif(not MANIFESTS, reason=NO_FIXTURES)
