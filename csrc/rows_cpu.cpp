@@ -122,8 +122,10 @@ at::Tensor depthwise_conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weig
 struct OrderScanArgs {
   int64_t batch, L, dim, N, K;
   bool softplus, independent, summed;
-  const float *u, *delta;  // u (batch, L, dim); delta per order: channel stride 1
+  const float *u, *delta;  // u (batch, L, dim); delta per order: (batch, L, dim), or (batch, L, R) with dt_w
   int64_t u_sb, u_st, d_sk, d_sb, d_st;
+  const float* dt_w;       // nullptr, or dt_proj's weight (K or 1, dim, R): delta = low-rank delta @ dt_w^T
+  int64_t R, dtw_sk;       // its rank and order stride (dim * R or 0)
   const float* A;          // (K or 1, dim, N)
   const float *B, *C;      // per order (batch, L, N), state stride 1, the same strides for both
   int64_t bc_sk, bc_sb, bc_st;
@@ -133,53 +135,85 @@ struct OrderScanArgs {
   float* out;              // summed: (batch, L, dim); else (batch, K, L, dim)
 };
 
+// dt = softplus(bias + sum_r dlow[r] * Wt[r]) for W lanes: dt_proj folded into the scan. dlow: the token's R
+// low-rank values (shared by the lanes); Wt: R x W, the lanes' dt_proj weights.
+template <int64_t W, bool Softplus>
+ZOO_INLINE void step_dt_lowrank(const float* __restrict dlow, int64_t R, const float* __restrict Wt,
+                                const float* __restrict bias, float* __restrict dt) {
+  float raw[W];
+  for (int64_t j = 0; j < W; ++j) raw[j] = bias[j];
+  for (int64_t r = 0; r < R; ++r) {
+    const float d = dlow[r];
+    const float* __restrict w = Wt + r * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) raw[j] += d * w[j];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < W; ++j) dt[j] = Softplus ? zoo_vec::softplus(raw[j]) : raw[j];
+}
+
+// Step t of order k: the time scales of channels c0 .. c0 + width of batch b. A function, not a lambda: the
+// callees of ZOO_CPU_DISPATCH kernels must be inlined into each ISA clone (a lambda ran as baseline code).
+template <bool Softplus>
+ZOO_INLINE void fill_dt(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, int64_t k, int64_t t,
+                        const float* Wt, float* dt) {
+  const int64_t full = width / kLanes * kLanes, R = a.R;
+  const float* bias = a.bias + k * a.p_sk + c0;
+  const float* dp = a.delta + k * a.d_sk + b * a.d_sb + t * a.d_st;
+  if (a.dt_w != nullptr) {
+    for (int64_t j = 0; j < full; j += kLanes) step_dt_lowrank<kLanes, Softplus>(dp, R, Wt + j * R, bias + j, dt + j);
+    for (int64_t j = full; j < width; ++j) step_dt_lowrank<1, Softplus>(dp, R, Wt + j * R, bias + j, dt + j);
+  } else {
+    for (int64_t j = 0; j < full; j += kLanes) step_dt<kLanes, Softplus>(dp + c0 + j, bias + j, dt + j);
+    for (int64_t j = full; j < width; ++j) step_dt<1, Softplus>(dp + c0 + j, bias + j, dt + j);
+  }
+}
+
+// Per-chunk buffers: At (N x width) and Wt (R x width) in the block layout (a block's values at offset
+// (first lane) * N or * R, state- / rank-major inside it), h (N x width), dtbuf (L x width: every token's
+// time scales when the K orders share them), dt and y (one step's).
+struct ChunkBuffers {
+  std::vector<float> At, Wt, h, dtbuf, dt, y;
+};
+
 // Channels c0 .. c0 + width (<= kChunk) of batch b over all K orders. The step loop is the outer one, so
 // each token's rows are read whole and in order (a per-block task would touch one line of a row and come
-// back for the next after it left the cache); inside, blocks of kLanes lanes, then single lanes. At and h
-// hold each block's N x lanes values at offset (first lane) * N; dtbuf (L x width) the time scales when
-// the K orders share them; ybuf one step's outputs.
+// back for the next after it left the cache); inside, blocks of kLanes lanes, then single lanes.
 template <bool Softplus>
-ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, float* At, float* h,
-                           float* dtbuf, float* ybuf) {
-  const int64_t L = a.L, dim = a.dim, N = a.N, full = width / kLanes * kLanes;
-  const bool shared_dt = a.K > 1 && a.d_sk == 0;  // each token visited K times with one delta
-  auto delta_row = [&](int64_t k, int64_t t) { return a.delta + k * a.d_sk + b * a.d_sb + t * a.d_st + c0; };
-  if (shared_dt) {
-    for (int64_t t = 0; t < L; ++t) {
-      float* dt = dtbuf + t * width;
-      const float* dp = delta_row(0, t);
-      for (int64_t j = 0; j < full; j += kLanes) step_dt<kLanes, Softplus>(dp + j, a.bias + c0 + j, dt + j);
-      for (int64_t j = full; j < width; ++j) step_dt<1, Softplus>(dp + j, a.bias + c0 + j, dt + j);
-    }
-  }
+ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, ChunkBuffers& buf) {
+  const int64_t L = a.L, dim = a.dim, N = a.N, R = a.R, full = width / kLanes * kLanes;
+  float *At = buf.At.data(), *Wt = buf.Wt.data(), *h = buf.h.data(), *ybuf = buf.y.data();
+  // the orders share one delta: each token's time scale is computed once, not once per visit
+  const bool shared_dt = a.K > 1 && a.d_sk == 0 && a.dtw_sk == 0;
   for (int64_t k = 0; k < a.K; ++k) {
-    if (k == 0 || a.p_sk != 0) {
-      for (int64_t j = 0; j < width; ++j) {
-        const int64_t j0 = j < full ? j / kLanes * kLanes : j, lanes = j < full ? kLanes : 1;
-        load_scaled_A(a.A + (k * a.p_sk + c0 + j) * N, N, lanes, j - j0, At + j0 * N);
+    for (int64_t j = 0; j < width; ++j) {  // this order's parameters in the block layout
+      const int64_t j0 = j < full ? j / kLanes * kLanes : j, lanes = j < full ? kLanes : 1, c = c0 + j;
+      if (k == 0 || a.p_sk != 0) load_scaled_A(a.A + (k * a.p_sk + c) * N, N, lanes, j - j0, At + j0 * N);
+      if (a.dt_w != nullptr && (k == 0 || a.dtw_sk != 0)) {
+        for (int64_t r = 0; r < R; ++r) Wt[j0 * R + r * lanes + (j - j0)] = a.dt_w[k * a.dtw_sk + c * R + r];
       }
     }
+    if (k == 0 && shared_dt) {
+      for (int64_t t = 0; t < L; ++t) fill_dt<Softplus>(a, b, c0, width, 0, t, Wt, buf.dtbuf.data() + t * width);
+    }
     if (k == 0 || a.independent) std::fill(h, h + width * N, 0.0f);
-    const float *D = a.D + k * a.p_sk + c0, *bias = a.bias + k * a.p_sk + c0;
+    const float* D = a.D + k * a.p_sk + c0;
     const int64_t* order = a.orders + k * L;
     for (int64_t s = 0; s < L; ++s) {
       const int64_t t = order[s];
       const float* up = a.u + b * a.u_sb + t * a.u_st + c0;
-      const float *Bt = a.B + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
-      const float *Ct = a.C + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
+      const float* Bt = a.B + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
+      const float* Ct = a.C + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
+      const float* dt = buf.dt.data();
       if (shared_dt) {
-        const float* dt = dtbuf + t * width;
-        for (int64_t j = 0; j < full; j += kLanes)
-          scan_step_dt<kLanes>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
-        for (int64_t j = full; j < width; ++j)
-          scan_step_dt<1>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
+        dt = buf.dtbuf.data() + t * width;
       } else {
-        const float* dp = delta_row(k, t);
-        for (int64_t j = 0; j < full; j += kLanes)
-          scan_step<kLanes, Softplus>(up + j, dp + j, bias + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
-        for (int64_t j = full; j < width; ++j)
-          scan_step<1, Softplus>(up + j, dp + j, bias + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
+        fill_dt<Softplus>(a, b, c0, width, k, t, Wt, buf.dt.data());
       }
+      for (int64_t j = 0; j < full; j += kLanes)
+        scan_step_dt<kLanes>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
+      for (int64_t j = full; j < width; ++j)
+        scan_step_dt<1>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
       float* __restrict o = a.out + (a.summed ? b * L + t : (b * a.K + k) * L + t) * dim + c0;
       if (a.summed && k > 0) {
 #pragma omp simd
@@ -194,14 +228,16 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
 // tasks [begin, end) of the flattened (batch, chunk of kChunk channels)
 ZOO_CPU_DISPATCH void order_scan_chunks(const OrderScanArgs& a, int64_t begin, int64_t end) {
   const int64_t chunks = (a.dim + kChunk - 1) / kChunk;
-  const bool shared_dt = a.K > 1 && a.d_sk == 0;
-  std::vector<float> At(a.N * kChunk), h(a.N * kChunk), dtbuf(shared_dt ? a.L * kChunk : 0), ybuf(kChunk);
+  const bool shared_dt = a.K > 1 && a.d_sk == 0 && a.dtw_sk == 0;
+  ChunkBuffers buf{std::vector<float>(a.N * kChunk), std::vector<float>(a.R * kChunk),
+                   std::vector<float>(a.N * kChunk), std::vector<float>(shared_dt ? a.L * kChunk : 0),
+                   std::vector<float>(kChunk), std::vector<float>(kChunk)};
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / chunks, c0 = (task % chunks) * kChunk, width = std::min(kChunk, a.dim - c0);
     if (a.softplus)
-      scan_chunk<true>(a, b, c0, width, At.data(), h.data(), dtbuf.data(), ybuf.data());
+      scan_chunk<true>(a, b, c0, width, buf);
     else
-      scan_chunk<false>(a, b, c0, width, At.data(), h.data(), dtbuf.data(), ybuf.data());
+      scan_chunk<false>(a, b, c0, width, buf);
   }
 }
 
@@ -224,6 +260,22 @@ at::Tensor checked_orders(const at::Tensor& orders, const char* op, int64_t K, i
     }
   }
   return oc;
+}
+
+// delta's last size: dim, or with dt_proj folded in (dt_weight (..., dim, R)) its rank R; sets the args' dt_w
+int64_t delta_width(const c10::optional<at::Tensor>& dt_weight, const char* op, at::IntArrayRef lead, int64_t dim,
+                    OrderScanArgs& a, at::Tensor& dtw) {
+  a.dt_w = nullptr, a.R = 0, a.dtw_sk = 0;
+  if (!dt_weight.has_value()) return dim;
+  check_float_cpu(*dt_weight, op, "dt_weight");
+  const int64_t R = dt_weight->size(-1);
+  std::vector<int64_t> want(lead.begin(), lead.end());
+  want.push_back(dim);
+  want.push_back(R);
+  check_sizes(*dt_weight, op, "dt_weight", want, lead.empty() ? "(dim, rank)" : "(K, dim, rank)");
+  dtw = dt_weight->contiguous();
+  a.dt_w = dtw.data_ptr<float>(), a.R = R, a.dtw_sk = lead.empty() ? 0 : dim * R;
+  return R;
 }
 
 // The kernel call both ops share, after their own checks: B and C get one set of strides (unit state stride).
@@ -249,7 +301,8 @@ at::Tensor run_order_scan(OrderScanArgs a, const at::Tensor& B, const at::Tensor
 
 at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                            const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias,
-                           const at::Tensor& orders, bool delta_softplus) {
+                           const at::Tensor& orders, bool delta_softplus,
+                           const c10::optional<at::Tensor>& dt_weight) {
   const char* op = "scan_orders";
   TORCH_CHECK(u.dim() == 3 && u.size(1) >= 1, "zoo_scan::scan_orders: u must be (batch, L >= 1, dim), got ",
               u.sizes());
@@ -258,7 +311,11 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
   const std::pair<const at::Tensor*, const char*> floats[] = {
       {&u, "u"}, {&delta, "delta"}, {&A, "A"}, {&B, "B"}, {&C, "C"}, {&D, "D"}, {&delta_bias, "delta_bias"}};
   for (const auto& [t, name] : floats) check_float_cpu(*t, op, name);
-  check_sizes(delta, op, "delta", u.sizes(), "u's shape (batch, L, dim)");
+  OrderScanArgs a{};
+  at::Tensor dtw;
+  const int64_t dwidth = delta_width(dt_weight, op, {}, dim, a, dtw);
+  check_sizes(delta, op, "delta", {batch, L, dwidth},
+              dt_weight.has_value() ? "(batch, L, rank) with dt_weight" : "u's shape (batch, L, dim)");
   check_sizes(B, op, "B", {batch, L, N}, "(batch, L, d_state)");
   check_sizes(C, op, "C", {batch, L, N}, "(batch, L, d_state)");
   check_sizes(D, op, "D", {dim}, "(dim)");
@@ -268,7 +325,6 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
   auto unit_last = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   const at::Tensor us = unit_last(u), ds = unit_last(delta), Ac = A.contiguous(), Dc = D.contiguous();
   const at::Tensor bc = delta_bias.contiguous();
-  OrderScanArgs a{};
   a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
   a.softplus = delta_softplus, a.independent = false, a.summed = false;
   a.u = us.data_ptr<float>(), a.u_sb = us.stride(0), a.u_st = us.stride(1);
@@ -280,7 +336,8 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
 
 at::Tensor scan_cross_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                           const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias,
-                          const at::Tensor& orders, bool delta_softplus) {
+                          const at::Tensor& orders, bool delta_softplus,
+                          const c10::optional<at::Tensor>& dt_weight) {
   const char* op = "scan_cross";
   TORCH_CHECK(u.dim() == 3 && u.size(1) >= 1, "zoo_scan::scan_cross: u must be (batch, L >= 1, dim), got ",
               u.sizes());
@@ -289,16 +346,19 @@ at::Tensor scan_cross_cpu(const at::Tensor& u, const at::Tensor& delta, const at
   const std::pair<const at::Tensor*, const char*> floats[] = {
       {&u, "u"}, {&delta, "delta"}, {&A, "A"}, {&B, "B"}, {&C, "C"}, {&D, "D"}, {&delta_bias, "delta_bias"}};
   for (const auto& [t, name] : floats) check_float_cpu(*t, op, name);
-  check_sizes(delta, op, "delta", {K, batch, L, dim}, "(K, batch, L, dim)");
+  OrderScanArgs a{};
+  at::Tensor dtw;
+  const int64_t dwidth = delta_width(dt_weight, op, {K}, dim, a, dtw);
+  check_sizes(delta, op, "delta", {K, batch, L, dwidth},
+              dt_weight.has_value() ? "(K, batch, L, rank) with dt_weight" : "(K, batch, L, dim)");
   check_sizes(A, op, "A", {K, dim, N}, "(K, dim, d_state)");
   check_sizes(B, op, "B", {batch, L, K, N}, "(batch, L, K, d_state)");
   check_sizes(C, op, "C", {batch, L, K, N}, "(batch, L, K, d_state)");
   check_sizes(D, op, "D", {K, dim}, "(K, dim)");
   check_sizes(delta_bias, op, "delta_bias", {K, dim}, "(K, dim)");
   const at::Tensor oc = checked_orders(orders, op, K, L);
-  const at::Tensor us = u.stride(2) == 1 ? u : u.contiguous(), ds = delta.contiguous();
+  const at::Tensor us = u.stride(2) == 1 ? u : u.contiguous(), ds = delta.stride(3) == 1 ? delta : delta.contiguous();
   const at::Tensor Ac = A.contiguous(), Dc = D.contiguous(), bc = delta_bias.contiguous();
-  OrderScanArgs a{};
   a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
   a.softplus = delta_softplus, a.independent = true, a.summed = true;
   a.u = us.data_ptr<float>(), a.u_sb = us.stride(0), a.u_st = us.stride(1);

@@ -95,6 +95,35 @@ def test_scan_cross_sums_independent_scans_of_each_order(height, width, dim, n):
         torch.ops.zoo_scan.scan_cross(u, delta[:, :, :-1], A, B, C, D, bias, orders, True)
 
 
+def test_dt_proj_folded_into_the_scans_equals_the_full_delta():
+    """dt_weight: delta given as dt_proj's rank-R input (a strided column slice, as the mixers pass it) gives
+    the outputs of the full-width delta computed by a matmul, for scan_orders and for scan_cross."""
+    gen = torch.Generator().manual_seed(2)
+    height, width, dim, n, rank = 3, 5, 37, 1, 3
+    L = height * width
+    u, _, A, B, C, D, bias = _scan_inputs(2, L, dim, n)
+    orders = torch.stack([scan_order_index(o, height, width) for o in SCAN_ORDERS])
+    low = torch.randn(2, L, rank + 4, generator=gen)[..., 1:1 + rank]
+    weight = torch.randn(dim, rank, generator=gen)
+    full = low @ weight.t()
+    torch.testing.assert_close(torch.ops.zoo_scan.scan_orders(u, low, A, B, C, D, bias, orders, True, weight),
+                               torch.ops.zoo_scan.scan_orders(u, full, A, B, C, D, bias, orders, True),
+                               rtol=1e-5, atol=1e-6)
+    K = len(SCAN_ORDERS)
+    lows = torch.randn(2, L, K, rank + 2, generator=gen)[..., :rank].permute(2, 0, 1, 3)  # (K, B, L, R), strided
+    weights = torch.randn(K, dim, rank, generator=gen)
+    fulls = torch.einsum("kblr,kdr->kbld", lows, weights)
+    As, Ds, biases = A.expand(K, dim, n).contiguous(), D.expand(K, dim).contiguous(), bias.expand(K, dim).contiguous()
+    Bs, Cs = B.unsqueeze(2).expand(2, L, K, n), C.unsqueeze(2).expand(2, L, K, n)
+    torch.testing.assert_close(
+        torch.ops.zoo_scan.scan_cross(u, lows, As, Bs, Cs, Ds, biases, orders, True, weights),
+        torch.ops.zoo_scan.scan_cross(u, fulls, As, Bs, Cs, Ds, biases, orders, True), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"scan_orders: dt_weight must be \(dim, rank\) = \[37, 3\]"):
+        torch.ops.zoo_scan.scan_orders(u, low, A, B, C, D, bias, orders, True, weight[:5])
+    with pytest.raises(RuntimeError, match=r"scan_orders: delta must be \(batch, L, rank\) with dt_weight"):
+        torch.ops.zoo_scan.scan_orders(u, full, A, B, C, D, bias, orders, True, weight)
+
+
 def test_scan_orders_refuses_orders_that_are_not_permutations():
     u, delta, A, B, C, D, bias = _scan_inputs(1, 4, 3, 1)
     with pytest.raises(RuntimeError, match=r"orders\[0\] visits token 1 twice"):

@@ -195,13 +195,14 @@ class MultiScaleSS2D(nn.Module):
         batch, height, width, d = u.shape
         rows = u.view(batch, height * width, d)
         rank, n = self.dt_rank, self.d_state
-        x_dbl = rows @ self.x_proj_weight[slot].t()  # (B, L, R + 2N): B and C stay column slices
-        delta = x_dbl[..., :rank].contiguous() @ self.dt_projs_weight[slot].t()  # faster than on the slice
+        x_dbl = rows @ self.x_proj_weight[slot].t()  # (B, L, R + 2N): delta's rank-R input, B and C
         A, D, delta_bias = ssm_parameters(self.A_logs[slot * d:(slot + 1) * d], self.Ds[slot * d:(slot + 1) * d],
                                           self.dt_projs_bias[slot])
         index = torch.stack([scan_order_index(o, height, width) for o in orders])
-        return torch.ops.zoo_scan.scan_orders(rows, delta, A, x_dbl[..., rank:rank + n], x_dbl[..., rank + n:], D,
-                                              delta_bias, index, True)
+        # dt_proj runs inside the scan (dt_weight): the full-width delta is never materialised
+        return torch.ops.zoo_scan.scan_orders(rows, x_dbl[..., :rank], A, x_dbl[..., rank:rank + n],
+                                              x_dbl[..., rank + n:], D, delta_bias, index, True,
+                                              self.dt_projs_weight[slot])
 
 
 class ConvFFN(nn.Module):

@@ -258,12 +258,12 @@ class SS2D(nn.Module):
         proj = rank + 2 * n
         # every direction's projection on the row-major tokens (it is per token, so order does not matter)
         x_dbl = (rows @ self.x_proj_weight.reshape(k * proj, d).t()).view(batch, -1, k, proj)
-        dts = x_dbl[..., :rank].permute(2, 0, 1, 3).reshape(k, -1, rank)
-        delta = torch.bmm(dts, self.dt_projs_weight.transpose(1, 2)).view(k, batch, -1, d)
         A, D, delta_bias = ssm_parameters(self.A_logs, self.Ds, self.dt_projs_bias)
         index = torch.stack([scan_order_index(o, height, width) for o in self.orders])
-        y = torch.ops.zoo_scan.scan_cross(rows, delta, A.view(k, d, n), x_dbl[..., rank:rank + n],
-                                          x_dbl[..., rank + n:], D.view(k, d), delta_bias, index, True)
+        # dt_proj runs inside the scan (dt_weight) on each direction's rank-R slice: (K, B, L, R), strided
+        y = torch.ops.zoo_scan.scan_cross(rows, x_dbl[..., :rank].permute(2, 0, 1, 3), A.view(k, d, n),
+                                          x_dbl[..., rank:rank + n], x_dbl[..., rank + n:], D.view(k, d), delta_bias,
+                                          index, True, self.dt_projs_weight)
         return self._output(y.view(batch, height, width, d), z, x.dtype)
 
 

@@ -17,17 +17,22 @@ MSVMamba's mixer works on the channels-last map its in-projection produces (``cs
 * ``zoo_scan::depthwise_conv2d_silu(x, weight, bias, stride) -> u``: x (batch, H, W, C) with channel
   stride 1 (a column slice of the in-projection is fine); weight (C, 1, k, k), odd k, zero padding
   (k - 1) / 2; u (batch, H', W', C) = silu(conv + bias).
-* ``zoo_scan::scan_orders(u, delta, A, B, C, D, delta_bias, orders, delta_softplus) -> y``: u, delta
+* ``zoo_scan::scan_orders(u, delta, A, B, C, D, delta_bias, orders, delta_softplus, dt_weight) -> y``: u, delta
   (batch, L, dim); A (dim, N); B, C (batch, L, N); D, delta_bias (dim); orders (K, L) int64, each a
   permutation of the tokens. The K traversals are scanned as one sequence (the state carried from one
   into the next); y (batch, K, L, dim) holds every order's outputs at the tokens' own positions.
 
 VMamba's cross-scan is the same kernel with one parameter set per order:
 
-* ``zoo_scan::scan_cross(u, delta, A, B, C, D, delta_bias, orders, delta_softplus) -> y``: u (batch, L,
+* ``zoo_scan::scan_cross(u, delta, A, B, C, D, delta_bias, orders, delta_softplus, dt_weight) -> y``: u (batch, L,
   dim); delta (K, batch, L, dim); A (K, dim, N); B, C (batch, L, K, N); D, delta_bias (K, dim); orders
   (K, L). Order k is an independent scan (zero initial state) with its own inputs and parameters; y
   (batch, L, dim) is the sum of the K outputs at the tokens' own positions (scan, then cross-merge).
+
+Both take an optional ``dt_weight``, dt_proj's weight ((dim, R), or (K, dim, R) for ``scan_cross``): delta
+is then the rank-R input of dt_proj ((batch, L, R) / (K, batch, L, R), any strides with a unit last one)
+and the kernel computes ``delta @ dt_weight.T`` per step, so the full-width delta is never written (the
+GEMM with R = 3..6 inner products per output runs far below the machine's rate).
 
 All are inference ops (no autograd formula: training keeps the differentiable path). The CPU kernels
 (``csrc/mixer_cpu.cpp``) take float32; the CUDA ones (``csrc/mixer_cuda.cu``, on the L-parallel scan)
@@ -59,18 +64,18 @@ _lib.define(
 _lib.define("depthwise_conv2d_silu(Tensor x, Tensor weight, Tensor? bias, int stride) -> Tensor")
 _lib.define(
     "scan_orders(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor delta_bias, Tensor orders, "
-    "bool delta_softplus) -> Tensor"
+    "bool delta_softplus, Tensor? dt_weight=None) -> Tensor"
 )
 
 
 _lib.define(
     "scan_cross(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor delta_bias, Tensor orders, "
-    "bool delta_softplus) -> Tensor"
+    "bool delta_softplus, Tensor? dt_weight=None) -> Tensor"
 )
 
 
 @torch.library.register_fake("zoo_scan::scan_cross")
-def _scan_cross_fake(u, delta, A, B, C, D, delta_bias, orders, delta_softplus):
+def _scan_cross_fake(u, delta, A, B, C, D, delta_bias, orders, delta_softplus, dt_weight=None):
     return torch.empty_like(u)
 
 
@@ -83,7 +88,7 @@ def _depthwise_conv2d_silu_fake(x, weight, bias, stride):
 
 
 @torch.library.register_fake("zoo_scan::scan_orders")
-def _scan_orders_fake(u, delta, A, B, C, D, delta_bias, orders, delta_softplus):
+def _scan_orders_fake(u, delta, A, B, C, D, delta_bias, orders, delta_softplus, dt_weight=None):
     return u.new_empty((u.shape[0], orders.shape[0], *u.shape[1:]))
 
 
@@ -128,9 +133,9 @@ _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def fused_mixer_enabled(x: torch.Tensor, op: str = "bimamba_scan") -> bool:
     """Whether the row-layout op ``zoo_scan::<op>`` serves ``x`` (``bimamba_scan``: :func:`bimamba_rows`;
     ``scan_orders`` / ``scan_cross``: MSVMamba's / VMamba's mixer): gradients off, the compiled kernels
-    built, the selective-scan backend in use ``compiled`` (so ``ZOO_SCAN_BACKEND=reference`` still runs the reference mixer), and
-    either a float32 CPU tensor or, only under ``ZOO_CUDA_SCAN=lparallel`` and for an op with a CUDA
-    kernel, a float32 / float16 / bfloat16 CUDA tensor."""
+    built, the selective-scan backend in use ``compiled`` (so ``ZOO_SCAN_BACKEND=reference`` still runs the
+    reference mixer), and either a float32 CPU tensor or, only under ``ZOO_CUDA_SCAN=lparallel`` and for an
+    op with a CUDA kernel, a float32 / float16 / bfloat16 CUDA tensor."""
     if torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy):  # FX symbolic tracing: reference layout
         return False
     if x.device.type == "cpu":
