@@ -10,7 +10,8 @@ from setuptools import find_packages, setup
 
 ext_modules = []
 cmdclass = {}
-if os.environ.get("ZOO_BUILD_EXT", "0") == "1":
+# the spellings zoo.ops._build.env_flag accepts (zoo itself is not importable before torch is installed)
+if os.environ.get("ZOO_BUILD_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
     from zoo_build import ahead_of_time_extensions  # noqa: E402  (needs torch at build time)
 
     ext_modules, cmdclass = ahead_of_time_extensions()

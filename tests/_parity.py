@@ -7,9 +7,10 @@ parity tests can never pass by silently not running.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from zoo.ops._build import env_flag
 
 REQUIRE_ENV = "ZOO_REQUIRE_PARITY"
 SHARED_PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
@@ -23,7 +24,7 @@ def parity_files(family: str, pattern: str, keep: Optional[Callable[[Path], bool
     """The files of ``family``'s fixture folder matching ``pattern`` (sorted); [] when absent, unless required."""
     folder = parity_dir(family)
     files = sorted(p for p in folder.glob(pattern) if keep is None or keep(p)) if folder.is_dir() else []
-    if not files and os.environ.get(REQUIRE_ENV) == "1":
+    if not files and env_flag(REQUIRE_ENV):
         raise RuntimeError(
             f"{REQUIRE_ENV}=1 but no {pattern!r} parity files for {family!r} in {folder}: "
             "CI must run with the official fixtures at ../shared/parity"
