@@ -24,6 +24,8 @@ import timm
 import torch
 
 import zoo  # noqa: F401  (registers the zoo models before timm's test module lists models)
+from _parity import REQUIRE_ENV
+from zoo.ops._build import env_flag
 
 ZOO_TEST_MODELS = ["test_vim", "test_msvmamba", "test_convllava"]
 TOKEN_MODELS = {"test_vim"}  # timm's NON_STD group: no 2-D unpooled map, pool_size None
@@ -55,7 +57,7 @@ def _fetch_timm_tests(cache_dir: Path) -> Path:
     sdists = sorted(download.glob(f"timm-{timm.__version__}.tar.gz"))
     if result.returncode != 0 or not sdists:
         message = f"could not fetch timm's sdist from PyPI ({' '.join(cmd)}): {result.stderr.strip()[-300:]}"
-        if os.environ.get("ZOO_REQUIRE_PARITY") == "1":
+        if env_flag(REQUIRE_ENV):
             pytest.fail(message)
         pytest.skip(message)
     with tarfile.open(sdists[0]) as tar:
