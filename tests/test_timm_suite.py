@@ -13,7 +13,6 @@ Without network access to PyPI the tests skip, unless ``ZOO_REQUIRE_PARITY=1`` (
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 import tarfile
