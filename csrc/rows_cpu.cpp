@@ -24,7 +24,7 @@ namespace zoo_scan {
 namespace {
 
 constexpr int64_t kLanes = 16;  // channels per block: one AVX-512 register, two AVX2 ones
-constexpr int64_t kChunk = 64;  // channels per scan task: whole cache lines of every row it reads
+constexpr int64_t kChunk = 64;  // channels per scan task at most: whole cache lines of every row it reads
 
 void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "zoo_scan::", op, ": ", name,
@@ -133,6 +133,7 @@ struct OrderScanArgs {
   int64_t p_sk;            // order stride of D and bias (dim or 0); of A it is p_sk * N
   const int64_t* orders;   // (K, L): step s of order k reads token orders[k * L + s]
   float* out;              // summed: (batch, L, dim); else (batch, K, L, dim)
+  int64_t chunk;           // channels per task: kChunk, halved (down to kLanes) until every thread has work
 };
 
 // dt = softplus(bias + sum_r dlow[r] * Wt[r]) for W lanes: dt_proj folded into the scan. dlow: the token's R
@@ -176,7 +177,7 @@ struct ChunkBuffers {
   std::vector<float> At, Wt, h, dtbuf, dt, y;
 };
 
-// Channels c0 .. c0 + width (<= kChunk) of batch b over all K orders. The step loop is the outer one, so
+// Channels c0 .. c0 + width (<= a.chunk) of batch b over all K orders. The step loop is the outer one, so
 // each token's rows are read whole and in order (a per-block task would touch one line of a row and come
 // back for the next after it left the cache); inside, blocks of kLanes lanes, then single lanes.
 template <bool Softplus>
@@ -225,15 +226,14 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
   }
 }
 
-// tasks [begin, end) of the flattened (batch, chunk of kChunk channels)
+// tasks [begin, end) of the flattened (batch, chunk of a.chunk channels)
 ZOO_CPU_DISPATCH void order_scan_chunks(const OrderScanArgs& a, int64_t begin, int64_t end) {
-  const int64_t chunks = (a.dim + kChunk - 1) / kChunk;
+  const int64_t chunks = (a.dim + a.chunk - 1) / a.chunk, w = a.chunk;
   const bool shared_dt = a.K > 1 && a.d_sk == 0 && a.dtw_sk == 0;
-  ChunkBuffers buf{std::vector<float>(a.N * kChunk), std::vector<float>(a.R * kChunk),
-                   std::vector<float>(a.N * kChunk), std::vector<float>(shared_dt ? a.L * kChunk : 0),
-                   std::vector<float>(kChunk), std::vector<float>(kChunk)};
+  ChunkBuffers buf{std::vector<float>(a.N * w), std::vector<float>(a.R * w), std::vector<float>(a.N * w),
+                   std::vector<float>(shared_dt ? a.L * w : 0), std::vector<float>(w), std::vector<float>(w)};
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / chunks, c0 = (task % chunks) * kChunk, width = std::min(kChunk, a.dim - c0);
+    const int64_t b = task / chunks, c0 = (task % chunks) * w, width = std::min(w, a.dim - c0);
     if (a.softplus)
       scan_chunk<true>(a, b, c0, width, buf);
     else
@@ -293,8 +293,11 @@ at::Tensor run_order_scan(OrderScanArgs a, const at::Tensor& B, const at::Tensor
   a.bc_sb = Bs.stride(0);
   a.bc_st = Bs.stride(1);
   a.out = out.data_ptr<float>();
-  const int64_t chunks = (a.dim + kChunk - 1) / kChunk;
-  at::parallel_for(0, a.batch * chunks, zoo_vec::grain_for(a.K * a.L * a.N * kChunk),
+  // small batches (batch 1 inference on many cores): narrower chunks, so that every thread gets tasks
+  a.chunk = kChunk;
+  while (a.chunk > kLanes && a.batch * ((a.dim + a.chunk - 1) / a.chunk) < 2 * at::get_num_threads()) a.chunk /= 2;
+  const int64_t chunks = (a.dim + a.chunk - 1) / a.chunk;
+  at::parallel_for(0, a.batch * chunks, zoo_vec::grain_for(a.K * a.L * a.N * a.chunk),
                    [&](int64_t begin, int64_t end) { order_scan_chunks(a, begin, end); });
   return out;
 }

@@ -124,6 +124,22 @@ def test_dt_proj_folded_into_the_scans_equals_the_full_delta():
         torch.ops.zoo_scan.scan_orders(u, full, A, B, C, D, bias, orders, True, weight)
 
 
+def test_scan_result_does_not_depend_on_the_thread_count():
+    """Batch 1 on 8 threads splits the channels into narrower tasks (16 lanes) than on 1 thread (64): every
+    lane's arithmetic is the same, so the outputs are bit-identical."""
+    u, delta, A, B, C, D, bias = _scan_inputs(1, 12, 100, 2)
+    orders = torch.stack([scan_order_index(o, 3, 4) for o in SCAN_ORDERS])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.zoo_scan.scan_orders(u, delta, A, B, C, D, bias, orders, True)
+        torch.set_num_threads(8)
+        eight = torch.ops.zoo_scan.scan_orders(u, delta, A, B, C, D, bias, orders, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, eight)
+
+
 def test_scan_orders_refuses_orders_that_are_not_permutations():
     u, delta, A, B, C, D, bias = _scan_inputs(1, 4, 3, 1)
     with pytest.raises(RuntimeError, match=r"orders\[0\] visits token 1 twice"):
