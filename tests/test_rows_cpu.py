@@ -89,7 +89,8 @@ def test_scan_cross_sums_independent_scans_of_each_order(height, width, dim, n):
                                  delta_bias=bias[k], delta_softplus=True)
         want[:, idx] += y.transpose(1, 2)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match=rf"scan_cross: orders must be an int64 CPU tensor \(K, L = {L}\), got Long \[3, {L}\]"):
+    wrong_k = rf"scan_cross: orders must be an int64 CPU tensor \(K, L = {L}\), got Long \[3, {L}\]"
+    with pytest.raises(RuntimeError, match=wrong_k):
         torch.ops.zoo_scan.scan_cross(u, delta, A, B, C, D, bias, orders[:3], True)
     with pytest.raises(RuntimeError, match=rf"scan_cross: delta must be \(K, batch, L, dim\) = \[{K}, 2, {L}, {dim}\]"):
         torch.ops.zoo_scan.scan_cross(u, delta[:, :, :-1], A, B, C, D, bias, orders, True)
@@ -151,6 +152,26 @@ def test_scan_orders_refuses_orders_that_are_not_permutations():
                                        True)
     with pytest.raises(RuntimeError, match=r"delta must be u's shape"):
         torch.ops.zoo_scan.scan_orders(u, delta[:, :3], A, B, C, D, bias, torch.tensor([[0, 1, 2, 3]]), True)
+
+
+def test_fake_kernels_and_schemas():
+    """Shapes without running (torch.compile / export), checked by torch's own op tests."""
+    checks = ("test_schema", "test_faketensor")
+    x = torch.randn(2, 7, 5, 24)[..., 4:20]
+    for stride in (1, 2):
+        torch.library.opcheck(torch.ops.zoo_scan.depthwise_conv2d_silu,
+                              (x, torch.randn(16, 1, 3, 3), torch.randn(16), stride), test_utils=checks)
+    u, delta, A, B, C, D, bias = _scan_inputs(2, 12, 16, 2)
+    orders = torch.stack([scan_order_index(o, 3, 4) for o in SCAN_ORDERS])
+    torch.library.opcheck(torch.ops.zoo_scan.scan_orders, (u, delta, A, B, C, D, bias, orders, True),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.zoo_scan.scan_orders, (u, delta[..., :3].contiguous(), A, B, C, D, bias, orders,
+                                                           True, torch.randn(16, 3)), test_utils=checks)
+    K = len(SCAN_ORDERS)
+    per_order = [t.expand(K, *t.shape).contiguous() for t in (delta, A, D, bias)]
+    per_token = [t.unsqueeze(2).expand(2, 12, K, 2).contiguous() for t in (B, C)]
+    torch.library.opcheck(torch.ops.zoo_scan.scan_cross, (u, per_order[0], per_order[1], *per_token, per_order[2],
+                                                          per_order[3], orders, True), test_utils=checks)
 
 
 def test_fused_path_serves_inference_only():
