@@ -40,7 +40,7 @@ from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical
 from ..layers.ssm import (ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, ssm_parameters,
                           stacked_ssm_inputs)
 from ..ops.mixer import fused_mixer_enabled
-from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, ROW_MAJOR, SCAN_ORDERS, scan_order_index
+from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, ROW_MAJOR, SCAN_ORDERS, scan_order_indices
 
 __all__ = [
     "MSVMamba",
@@ -198,7 +198,7 @@ class MultiScaleSS2D(nn.Module):
         x_dbl = rows @ self.x_proj_weight[slot].t()  # (B, L, R + 2N): delta's rank-R input, B and C
         A, D, delta_bias = ssm_parameters(self.A_logs[slot * d:(slot + 1) * d], self.Ds[slot * d:(slot + 1) * d],
                                           self.dt_projs_bias[slot])
-        index = torch.stack([scan_order_index(o, height, width) for o in orders])
+        index = scan_order_indices(orders, height, width)
         # dt_proj runs inside the scan (dt_weight): the full-width delta is never materialised
         return torch.ops.zoo_scan.scan_orders(rows, x_dbl[..., :rank], A, x_dbl[..., rank:rank + n],
                                               x_dbl[..., rank + n:], D, delta_bias, index, True,

@@ -45,7 +45,7 @@ from ..layers.ssm import (
     ssm_parameters,
 )
 from ..ops.mixer import fused_mixer_enabled
-from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED, scan_order_index
+from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED, scan_order_indices
 from ._hierarchical import (
     HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, raise_official_problems,
     rename_vmamba_legacy, run_blocks, stage_widths,
@@ -259,7 +259,7 @@ class SS2D(nn.Module):
         # every direction's projection on the row-major tokens (it is per token, so order does not matter)
         x_dbl = (rows @ self.x_proj_weight.reshape(k * proj, d).t()).view(batch, -1, k, proj)
         A, D, delta_bias = ssm_parameters(self.A_logs, self.Ds, self.dt_projs_bias)
-        index = torch.stack([scan_order_index(o, height, width) for o in self.orders])
+        index = scan_order_indices(self.orders, height, width)
         # dt_proj runs inside the scan (dt_weight) on each direction's rank-R slice: (K, B, L, R), strided
         y = torch.ops.zoo_scan.scan_cross(rows, x_dbl[..., :rank].permute(2, 0, 1, 3), A.view(k, d, n),
                                           x_dbl[..., rank:rank + n], x_dbl[..., rank + n:], D.view(k, d), delta_bias,

@@ -244,15 +244,13 @@ def _multi_direction_probe(device) -> Tuple[bool, str]:
 def multi_direction_op(u, delta, A, B, C, D, delta_bias, height, width, orders, delta_softplus):
     """``selective_scan_multi_direction`` without reordered copies of u / delta / B / C: the kernel
     visits the row-major inputs through one index of length ``len(orders) * height * width``."""
-    from .multi_direction import scan_order_index
+    from .multi_direction import _gather_scatter_index
 
     L = height * width
-    perms = [scan_order_index(o, height, width) for o in orders]
-    index = torch.cat(perms)
+    # step k * L + j of the traversal is pixel perms[k][j] of direction k; `back` puts each output on its pixel
+    index, back = _gather_scatter_index(tuple(orders), height, width, torch.device("cpu"))
     y, _ = torch.ops.zoo_scan.scan_fwd_indexed(u, delta, A, B, C, D, delta_bias, index, delta_softplus)
-    # step k * L + j of the traversal is pixel perms[k][j] of direction k: put each output on its pixel
-    back = torch.cat([k * L + torch.argsort(p) for k, p in enumerate(perms)]).to(y.device)
-    y = y.index_select(-1, back).view(y.shape[0], y.shape[1], len(orders), L)
+    y = y.index_select(-1, back.to(y.device)).view(y.shape[0], y.shape[1], len(orders), L)
     return y.transpose(1, 2).contiguous()
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "MSVMAMBA_LOW_RES_ORDERS",
     "SCAN_ORDERS",
     "scan_order_index",
+    "scan_order_indices",
     "selective_scan_multi_direction",
     "selective_scan_multi_direction_reference",
     "register_multi_direction_backend",
@@ -98,6 +99,13 @@ def scan_order_index(order: str, height: int, width: int, device: Union[str, tor
     ``tokens[..., scan_order_index(o, h, w)]`` lays row-major tokens out in traversal order ``o``.
     """
     return _order_index_cpu(order, int(height), int(width)).to(device)
+
+
+def scan_order_indices(orders: Sequence[str], height: int, width: int,
+                       device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """(len(orders), h * w): row ``k`` is :func:`scan_order_index` of ``orders[k]`` (memoised, eager calls)."""
+    gather, _ = _gather_scatter_index(tuple(orders), int(height), int(width), torch.device(device))
+    return gather.view(len(orders), -1)
 
 
 def _validate_orders(orders: Sequence[str]) -> Tuple[str, ...]:
