@@ -90,17 +90,14 @@ def load_training_checkpoint(path: str | Path, need_training_state: bool = True)
 def weights_source(ckpt: Dict[str, Any], path: str | Path):
     """The tensors of a training checkpoint (``model.*``, ``model_ema.*``, ``optimizer.<i>.<name>``) as one
     source that :func:`zoo.train.fsdp.load_module` reads, whether the run that wrote it was sharded or not."""
-    from .fsdp import FullSource, ShardedSource, split_optimizer_state
+    from .fsdp import FullSource, ShardedSource, training_tensors
 
     if "shards" in ckpt:
         shards = ckpt["shards"]
         return ShardedSource(Path(path).parent / shards["folder"], int(shards["world_size"]))
-    tensors = {f"model.{k}": v for k, v in ckpt["model"].items()}
-    if ckpt.get("model_ema") is not None:
-        tensors.update({f"model_ema.{k}": v for k, v in ckpt["model_ema"].items()})
-    if isinstance(ckpt.get("optimizer"), dict):
-        tensors.update(split_optimizer_state(ckpt["optimizer"])[1])
-    return FullSource(tensors)
+    modules = {name: ckpt[name] for name in ("model", "model_ema") if ckpt.get(name) is not None}
+    optimizer = ckpt["optimizer"] if isinstance(ckpt.get("optimizer"), dict) else None
+    return FullSource(training_tensors(modules, optimizer)[1])
 
 
 def has_ema_weights(source) -> bool:

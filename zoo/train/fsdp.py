@@ -16,7 +16,7 @@ which this trainer never loads.)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ import torch.nn as nn
 from .config import ConfigError
 
 __all__ = ["fsdp_units", "shard_model", "is_sharded", "local_rows", "FullSource", "ShardedSource",
-           "split_optimizer_state", "whole_tensors", "load_module", "load_optimizer", "save_shards", "full_state_dict",
+           "split_optimizer_state", "training_tensors", "whole_tensors", "load_module", "load_optimizer", "save_shards", "full_state_dict",
            "all_finite"]
 
 SHARD_CONTAINERS = ("blocks", "layers")
@@ -158,6 +158,17 @@ def split_optimizer_state(state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[s
 def _whole(source, key: str) -> torch.Tensor:
     shape = source.shape(key)
     return source.rows(key, 0, shape[0] if shape else 1)
+
+
+def training_tensors(modules: Dict[str, Dict[str, torch.Tensor]], optimizer_state: Optional[Dict[str, Any]]
+                     ) -> Tuple[Optional[Dict[str, Any]], Dict[str, torch.Tensor]]:
+    """The flat tensor layout of a training checkpoint, which sharded saves write and every load reads:
+    ``<module>.<name>`` for each state dict of ``modules`` ('model', 'model_ema') and ``optimizer.<i>.<name>``;
+    returned with the optimizer state's plain values (None without an optimizer state)."""
+    plain, tensors = split_optimizer_state(optimizer_state) if optimizer_state is not None else (None, {})
+    for prefix, state in modules.items():
+        tensors.update({f"{prefix}.{k}": v for k, v in state.items()})
+    return plain, tensors
 
 
 def whole_tensors(source, prefix: str) -> Dict[str, torch.Tensor]:

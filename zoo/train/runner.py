@@ -239,9 +239,8 @@ class _Training:
         if self.dist.is_main:
             (self.out_dir / folder).mkdir()
         barrier()
-        plain_optimizer, tensors = fsdp.split_optimizer_state(self.optimizer.state_dict())
-        for name, module in self._modules():
-            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        plain_optimizer, tensors = fsdp.training_tensors({name: m.state_dict() for name, m in self._modules()},
+                                                         self.optimizer.state_dict())
         error = None
         try:
             fsdp.save_shards(self.out_dir / folder, tensors, rank, world)
