@@ -31,6 +31,17 @@ void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
 
+// the scan ops' seven tensor inputs: float32 CPU tensors
+void check_scan_floats(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                       const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias) {
+  const std::pair<const at::Tensor*, const char*> floats[] = {
+      {&u, "u"}, {&delta, "delta"}, {&A, "A"}, {&B, "B"}, {&C, "C"}, {&D, "D"}, {&delta_bias, "delta_bias"}};
+  for (const auto& [t, name] : floats) check_float_cpu(*t, op, name);
+}
+
+// t itself when its last dimension is contiguous (the kernels take the other strides as they are)
+at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 void check_sizes(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef expected,
                  const char* what) {
   TORCH_CHECK(t.sizes() == expected, "zoo_scan::", op, ": ", name, " must be ", what, " = ", expected, ", got ",
@@ -100,7 +111,7 @@ at::Tensor depthwise_conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weig
     check_sizes(*bias, op, "bias", {C}, "(C)");
     bc = bias->contiguous();
   }
-  const at::Tensor xr = x.stride(3) == 1 ? x : x.contiguous();
+  const at::Tensor xr = unit_last(x);
   const at::Tensor w = weight.view({C, K * K}).t().contiguous();  // (k * k, C)
   const int64_t H = x.size(1), W = x.size(2), pad = (K - 1) / 2;
   const int64_t Ho = (H + 2 * pad - K) / stride + 1, Wo = (W + 2 * pad - K) / stride + 1;
@@ -281,7 +292,6 @@ int64_t delta_width(const c10::optional<at::Tensor>& dt_weight, const char* op, 
 // The kernel call both ops share, after their own checks: B and C get one set of strides (unit state stride).
 at::Tensor run_order_scan(OrderScanArgs a, const at::Tensor& B, const at::Tensor& C, at::Tensor out,
                           int64_t bc_order_dim) {
-  auto unit_last = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   at::Tensor Bs = unit_last(B), Cs = unit_last(C);
   if (Cs.strides() != Bs.strides()) {
     Bs = Bs.contiguous();
@@ -311,9 +321,7 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
               u.sizes());
   TORCH_CHECK(A.dim() == 2, "zoo_scan::scan_orders: A must be (dim, d_state), got ", A.sizes());
   const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2), N = A.size(1);
-  const std::pair<const at::Tensor*, const char*> floats[] = {
-      {&u, "u"}, {&delta, "delta"}, {&A, "A"}, {&B, "B"}, {&C, "C"}, {&D, "D"}, {&delta_bias, "delta_bias"}};
-  for (const auto& [t, name] : floats) check_float_cpu(*t, op, name);
+  check_scan_floats(op, u, delta, A, B, C, D, delta_bias);
   OrderScanArgs a{};
   at::Tensor dtw;
   const int64_t dwidth = delta_width(dt_weight, op, {}, dim, a, dtw);
@@ -325,7 +333,6 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
   check_sizes(delta_bias, op, "delta_bias", {dim}, "(dim)");
   const at::Tensor oc = checked_orders(orders, op, -1, L);
   const int64_t K = oc.size(0);
-  auto unit_last = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   const at::Tensor us = unit_last(u), ds = unit_last(delta), Ac = A.contiguous(), Dc = D.contiguous();
   const at::Tensor bc = delta_bias.contiguous();
   a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
@@ -346,9 +353,7 @@ at::Tensor scan_cross_cpu(const at::Tensor& u, const at::Tensor& delta, const at
               u.sizes());
   TORCH_CHECK(A.dim() == 3 && A.size(0) >= 1, "zoo_scan::scan_cross: A must be (K, dim, d_state), got ", A.sizes());
   const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2), K = A.size(0), N = A.size(2);
-  const std::pair<const at::Tensor*, const char*> floats[] = {
-      {&u, "u"}, {&delta, "delta"}, {&A, "A"}, {&B, "B"}, {&C, "C"}, {&D, "D"}, {&delta_bias, "delta_bias"}};
-  for (const auto& [t, name] : floats) check_float_cpu(*t, op, name);
+  check_scan_floats(op, u, delta, A, B, C, D, delta_bias);
   OrderScanArgs a{};
   at::Tensor dtw;
   const int64_t dwidth = delta_width(dt_weight, op, {K}, dim, a, dtw);
@@ -360,7 +365,7 @@ at::Tensor scan_cross_cpu(const at::Tensor& u, const at::Tensor& delta, const at
   check_sizes(D, op, "D", {K, dim}, "(K, dim)");
   check_sizes(delta_bias, op, "delta_bias", {K, dim}, "(K, dim)");
   const at::Tensor oc = checked_orders(orders, op, K, L);
-  const at::Tensor us = u.stride(2) == 1 ? u : u.contiguous(), ds = delta.stride(3) == 1 ? delta : delta.contiguous();
+  const at::Tensor us = unit_last(u), ds = unit_last(delta);
   const at::Tensor Ac = A.contiguous(), Dc = D.contiguous(), bc = delta_bias.contiguous();
   a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
   a.softplus = delta_softplus, a.independent = true, a.summed = true;
