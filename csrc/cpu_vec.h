@@ -29,21 +29,38 @@
 
 namespace zoo_vec {
 
+// The clamps below compare bit patterns, not floats: integer min is one vector instruction, while GCC
+// turns a float min/max pair feeding a polynomial into compares and blends on the result. As signed
+// ints, positive floats order as the floats do (and every negative one is below them); as unsigned
+// ints, negative floats order by magnitude (and every positive one is below them).
+ZOO_INLINE float clamp_bits(float x, int32_t hi_bits, uint32_t lo_bits) {
+  int32_t xi;
+  std::memcpy(&xi, &x, sizeof(xi));
+  xi = std::min(xi, hi_bits);  // x <= hi (a positive bound)
+  const uint32_t xu = std::min(static_cast<uint32_t>(xi), lo_bits);  // x >= lo (a negative bound)
+  std::memcpy(&x, &xu, sizeof(x));
+  return x;
+}
+
+// p * 2^k for p in [1/2, 2) and k = round(...) held in the low mantissa bits of t = value + 1.5 * 2^23:
+// an integer add into p's exponent field (the callers' clamps keep the result a normal float)
+ZOO_INLINE float times_pow2(float p, float t) {
+  int32_t tb, pb;
+  std::memcpy(&tb, &t, sizeof(tb));
+  std::memcpy(&pb, &p, sizeof(pb));
+  pb += (tb - 0x4b400000) * (1 << 23);
+  std::memcpy(&p, &pb, sizeof(p));
+  return p;
+}
+
+constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
+
 // exp for float: Cody-Waite range reduction to |r| <= ln2/2 and a degree-6 Taylor polynomial
 // (relative error < 2.5e-7, about 1 ulp). Inputs are clamped to [-87, 88], so no inf/denormal paths.
 ZOO_INLINE float exp(float x) {
-  // the clamp works on the bit pattern: integer min vectorises to one instruction, while GCC turns
-  // float compares here into several selects. As signed ints, floats above 88 are the larger; as
-  // unsigned ints, negative floats below -87 are (their magnitude bits are larger).
-  int32_t xi;
-  std::memcpy(&xi, &x, sizeof(xi));
-  xi = std::min(xi, int32_t(0x42b00000));                                    // 88.0f
-  const uint32_t xu = std::min(static_cast<uint32_t>(xi), uint32_t(0xc2ae0000));  // -87.0f
-  std::memcpy(&x, &xu, sizeof(x));
-  // k = round(x / ln2) with the 1.5 * 2^23 shifter, whose low mantissa bits then hold k
-  const float shifter = 12582912.0f;
-  const float t = x * 1.44269504088896341f + shifter;
-  const float k = t - shifter;
+  x = clamp_bits(x, int32_t(0x42b00000), uint32_t(0xc2ae0000));  // [-87, 88]
+  const float t = x * 1.44269504088896341f + kShifter;
+  const float k = t - kShifter;
   const float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-06f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -52,12 +69,7 @@ ZOO_INLINE float exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t tb;
-  std::memcpy(&tb, &t, sizeof(tb));
-  const int32_t bits = (tb - 0x4b400000 + 127) << 23;  // 2^k
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return times_pow2(p, t);
 }
 ZOO_INLINE double exp(double x) { return std::exp(x); }
 
@@ -68,57 +80,50 @@ constexpr float kLog2e = 1.44269504088896341f;
 // exp(dt * A) with log2(e) folded into A once per channel, which saves exp's two-step range reduction
 // and a polynomial term on the hottest line of Vim's scan.
 ZOO_INLINE float exp2(float x) {
-  x = std::min(std::max(x, -126.0f), 127.0f);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: t's low mantissa bits hold round(x)
-  const float t = x + shifter;
-  const float f = x - (t - shifter);
+  x = clamp_bits(x, int32_t(0x42fe0000), uint32_t(0xc2fc0000));  // [-126, 127]
+  const float t = x + kShifter;
+  const float f = x - (t - kShifter);
   float p = 1.3276735699402353e-3f;
   p = p * f + 9.675638928525701e-3f;
   p = p * f + 5.550713257439724e-2f;
   p = p * f + 2.402211764460156e-1f;
   p = p * f + 6.93146966368772e-1f;
   p = p * f + 1.0000000721537872f;
-  int32_t tb;
-  std::memcpy(&tb, &t, sizeof(tb));
-  const int32_t bits = (tb - 0x4b400000 + 127) << 23;  // 2^round(x)
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return times_pow2(p, t);
 }
 
-// natural log for finite x > 0: x = m * 2^e with m in [sqrt(1/2), sqrt(2)), then the atanh series
-// log(m) = 2 (s + s^3/3 + ... + s^9/9), s = (m - 1) / (m + 1), |s| <= 0.172 (error < 1e-8 relative).
-ZOO_INLINE float log(float x) {
-  int32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 127;
-  int32_t mbits = (bits & 0x007fffff) | 0x3f800000;  // mantissa in [1, 2)
-  float m;
-  std::memcpy(&m, &mbits, sizeof(m));
-  const bool high = m > 1.41421356f;
-  m = high ? m * 0.5f : m;
-  e = high ? e + 1 : e;
-  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-  float p = 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return 2.0f * s * p + static_cast<float>(e) * 0.693147180559945309f;
-}
-
-// log(1 + e) for e >= 0, accurate for tiny e too: log(w) * e / (w - 1) with w = 1 + e rounded
-ZOO_INLINE float log1p_nonneg(float e) {
-  const float w = 1.0f + e;
-  const float d = w - 1.0f;
-  return d == 0.0f ? e : log(w) * (e / d);
+// log(1 + e) for e in [0, 1] as e * q(e), q a degree-8 fit of log1p(e) / e for relative error (< 2.3e-7
+// evaluated in float32): no division and no exponent split, and tiny e keep their relative accuracy
+ZOO_INLINE float log1p_unit(float e) {
+  float q = 5.229491274803877e-3f;
+  q = q * e - 2.9490191489458084e-2f;
+  q = q * e + 7.819728553295135e-2f;
+  q = q * e - 1.366039514541626e-1f;
+  q = q * e + 1.9104421138763428e-1f;
+  q = q * e - 2.484249472618103e-1f;
+  q = q * e + 3.331902027130127e-1f;
+  q = q * e - 4.999948740005493e-1f;
+  q = q * e + 9.999999403953552e-1f;
+  return e * q;
 }
 
 // softplus(x) = log(1 + exp(x)) written as max(x, 0) + log1p(exp(-|x|)), which neither overflows
 // nor loses the small values; equals torch's softplus (threshold 20) to float rounding.
-ZOO_INLINE float softplus(float x) { return std::max(x, 0.0f) + log1p_nonneg(exp(-std::fabs(x))); }
+ZOO_INLINE float softplus(float x) { return std::max(x, 0.0f) + log1p_unit(exp(-std::fabs(x))); }
 
 ZOO_INLINE float silu(float x) { return x / (1.0f + exp(-x)); }
+
+// Prefetches the cache lines of `bytes` bytes from p (for reading, or for writing): the scans walk tokens
+// in orders the hardware prefetchers do not follow (a column of a row-major map is one row apart per step).
+template <bool ForWrite = false>
+ZOO_INLINE void prefetch_span(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, ForWrite ? 1 : 0, 3);
+#else
+  (void)p, (void)bytes;
+#endif
+}
 
 // at::parallel_for grain for items of `work_per_item` inner steps each: a call with fewer than ~2^16
 // steps per task runs on the calling thread, so small calls never wake (and, on a busy machine, wait

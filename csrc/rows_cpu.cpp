@@ -188,6 +188,26 @@ struct ChunkBuffers {
   std::vector<float> At, Wt, h, dtbuf, dt, y;
 };
 
+// the rows a step reads and writes are fetched this many steps ahead of it
+constexpr int64_t kPrefetchSteps = 8;
+
+// prefetch token t's rows of the chunk: u, the time scales (or delta), B and C, and the output row
+ZOO_INLINE void prefetch_step(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, int64_t k, int64_t t,
+                              bool shared_dt, const ChunkBuffers& buf) {
+  const int64_t bytes = width * int64_t(sizeof(float));
+  zoo_vec::prefetch_span(a.u + b * a.u_sb + t * a.u_st + c0, bytes);
+  if (shared_dt) {
+    zoo_vec::prefetch_span(buf.dtbuf.data() + t * width, bytes);
+  } else {
+    const int64_t dwidth = a.dt_w != nullptr ? a.R : width;
+    zoo_vec::prefetch_span(a.delta + k * a.d_sk + b * a.d_sb + t * a.d_st + (a.dt_w != nullptr ? 0 : c0),
+                           dwidth * int64_t(sizeof(float)));
+  }
+  zoo_vec::prefetch_span(a.B + k * a.bc_sk + b * a.bc_sb + t * a.bc_st, a.N * int64_t(sizeof(float)));
+  zoo_vec::prefetch_span(a.C + k * a.bc_sk + b * a.bc_sb + t * a.bc_st, a.N * int64_t(sizeof(float)));
+  zoo_vec::prefetch_span<true>(a.out + (a.summed ? b * a.L + t : (b * a.K + k) * a.L + t) * a.dim + c0, bytes);
+}
+
 // Channels c0 .. c0 + width (<= a.chunk) of batch b over all K orders. The step loop is the outer one, so
 // each token's rows are read whole and in order (a per-block task would touch one line of a row and come
 // back for the next after it left the cache); inside, blocks of kLanes lanes, then single lanes.
@@ -213,6 +233,7 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
     const int64_t* order = a.orders + k * L;
     for (int64_t s = 0; s < L; ++s) {
       const int64_t t = order[s];
+      prefetch_step(a, b, c0, width, k, order[std::min(s + kPrefetchSteps, L - 1)], shared_dt, buf);
       const float* up = a.u + b * a.u_sb + t * a.u_st + c0;
       const float* Bt = a.B + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
       const float* Ct = a.C + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;

@@ -125,6 +125,30 @@ def test_dt_proj_folded_into_the_scans_equals_the_full_delta():
         torch.ops.zoo_scan.scan_orders(u, full, A, B, C, D, bias, orders, True, weight)
 
 
+def test_step_maths_match_float64_over_the_whole_range():
+    """The vectorised softplus and exp(dt * A) inside the row scans, one value per channel, against float64:
+    a two-step scan with u = B = C = 1, D = 0 gives y_0 = softplus(delta_0 + bias) and, with u_1 = 0,
+    y_1 = exp(dt_1 * A) * dt_0 (here dt_0 = dt_1 = 1 without softplus, so y_1 = exp(A))."""
+    dim = 4096
+    raw = torch.linspace(-80.0, 40.0, dim, dtype=torch.float64)
+    ones, zeros = torch.ones(1, 2, dim), torch.zeros(dim)
+    u = torch.ones(1, 2, dim)
+    u[:, 1] = 0
+    order = torch.arange(2)[None]
+    bc = torch.ones(1, 2, 1)
+    y = torch.ops.zoo_scan.scan_orders(u, raw.float().expand(1, 2, dim).contiguous(), -torch.ones(dim, 1), bc, bc,
+                                       zeros, zeros, order, True)
+    torch.testing.assert_close(y[0, 0, 0].double(), F.softplus(raw.float().double()), rtol=4e-7, atol=0)
+
+    A = torch.linspace(-87.0, 80.0, dim)  # decays down to exp(-87), and growth
+    y = torch.ops.zoo_scan.scan_orders(u, ones, A[:, None], bc, bc, zeros, zeros, order, False)
+    want = A.double().exp()
+    # exp(x) as 2^(x * log2 e): rounding the float product costs |x| * 2^-24 relative (as rounding dt * A in
+    # float32 does in any float32 scan), twice over with log2 e's own rounding, beside the polynomial's ~1 ulp
+    rel = (y[0, 0, 1].double() - want).abs() / want
+    assert (rel <= 3e-7 + 1.5e-7 * A.double().abs()).all(), rel.max()
+
+
 def test_scan_result_does_not_depend_on_the_thread_count():
     """Batch 1 on 8 threads splits the channels into narrower tasks (16 lanes) than on 1 thread (64): every
     lane's arithmetic is the same, so the outputs are bit-identical."""
