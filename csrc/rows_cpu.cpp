@@ -8,13 +8,18 @@
 //                          multi-direction scan does), every order's outputs written straight to
 //                          the tokens' row-major positions (MSVMamba);
 //   scan_cross:            K independent scans, one per traversal order with its own parameters,
-//                          summed at the tokens' row-major positions (VMamba's cross-scan and merge).
+//                          summed at the tokens' row-major positions (VMamba's cross-scan and merge);
+//   norm_merge_gate:       the mixer's epilogue in one pass over the tokens: LayerNorm of the scan output,
+//                          plus the bilinear upsample of the low-resolution branch's normalised order sum
+//                          (MSVMamba), per-image channel sums (for the SE gate), times silu(z).
 //
 // Both kernels are ZOO_CPU_DISPATCH (one clone per ISA, picked at load time).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -397,9 +402,166 @@ at::Tensor scan_cross_cpu(const at::Tensor& u, const at::Tensor& delta, const at
   return run_order_scan(a, B, C, at::empty({batch, L, dim}, u.options()), 2);
 }
 
+// ---- norm_merge_gate ----
+
+struct MergeArgs {
+  int64_t batch, H, W, d, K, lh, lw;
+  float eps;
+  const float* y;  // (batch, H * W, d), channel stride 1
+  int64_t y_sb, y_st;
+  const float* y_low;  // (batch, K, lh * lw, d) contiguous, or nullptr
+  const float *w, *b;  // LayerNorm weight and bias (d)
+  const float* z;      // (batch, H * W, d), channel stride 1, or nullptr
+  int64_t z_sb, z_st;
+  float* low_sum;  // (batch, lh * lw, d): sum over the K orders of LayerNorm(y_low) (the kernel's scratch)
+  float* out;      // (batch, H * W, d)
+  float* row_sums;  // (batch, H, d): per output row, the channel sums before the gate
+};
+
+// out[c] = (or, Accumulate, +=) (x[c] - mean) / sqrt(var + eps) * w[c] + b[c] over the d channels of one token
+template <bool Accumulate>
+ZOO_INLINE void layer_norm_row(const float* __restrict x, int64_t d, float eps, const float* __restrict w,
+                               const float* __restrict b, float* __restrict out) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < d; ++c) sum += x[c];
+  const float mean = sum / static_cast<float>(d);
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t c = 0; c < d; ++c) sq += (x[c] - mean) * (x[c] - mean);
+  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) {
+    const float v = (x[c] - mean) * rstd * w[c] + b[c];
+    out[c] = Accumulate ? out[c] + v : v;
+  }
+}
+
+// low-resolution tokens [begin, end) of the flattened (batch, lh * lw): the K orders' normalised outputs summed
+ZOO_CPU_DISPATCH void merge_low_tokens(const MergeArgs& a, int64_t begin, int64_t end) {
+  const int64_t l = a.lh * a.lw, d = a.d;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / l, t = r % l;
+    float* o = a.low_sum + r * d;
+    for (int64_t k = 0; k < a.K; ++k) {
+      const float* x = a.y_low + ((b * a.K + k) * l + t) * d;
+      if (k == 0)
+        layer_norm_row<false>(x, d, a.eps, a.w, a.b, o);
+      else
+        layer_norm_row<true>(x, d, a.eps, a.w, a.b, o);
+    }
+  }
+}
+
+// align_corners=False bilinear source index of output index i along an axis of in -> out pixels, as
+// F.interpolate computes it: (i + 1/2) * in / out - 1/2, clamped at 0; the upper neighbour clamped to in - 1
+struct Tap {
+  int64_t i0, i1;
+  float l0, l1;
+};
+ZOO_INLINE Tap bilinear_tap(int64_t i, int64_t in, int64_t out) {
+  if (in == out) return {i, i, 1.0f, 0.0f};
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  const float src = std::max(scale * (static_cast<float>(i) + 0.5f) - 0.5f, 0.0f);
+  const int64_t i0 = static_cast<int64_t>(src);
+  const float l1 = std::min(std::max(src - static_cast<float>(i0), 0.0f), 1.0f);
+  return {i0, i0 + (i0 < in - 1 ? 1 : 0), 1.0f - l1, l1};
+}
+
+// output rows [begin, end) of the flattened (batch, H)
+ZOO_CPU_DISPATCH void merge_rows(const MergeArgs& a, int64_t begin, int64_t end) {
+  const int64_t d = a.d;
+  std::vector<float> v(d);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / a.H, oh = r % a.H;
+    float* __restrict sums = a.row_sums + r * d;
+    std::fill(sums, sums + d, 0.0f);
+    const Tap th = a.y_low != nullptr ? bilinear_tap(oh, a.lh, a.H) : Tap{0, 0, 0.0f, 0.0f};
+    for (int64_t ow = 0; ow < a.W; ++ow) {
+      const int64_t t = oh * a.W + ow;
+      float* __restrict vp = v.data();
+      layer_norm_row<false>(a.y + b * a.y_sb + t * a.y_st, d, a.eps, a.w, a.b, vp);
+      if (a.y_low != nullptr) {
+        const Tap tw = bilinear_tap(ow, a.lw, a.W);
+        const float* base = a.low_sum + b * a.lh * a.lw * d;
+        const float* __restrict s00 = base + (th.i0 * a.lw + tw.i0) * d;
+        const float* __restrict s01 = base + (th.i0 * a.lw + tw.i1) * d;
+        const float* __restrict s10 = base + (th.i1 * a.lw + tw.i0) * d;
+        const float* __restrict s11 = base + (th.i1 * a.lw + tw.i1) * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c)
+          vp[c] += th.l0 * (tw.l0 * s00[c] + tw.l1 * s01[c]) + th.l1 * (tw.l0 * s10[c] + tw.l1 * s11[c]);
+      }
+      float* __restrict o = a.out + (b * a.H * a.W + t) * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) sums[c] += vp[c];
+      if (a.z != nullptr) {
+        const float* __restrict zp = a.z + b * a.z_sb + t * a.z_st;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] = vp[c] * zoo_vec::silu(zp[c]);
+      } else {
+        std::copy(vp, vp + d, o);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_merge_gate_cpu(const at::Tensor& y, const c10::optional<at::Tensor>& y_low,
+                                                       int64_t height, int64_t width, int64_t low_height,
+                                                       int64_t low_width, const at::Tensor& norm_weight,
+                                                       const at::Tensor& norm_bias, double eps,
+                                                       const c10::optional<at::Tensor>& z) {
+  const char* op = "norm_merge_gate";
+  check_float_cpu(y, op, "y");
+  TORCH_CHECK(y.dim() == 3 && height >= 1 && width >= 1 && y.size(1) == height * width,
+              "zoo_scan::norm_merge_gate: y must be (batch, height * width, d) with height, width >= 1, got ",
+              y.sizes(), " for height ", height, ", width ", width);
+  const int64_t batch = y.size(0), d = y.size(2);
+  check_float_cpu(norm_weight, op, "norm_weight");
+  check_float_cpu(norm_bias, op, "norm_bias");
+  check_sizes(norm_weight, op, "norm_weight", {d}, "(d)");
+  check_sizes(norm_bias, op, "norm_bias", {d}, "(d)");
+  MergeArgs a{};
+  a.batch = batch, a.H = height, a.W = width, a.d = d, a.eps = static_cast<float>(eps);
+  const at::Tensor ys = unit_last(y), wc = norm_weight.contiguous(), bc = norm_bias.contiguous();
+  a.y = ys.data_ptr<float>(), a.y_sb = ys.stride(0), a.y_st = ys.stride(1);
+  a.w = wc.data_ptr<float>(), a.b = bc.data_ptr<float>();
+  at::Tensor low, low_sum;
+  if (y_low.has_value()) {
+    check_float_cpu(*y_low, op, "y_low");
+    TORCH_CHECK(y_low->dim() == 4 && low_height >= 1 && low_width >= 1,
+                "zoo_scan::norm_merge_gate: y_low must be (batch, K, low_height * low_width, d), got ",
+                y_low->sizes());
+    check_sizes(*y_low, op, "y_low", {batch, y_low->size(1), low_height * low_width, d},
+                "(batch, K, low_height * low_width, d)");
+    low = y_low->contiguous();
+    low_sum = at::empty({batch, low_height * low_width, d}, y.options());
+    a.y_low = low.data_ptr<float>(), a.K = low.size(1), a.lh = low_height, a.lw = low_width;
+    a.low_sum = low_sum.data_ptr<float>();
+  }
+  at::Tensor zs;
+  if (z.has_value()) {
+    check_float_cpu(*z, op, "z");
+    check_sizes(*z, op, "z", y.sizes(), "y's shape (batch, height * width, d)");
+    zs = unit_last(*z);
+    a.z = zs.data_ptr<float>(), a.z_sb = zs.stride(0), a.z_st = zs.stride(1);
+  }
+  auto out = at::empty({batch, height * width, d}, y.options());
+  auto row_sums = at::empty({batch, height, d}, y.options());
+  a.out = out.data_ptr<float>(), a.row_sums = row_sums.data_ptr<float>();
+  if (a.y_low != nullptr) {
+    at::parallel_for(0, batch * a.lh * a.lw, zoo_vec::grain_for(4 * a.K * d),
+                     [&](int64_t begin, int64_t end) { merge_low_tokens(a, begin, end); });
+  }
+  at::parallel_for(0, batch * height, zoo_vec::grain_for(8 * width * d),
+                   [&](int64_t begin, int64_t end) { merge_rows(a, begin, end); });
+  return {out, row_sums.sum(1)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
+  m.impl("norm_merge_gate", &norm_merge_gate_cpu);
   m.impl("depthwise_conv2d_silu", &depthwise_conv2d_silu_cpu);
   m.impl("scan_orders", &scan_orders_cpu);
   m.impl("scan_cross", &scan_cross_cpu);

@@ -125,6 +125,40 @@ def test_dt_proj_folded_into_the_scans_equals_the_full_delta():
         torch.ops.zoo_scan.scan_orders(u, full, A, B, C, D, bias, orders, True, weight)
 
 
+@pytest.mark.parametrize("size, low, K, with_z", [((7, 5), (4, 3), 4, True), ((6, 6), (3, 3), 2, False),
+                                                  ((4, 9), None, 0, True), ((1, 3), (1, 2), 1, True)])
+def test_norm_merge_gate_matches_layer_norm_upsample_and_gate(size, low, K, with_z):
+    """Odd sizes (uneven bilinear taps), one-pixel rows, d = 37 (a tail past the vector lanes), strided y and z
+    (column slices, as the mixer passes them), against LayerNorm + sum over orders + F.interpolate + silu gate."""
+    torch.manual_seed(0)
+    (H, W), d = size, 37
+    norm = torch.nn.LayerNorm(d, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    y = torch.randn(2, H * W, d + 5)[..., 5:] * 3 + 1
+    y_low = torch.randn(2, K, low[0] * low[1], d) if low else None
+    z = torch.randn(2, H * W, 2 * d)[..., d:] if with_z else None
+    with torch.no_grad():
+        out, sums = torch.ops.zoo_scan.norm_merge_gate(y, y_low, H, W, *(low or (0, 0)), norm.weight, norm.bias,
+                                                       norm.eps, z)
+        want = norm(y)
+        if low:
+            s = norm(y_low).sum(1).view(2, *low, d).permute(0, 3, 1, 2)
+            want = want + F.interpolate(s, size=(H, W), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(sums, want.sum(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out, want * F.silu(z) if with_z else want, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_merge_gate_refuses_mismatched_shapes():
+    y, w = torch.randn(1, 6, 8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="y must be \\(batch, height \\* width, d\\)"):
+        torch.ops.zoo_scan.norm_merge_gate(y, None, 2, 2, 0, 0, w, w, 1e-5, None)
+    with pytest.raises(RuntimeError, match="y_low must be"):
+        torch.ops.zoo_scan.norm_merge_gate(y, torch.randn(1, 2, 5, 8), 2, 3, 2, 2, w, w, 1e-5, None)
+    with pytest.raises(RuntimeError, match="z must be"):
+        torch.ops.zoo_scan.norm_merge_gate(y, None, 2, 3, 0, 0, w, w, 1e-5, torch.randn(1, 6, 7))
+
+
 def test_step_maths_match_float64_over_the_whole_range():
     """The vectorised softplus and exp(dt * A) inside the row scans, one value per channel, against float64:
     a two-step scan with u = B = C = 1, D = 0 gives y_0 = softplus(delta_0 + bias) and, with u_1 = 0,
@@ -196,6 +230,9 @@ def test_fake_kernels_and_schemas():
     per_token = [t.unsqueeze(2).expand(2, 12, K, 2).contiguous() for t in (B, C)]
     torch.library.opcheck(torch.ops.zoo_scan.scan_cross, (u, per_order[0], per_order[1], *per_token, per_order[2],
                                                           per_order[3], orders, True), test_utils=checks)
+    w = torch.randn(16)
+    torch.library.opcheck(torch.ops.zoo_scan.norm_merge_gate, (u, torch.randn(2, 4, 6, 16), 3, 4, 2, 3, w, w, 1e-5,
+                                                               delta), test_utils=checks)
 
 
 def test_fused_path_serves_inference_only():

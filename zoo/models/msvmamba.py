@@ -68,9 +68,12 @@ class SqueezeExcite(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, channels, bias=False)
 
+    def gate(self, mean: torch.Tensor) -> torch.Tensor:
+        """The per-channel gate in (0, 1) from the pixels' channel means."""
+        return torch.sigmoid(self.fc2(self.act(self.fc1(mean))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.fc2(self.act(self.fc1(x.mean(dim=(1, 2), keepdim=True))))
-        return x * torch.sigmoid(gate)
+        return x * self.gate(x.mean(dim=(1, 2), keepdim=True))
 
 
 class MultiScaleSS2D(nn.Module):
@@ -144,7 +147,7 @@ class MultiScaleSS2D(nn.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         if not torch.jit.is_scripting():  # TorchScript and FX tracing keep the reference layout
             if fused_mixer_enabled(x, "scan_orders"):  # CPU inference: channels-last kernels, same result
-                return self.proj_drop(self.out_proj(self._forward_rows(x)))
+                return self.proj_drop(self._forward_rows(x))
         batch, height, width, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
         z = self.act(z)
@@ -171,23 +174,28 @@ class MultiScaleSS2D(nn.Module):
 
     @torch.jit.unused
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The mixer between in_proj and out_proj on channels-last maps and (B, L, C) rows
-        (``zoo_scan::depthwise_conv2d_silu`` and ``zoo_scan::scan_orders``, see zoo/ops/mixer.py): no
-        transposes, no gathered copies per traversal order."""
+        """The mixer from in_proj through out_proj on channels-last maps and (B, L, C) rows
+        (``zoo_scan::depthwise_conv2d_silu``, ``scan_orders`` and ``norm_merge_gate``, see zoo/ops/mixer.py):
+        no transposes, no gathered copies per traversal order, one pass from the scans to out_proj."""
         batch, height, width, _ = x.shape
         d = self.d_inner
         xz = self.in_proj(x)
-        x_in, z = xz[..., :d], self.act(xz[..., d:])
+        x_in = xz[..., :d]
         conv = torch.ops.zoo_scan.depthwise_conv2d_silu
         u_full = conv(x_in, self.conv_full.weight, self.conv_full.bias, 1)
         u_low = conv(x_in, self.conv_low.weight, self.conv_low.bias, 2)
         low_h, low_w = u_low.shape[1], u_low.shape[2]
         y_full = self._scan_rows(u_full, self.full_res_slot, [ROW_MAJOR])[:, 0]
         y_low = self._scan_rows(u_low, self.low_res_slot, self.low_res_orders)  # (B, K, h * w, D)
-        y_full = self.out_norm(y_full).view(batch, height, width, d)
-        y_low = self.out_norm(y_low).sum(dim=1).view(batch, low_h, low_w, d).permute(0, 3, 1, 2)
-        y_low = F.interpolate(y_low, size=(height, width), mode="bilinear", align_corners=False)
-        return self.se(y_full + y_low.permute(0, 2, 3, 1)) * z
+        # out_norm, the upsampled order sum, silu(z) in one pass; SE's gate then scales out_proj's columns
+        y, sums = torch.ops.zoo_scan.norm_merge_gate(
+            y_full, y_low, height, width, low_h, low_w, self.out_norm.weight, self.out_norm.bias, self.out_norm.eps,
+            xz[..., d:].flatten(1, 2))
+        if isinstance(self.se, SqueezeExcite):
+            gate = self.se.gate(sums / (height * width))  # (B, D): se(v) * silu(z) = v * silu(z) * gate
+            return torch.bmm(y, (self.out_proj.weight * gate[:, None, :]).transpose(1, 2)).view(batch, height,
+                                                                                               width, -1)
+        return self.out_proj(y).view(batch, height, width, -1)
 
     @torch.jit.unused
     def _scan_rows(self, u: torch.Tensor, slot: int, orders: List[str]) -> torch.Tensor:

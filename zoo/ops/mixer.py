@@ -29,7 +29,14 @@ VMamba's cross-scan is the same kernel with one parameter set per order:
   (K, L). Order k is an independent scan (zero initial state) with its own inputs and parameters; y
   (batch, L, dim) is the sum of the K outputs at the tokens' own positions (scan, then cross-merge).
 
-Both take an optional ``dt_weight``, dt_proj's weight ((dim, R), or (K, dim, R) for ``scan_cross``): delta
+MSVMamba's epilogue, between the scans and out_proj (VMamba's without ``y_low``):
+
+* ``zoo_scan::norm_merge_gate(y, y_low, height, width, low_height, low_width, norm_weight, norm_bias, eps, z)
+  -> (out, sums)``: y (batch, height * width, d), channel stride 1; y_low None or (batch, K, low_height *
+  low_width, d); z None or like y. v = LayerNorm(y) + bilinear upsample (align_corners=False) of
+  sum_k LayerNorm(y_low[:, k]); out = v * silu(z) (v without z); sums (batch, d) = v summed over the tokens.
+
+The scans take an optional ``dt_weight``, dt_proj's weight ((dim, R), or (K, dim, R) for ``scan_cross``): delta
 is then the rank-R input of dt_proj ((batch, L, R) / (K, batch, L, R), any strides with a unit last one)
 and the kernel computes ``delta @ dt_weight.T`` per step, so the full-width delta is never written (the
 GEMM with R = 3..6 inner products per output runs far below the machine's rate).
@@ -74,6 +81,17 @@ _lib.define(
 )
 
 
+_lib.define(
+    "norm_merge_gate(Tensor y, Tensor? y_low, int height, int width, int low_height, int low_width, "
+    "Tensor norm_weight, Tensor norm_bias, float eps, Tensor? z) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("zoo_scan::norm_merge_gate")
+def _norm_merge_gate_fake(y, y_low, height, width, low_height, low_width, norm_weight, norm_bias, eps, z):
+    return y.new_empty(y.shape), y.new_empty((y.shape[0], y.shape[2]))
+
+
 @torch.library.register_fake("zoo_scan::scan_cross")
 def _scan_cross_fake(u, delta, A, B, C, D, delta_bias, orders, delta_softplus, dt_weight=None):
     return torch.empty_like(u)
@@ -104,14 +122,15 @@ def _bimamba_scan_fake(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scal
 
 def _no_backward(ctx, *grads):
     raise RuntimeError(
-        "zoo_scan's row-layout mixer ops (bimamba_*, depthwise_conv2d_silu, scan_orders, scan_cross) are "
+        "zoo_scan's row-layout mixer ops (bimamba_*, depthwise_conv2d_silu, scan_orders, scan_cross, "
+        "norm_merge_gate) are "
         "inference ops without a backward; the Vim, MSVMamba and VMamba mixers use them only when gradients are off "
         "(torch.no_grad / torch.inference_mode)"
     )
 
 
 for _op in ("zoo_scan::bimamba_conv", "zoo_scan::bimamba_scan", "zoo_scan::depthwise_conv2d_silu",
-            "zoo_scan::scan_orders", "zoo_scan::scan_cross"):
+            "zoo_scan::scan_orders", "zoo_scan::scan_cross", "zoo_scan::norm_merge_gate"):
     torch.library.register_autograd(_op, _no_backward)
 
 
