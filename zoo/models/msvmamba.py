@@ -193,8 +193,10 @@ class MultiScaleSS2D(nn.Module):
             xz[..., d:].flatten(1, 2))
         if isinstance(self.se, SqueezeExcite):
             gate = self.se.gate(sums / (height * width))  # (B, D): se(v) * silu(z) = v * silu(z) * gate
-            return torch.bmm(y, (self.out_proj.weight * gate[:, None, :]).transpose(1, 2)).view(batch, height,
-                                                                                               width, -1)
+            if height * width > self.out_proj.out_features:  # more pixels than outputs: scale the weight's columns
+                weight = self.out_proj.weight * gate[:, None, :]
+                return torch.bmm(y, weight.transpose(1, 2)).view(batch, height, width, -1)
+            y = y.mul_(gate[:, None, :])
         return self.out_proj(y).view(batch, height, width, -1)
 
     @torch.jit.unused
