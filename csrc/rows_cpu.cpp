@@ -3,6 +3,8 @@
 //
 //   depthwise_conv2d_silu: a k x k depthwise conv (stride 1 or 2, zero padding) + bias + SiLU on a
 //                          channels-last map, channels in the vector lanes;
+//   depthwise_conv2d_residual_gelu: GELU(x' + conv(x') + bias) with x' = x + x_bias (ConvFFN's middle, which
+//                          so also takes in the bias of the 1x1 conv before it);
 //   scan_orders:           the selective scan over K traversal orders of the tokens as ONE sequence
 //                          (the state carried from one order into the next, as the official
 //                          multi-direction scan does), every order's outputs written straight to
@@ -61,14 +63,20 @@ struct DwConvArgs {
   int64_t x_sb, x_sh, x_sw;  // channel stride 1
   const float* w;            // (K, K, C): taps outermost, so the channel loop is contiguous
   const float* bias;         // (C), or nullptr
+  const float* x_bias;       // (C): added to every input value (residual mode), or nullptr
   float* out;                // (batch, Ho, Wo, C)
 };
+
+// what the conv's output becomes: silu(conv + bias), or gelu(x + conv + bias) with x the (stride 1) input
+enum class DwEpilogue { SiLU, ResidualGELU };
 
 // output rows (b, oh) in [begin, end) of the flattened (batch, Ho). Per output pixel the taps are the
 // outer loop and all C channels the inner one: each tap's address math is paid once per pixel, and the
 // pixel's C accumulators stay in L1 while the taps stream through it.
-ZOO_CPU_DISPATCH void dwconv_rows(const DwConvArgs& a, int64_t begin, int64_t end) {
+template <DwEpilogue E>
+ZOO_INLINE void dwconv_rows(const DwConvArgs& a, int64_t begin, int64_t end) {
   const int64_t C = a.C;
+  const bool x_bias = E == DwEpilogue::ResidualGELU && a.x_bias != nullptr;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / a.Ho, oh = r % a.Ho;
     const float* xb = a.x + b * a.x_sb;
@@ -88,33 +96,64 @@ ZOO_CPU_DISPATCH void dwconv_rows(const DwConvArgs& a, int64_t begin, int64_t en
         for (int64_t kw = kw0; kw < kw1; ++kw) {
           const float* __restrict xs = xrow + (ow * a.stride - a.pad + kw) * a.x_sw;
           const float* __restrict wk = a.w + (kh * a.K + kw) * C;
+          if (x_bias) {
+            const float* __restrict xbias = a.x_bias;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * xs[c];
+            for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * (xs[c] + xbias[c]);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * xs[c];
+          }
         }
       }
+      if constexpr (E == DwEpilogue::SiLU) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::silu(o[c]);
+        for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::silu(o[c]);
+      } else {
+        const float* __restrict xs = xb + oh * a.x_sh + ow * a.x_sw;  // stride 1: the centre pixel
+        if (x_bias) {
+          const float* __restrict xbias = a.x_bias;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::gelu(o[c] + xs[c] + xbias[c]);
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::gelu(o[c] + xs[c]);
+        }
+      }
     }
   }
 }
 
-at::Tensor depthwise_conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                     const c10::optional<at::Tensor>& bias, int64_t stride) {
-  const char* op = "depthwise_conv2d_silu";
-  TORCH_CHECK(x.dim() == 4, "zoo_scan::depthwise_conv2d_silu: x must be channels-last (batch, H, W, C), got ",
-              x.sizes());
+ZOO_CPU_DISPATCH void dwconv_silu_rows(const DwConvArgs& a, int64_t begin, int64_t end) {
+  dwconv_rows<DwEpilogue::SiLU>(a, begin, end);
+}
+
+ZOO_CPU_DISPATCH void dwconv_residual_gelu_rows(const DwConvArgs& a, int64_t begin, int64_t end) {
+  dwconv_rows<DwEpilogue::ResidualGELU>(a, begin, end);
+}
+
+// The checks and the call both conv ops share; x_bias (residual mode only) is added to the input first.
+at::Tensor run_depthwise_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias, int64_t stride,
+                              const c10::optional<at::Tensor>& x_bias, DwEpilogue epilogue) {
+  TORCH_CHECK(x.dim() == 4, "zoo_scan::", op, ": x must be channels-last (batch, H, W, C), got ", x.sizes());
   check_float_cpu(x, op, "x");
   check_float_cpu(weight, op, "weight");
   const int64_t C = x.size(3), K = weight.size(-1);
-  TORCH_CHECK(weight.dim() == 4 && K % 2 == 1, "zoo_scan::depthwise_conv2d_silu: weight must be (C, 1, k, k) ",
-              "with an odd k, got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 4 && K % 2 == 1, "zoo_scan::", op, ": weight must be (C, 1, k, k) with an odd k, got ",
+              weight.sizes());
   check_sizes(weight, op, "weight", {C, 1, K, K}, "(C, 1, k, k)");
-  TORCH_CHECK(stride == 1 || stride == 2, "zoo_scan::depthwise_conv2d_silu: stride must be 1 or 2, got ", stride);
-  at::Tensor bc;
+  TORCH_CHECK(stride == 1 || stride == 2, "zoo_scan::", op, ": stride must be 1 or 2, got ", stride);
+  at::Tensor bc, xbc;
   if (bias.has_value()) {
     check_float_cpu(*bias, op, "bias");
     check_sizes(*bias, op, "bias", {C}, "(C)");
     bc = bias->contiguous();
+  }
+  if (x_bias.has_value()) {
+    check_float_cpu(*x_bias, op, "x_bias");
+    check_sizes(*x_bias, op, "x_bias", {C}, "(C)");
+    xbc = x_bias->contiguous();
   }
   const at::Tensor xr = unit_last(x);
   const at::Tensor w = weight.view({C, K * K}).t().contiguous();  // (k * k, C)
@@ -123,10 +162,24 @@ at::Tensor depthwise_conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weig
   auto out = at::empty({x.size(0), Ho, Wo, C}, x.options());
   DwConvArgs a{x.size(0), H, W, C, K, stride, pad, Ho, Wo, xr.data_ptr<float>(), xr.stride(0), xr.stride(1),
                xr.stride(2), w.data_ptr<float>(), bias.has_value() ? bc.data_ptr<float>() : nullptr,
-               out.data_ptr<float>()};
-  at::parallel_for(0, a.batch * Ho, zoo_vec::grain_for(Wo * C * K * K),
-                   [&](int64_t begin, int64_t end) { dwconv_rows(a, begin, end); });
+               x_bias.has_value() ? xbc.data_ptr<float>() : nullptr, out.data_ptr<float>()};
+  at::parallel_for(0, a.batch * Ho, zoo_vec::grain_for(Wo * C * K * K), [&](int64_t begin, int64_t end) {
+    if (epilogue == DwEpilogue::SiLU)
+      dwconv_silu_rows(a, begin, end);
+    else
+      dwconv_residual_gelu_rows(a, begin, end);
+  });
   return out;
+}
+
+at::Tensor depthwise_conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bias, int64_t stride) {
+  return run_depthwise_conv("depthwise_conv2d_silu", x, weight, bias, stride, c10::nullopt, DwEpilogue::SiLU);
+}
+
+at::Tensor depthwise_conv2d_residual_gelu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& x_bias,
+                                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return run_depthwise_conv("depthwise_conv2d_residual_gelu", x, weight, bias, 1, x_bias, DwEpilogue::ResidualGELU);
 }
 
 // ---- scan_orders / scan_cross ----
@@ -563,6 +616,7 @@ std::tuple<at::Tensor, at::Tensor> norm_merge_gate_cpu(const at::Tensor& y, cons
 TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
   m.impl("norm_merge_gate", &norm_merge_gate_cpu);
   m.impl("depthwise_conv2d_silu", &depthwise_conv2d_silu_cpu);
+  m.impl("depthwise_conv2d_residual_gelu", &depthwise_conv2d_residual_gelu_cpu);
   m.impl("scan_orders", &scan_orders_cpu);
   m.impl("scan_cross", &scan_cross_cpu);
 }

@@ -37,6 +37,20 @@ def test_depthwise_conv2d_silu_matches_conv2d(k, stride, size, channels, bias):
     torch.testing.assert_close(out, want.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k, size, channels, biases", [(3, (7, 5), 37, True), (5, (1, 4), 16, False)])
+def test_depthwise_conv2d_residual_gelu_matches_convffn_middle(k, size, channels, biases):
+    """gelu(x' + conv(x') + bias), x' = x + x_bias (ConvFFN's fc1 bias moved in), against F.conv2d and exact GELU;
+    the input a column slice of a wider map; inputs spanning GELU's tails (|x| up to ~12)."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, *size, channels + 3) * 4)[..., 3:]
+    weight = torch.randn(channels, 1, k, k)
+    x_bias, bias = (torch.randn(channels), torch.randn(channels)) if biases else (None, None)
+    out = torch.ops.zoo_scan.depthwise_conv2d_residual_gelu(x, x_bias, weight, bias)
+    xb = (x + x_bias if biases else x).permute(0, 3, 1, 2)
+    want = F.gelu(xb + F.conv2d(xb, weight, bias, padding=(k - 1) // 2, groups=channels))
+    torch.testing.assert_close(out, want.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
 def _scan_inputs(batch: int, L: int, dim: int, n: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, L, dim, generator=gen)
@@ -230,6 +244,8 @@ def test_fake_kernels_and_schemas():
     per_token = [t.unsqueeze(2).expand(2, 12, K, 2).contiguous() for t in (B, C)]
     torch.library.opcheck(torch.ops.zoo_scan.scan_cross, (u, per_order[0], per_order[1], *per_token, per_order[2],
                                                           per_order[3], orders, True), test_utils=checks)
+    torch.library.opcheck(torch.ops.zoo_scan.depthwise_conv2d_residual_gelu,
+                          (x, torch.randn(16), torch.randn(16, 1, 3, 3), None), test_utils=checks)
     w = torch.randn(16)
     torch.library.opcheck(torch.ops.zoo_scan.norm_merge_gate, (u, torch.randn(2, 4, 6, 16), 3, 4, 2, 3, w, w, 1e-5,
                                                                delta), test_utils=checks)

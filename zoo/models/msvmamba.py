@@ -232,9 +232,19 @@ class ConvFFN(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript and FX tracing keep the reference layout
+            if not self.training and fused_mixer_enabled(x, "depthwise_conv2d_residual_gelu"):
+                return self._forward_fused(x)
         x = self.drop1(F.linear(x, self.fc1.weight.flatten(1), self.fc1.bias))
         x = self.act(x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         return self.drop2(F.linear(x, self.fc2.weight.flatten(1), self.fc2.bias))
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU inference (no dropout): fc1's bias, the depthwise conv, the residual and GELU in one pass."""
+        x = F.linear(x, self.fc1.weight.flatten(1))
+        x = torch.ops.zoo_scan.depthwise_conv2d_residual_gelu(x, self.fc1.bias, self.dwconv.weight, self.dwconv.bias)
+        return F.linear(x, self.fc2.weight.flatten(1), self.fc2.bias)
 
 
 class MSVMambaBlock(nn.Module):

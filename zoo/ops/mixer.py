@@ -17,6 +17,8 @@ MSVMamba's mixer works on the channels-last map its in-projection produces (``cs
 * ``zoo_scan::depthwise_conv2d_silu(x, weight, bias, stride) -> u``: x (batch, H, W, C) with channel
   stride 1 (a column slice of the in-projection is fine); weight (C, 1, k, k), odd k, zero padding
   (k - 1) / 2; u (batch, H', W', C) = silu(conv + bias).
+* ``zoo_scan::depthwise_conv2d_residual_gelu(x, x_bias, weight, bias) -> out``: ConvFFN's middle (stride 1):
+  out = gelu(x' + conv(x') + bias) with x' = x + x_bias, so the 1x1 conv before it runs without its bias.
 * ``zoo_scan::scan_orders(u, delta, A, B, C, D, delta_bias, orders, delta_softplus, dt_weight) -> y``: u, delta
   (batch, L, dim); A (dim, N); B, C (batch, L, N); D, delta_bias (dim); orders (K, L) int64, each a
   permutation of the tokens. The K traversals are scanned as one sequence (the state carried from one
@@ -69,6 +71,7 @@ _lib.define(
 
 
 _lib.define("depthwise_conv2d_silu(Tensor x, Tensor weight, Tensor? bias, int stride) -> Tensor")
+_lib.define("depthwise_conv2d_residual_gelu(Tensor x, Tensor? x_bias, Tensor weight, Tensor? bias) -> Tensor")
 _lib.define(
     "scan_orders(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor delta_bias, Tensor orders, "
     "bool delta_softplus, Tensor? dt_weight=None) -> Tensor"
@@ -105,6 +108,11 @@ def _depthwise_conv2d_silu_fake(x, weight, bias, stride):
     return x.new_empty((batch, *size, channels))
 
 
+@torch.library.register_fake("zoo_scan::depthwise_conv2d_residual_gelu")
+def _depthwise_conv2d_residual_gelu_fake(x, x_bias, weight, bias):
+    return x.new_empty(x.shape)
+
+
 @torch.library.register_fake("zoo_scan::scan_orders")
 def _scan_orders_fake(u, delta, A, B, C, D, delta_bias, orders, delta_softplus, dt_weight=None):
     return u.new_empty((u.shape[0], orders.shape[0], *u.shape[1:]))
@@ -122,7 +130,7 @@ def _bimamba_scan_fake(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scal
 
 def _no_backward(ctx, *grads):
     raise RuntimeError(
-        "zoo_scan's row-layout mixer ops (bimamba_*, depthwise_conv2d_silu, scan_orders, scan_cross, "
+        "zoo_scan's row-layout mixer ops (bimamba_*, depthwise_conv2d_*, scan_orders, scan_cross, "
         "norm_merge_gate) are "
         "inference ops without a backward; the Vim, MSVMamba and VMamba mixers use them only when gradients are off "
         "(torch.no_grad / torch.inference_mode)"
@@ -130,7 +138,8 @@ def _no_backward(ctx, *grads):
 
 
 for _op in ("zoo_scan::bimamba_conv", "zoo_scan::bimamba_scan", "zoo_scan::depthwise_conv2d_silu",
-            "zoo_scan::scan_orders", "zoo_scan::scan_cross", "zoo_scan::norm_merge_gate"):
+            "zoo_scan::depthwise_conv2d_residual_gelu", "zoo_scan::scan_orders", "zoo_scan::scan_cross",
+            "zoo_scan::norm_merge_gate"):
     torch.library.register_autograd(_op, _no_backward)
 
 
