@@ -15,7 +15,7 @@
 //                          plus the bilinear upsample of the low-resolution branch's normalised order sum
 //                          (MSVMamba), per-image channel sums (for the SE gate), times silu(z).
 //
-// Both kernels are ZOO_CPU_DISPATCH (one clone per ISA, picked at load time).
+// Every kernel is ZOO_CPU_DISPATCH (one clone per ISA, picked at load time).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -63,7 +63,7 @@ struct DwConvArgs {
   int64_t x_sb, x_sh, x_sw;  // channel stride 1
   const float* w;            // (K, K, C): taps outermost, so the channel loop is contiguous
   const float* bias;         // (C), or nullptr
-  const float* x_bias;       // (C): added to every input value (residual mode), or nullptr
+  const float* x_bias;       // (C): added to every input value (residual mode; zeros when the op got none)
   float* out;                // (batch, Ho, Wo, C)
 };
 
@@ -76,7 +76,8 @@ enum class DwEpilogue { SiLU, ResidualGELU };
 template <DwEpilogue E>
 ZOO_INLINE void dwconv_rows(const DwConvArgs& a, int64_t begin, int64_t end) {
   const int64_t C = a.C;
-  const bool x_bias = E == DwEpilogue::ResidualGELU && a.x_bias != nullptr;
+  constexpr bool residual = E == DwEpilogue::ResidualGELU;
+  const float* __restrict xbias = a.x_bias;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / a.Ho, oh = r % a.Ho;
     const float* xb = a.x + b * a.x_sb;
@@ -96,29 +97,17 @@ ZOO_INLINE void dwconv_rows(const DwConvArgs& a, int64_t begin, int64_t end) {
         for (int64_t kw = kw0; kw < kw1; ++kw) {
           const float* __restrict xs = xrow + (ow * a.stride - a.pad + kw) * a.x_sw;
           const float* __restrict wk = a.w + (kh * a.K + kw) * C;
-          if (x_bias) {
-            const float* __restrict xbias = a.x_bias;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * (xs[c] + xbias[c]);
-          } else {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * xs[c];
-          }
+          for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * (residual ? xs[c] + xbias[c] : xs[c]);
         }
       }
-      if constexpr (E == DwEpilogue::SiLU) {
+      if constexpr (residual) {
+        const float* __restrict xs = xb + oh * a.x_sh + ow * a.x_sw;  // stride 1: the centre pixel
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::gelu(o[c] + xs[c] + xbias[c]);
+      } else {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::silu(o[c]);
-      } else {
-        const float* __restrict xs = xb + oh * a.x_sh + ow * a.x_sw;  // stride 1: the centre pixel
-        if (x_bias) {
-          const float* __restrict xbias = a.x_bias;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::gelu(o[c] + xs[c] + xbias[c]);
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::gelu(o[c] + xs[c]);
-        }
       }
     }
   }
@@ -154,6 +143,8 @@ at::Tensor run_depthwise_conv(const char* op, const at::Tensor& x, const at::Ten
     check_float_cpu(*x_bias, op, "x_bias");
     check_sizes(*x_bias, op, "x_bias", {C}, "(C)");
     xbc = x_bias->contiguous();
+  } else if (epilogue == DwEpilogue::ResidualGELU) {
+    xbc = at::zeros({C}, x.options());
   }
   const at::Tensor xr = unit_last(x);
   const at::Tensor w = weight.view({C, K * K}).t().contiguous();  // (k * k, C)
@@ -162,7 +153,7 @@ at::Tensor run_depthwise_conv(const char* op, const at::Tensor& x, const at::Ten
   auto out = at::empty({x.size(0), Ho, Wo, C}, x.options());
   DwConvArgs a{x.size(0), H, W, C, K, stride, pad, Ho, Wo, xr.data_ptr<float>(), xr.stride(0), xr.stride(1),
                xr.stride(2), w.data_ptr<float>(), bias.has_value() ? bc.data_ptr<float>() : nullptr,
-               x_bias.has_value() ? xbc.data_ptr<float>() : nullptr, out.data_ptr<float>()};
+               xbc.defined() ? xbc.data_ptr<float>() : nullptr, out.data_ptr<float>()};
   at::parallel_for(0, a.batch * Ho, zoo_vec::grain_for(Wo * C * K * K), [&](int64_t begin, int64_t end) {
     if (epilogue == DwEpilogue::SiLU)
       dwconv_silu_rows(a, begin, end);
@@ -205,6 +196,20 @@ struct OrderScanArgs {
   int64_t chunk;           // channels per task: kChunk, halved (down to kLanes) until every thread has work
 };
 
+// Where token t's rows of batch b (order k) start: one definition for the scan and its prefetch. delta_row is
+// the whole row (channel c of the full-width delta at + c; with dt_w the R low-rank values); bc_offset is the
+// offset of B's and C's rows (they share strides); out_row is channel 0 of the output row.
+ZOO_INLINE const float* u_row(const OrderScanArgs& a, int64_t b, int64_t t) { return a.u + b * a.u_sb + t * a.u_st; }
+ZOO_INLINE const float* delta_row(const OrderScanArgs& a, int64_t b, int64_t k, int64_t t) {
+  return a.delta + k * a.d_sk + b * a.d_sb + t * a.d_st;
+}
+ZOO_INLINE int64_t bc_offset(const OrderScanArgs& a, int64_t b, int64_t k, int64_t t) {
+  return k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
+}
+ZOO_INLINE float* out_row(const OrderScanArgs& a, int64_t b, int64_t k, int64_t t) {
+  return a.out + (a.summed ? b * a.L + t : (b * a.K + k) * a.L + t) * a.dim;
+}
+
 // dt = softplus(bias + sum_r dlow[r] * Wt[r]) for W lanes: dt_proj folded into the scan. dlow: the token's R
 // low-rank values (shared by the lanes); Wt: R x W, the lanes' dt_proj weights.
 template <int64_t W, bool Softplus>
@@ -229,7 +234,7 @@ ZOO_INLINE void fill_dt(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t w
                         const float* Wt, float* dt) {
   const int64_t full = width / kLanes * kLanes, R = a.R;
   const float* bias = a.bias + k * a.p_sk + c0;
-  const float* dp = a.delta + k * a.d_sk + b * a.d_sb + t * a.d_st;
+  const float* dp = delta_row(a, b, k, t);
   if (a.dt_w != nullptr) {
     for (int64_t j = 0; j < full; j += kLanes) step_dt_lowrank<kLanes, Softplus>(dp, R, Wt + j * R, bias + j, dt + j);
     for (int64_t j = full; j < width; ++j) step_dt_lowrank<1, Softplus>(dp, R, Wt + j * R, bias + j, dt + j);
@@ -253,17 +258,18 @@ constexpr int64_t kPrefetchSteps = 8;
 ZOO_INLINE void prefetch_step(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, int64_t k, int64_t t,
                               bool shared_dt, const ChunkBuffers& buf) {
   const int64_t bytes = width * int64_t(sizeof(float));
-  zoo_vec::prefetch_span(a.u + b * a.u_sb + t * a.u_st + c0, bytes);
+  zoo_vec::prefetch_span(u_row(a, b, t) + c0, bytes);
   if (shared_dt) {
     zoo_vec::prefetch_span(buf.dtbuf.data() + t * width, bytes);
+  } else if (a.dt_w != nullptr) {
+    zoo_vec::prefetch_span(delta_row(a, b, k, t), a.R * int64_t(sizeof(float)));
   } else {
-    const int64_t dwidth = a.dt_w != nullptr ? a.R : width;
-    zoo_vec::prefetch_span(a.delta + k * a.d_sk + b * a.d_sb + t * a.d_st + (a.dt_w != nullptr ? 0 : c0),
-                           dwidth * int64_t(sizeof(float)));
+    zoo_vec::prefetch_span(delta_row(a, b, k, t) + c0, bytes);
   }
-  zoo_vec::prefetch_span(a.B + k * a.bc_sk + b * a.bc_sb + t * a.bc_st, a.N * int64_t(sizeof(float)));
-  zoo_vec::prefetch_span(a.C + k * a.bc_sk + b * a.bc_sb + t * a.bc_st, a.N * int64_t(sizeof(float)));
-  zoo_vec::prefetch_span<true>(a.out + (a.summed ? b * a.L + t : (b * a.K + k) * a.L + t) * a.dim + c0, bytes);
+  const int64_t bc = bc_offset(a, b, k, t);
+  zoo_vec::prefetch_span(a.B + bc, a.N * int64_t(sizeof(float)));
+  zoo_vec::prefetch_span(a.C + bc, a.N * int64_t(sizeof(float)));
+  zoo_vec::prefetch_span<true>(out_row(a, b, k, t) + c0, bytes);
 }
 
 // Channels c0 .. c0 + width (<= a.chunk) of batch b over all K orders. The step loop is the outer one, so
@@ -271,7 +277,7 @@ ZOO_INLINE void prefetch_step(const OrderScanArgs& a, int64_t b, int64_t c0, int
 // back for the next after it left the cache); inside, blocks of kLanes lanes, then single lanes.
 template <bool Softplus>
 ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, ChunkBuffers& buf) {
-  const int64_t L = a.L, dim = a.dim, N = a.N, R = a.R, full = width / kLanes * kLanes;
+  const int64_t L = a.L, N = a.N, R = a.R, full = width / kLanes * kLanes;
   float *At = buf.At.data(), *Wt = buf.Wt.data(), *h = buf.h.data(), *ybuf = buf.y.data();
   // the orders share one delta: each token's time scale is computed once, not once per visit
   const bool shared_dt = a.K > 1 && a.d_sk == 0 && a.dtw_sk == 0;
@@ -292,9 +298,9 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
     for (int64_t s = 0; s < L; ++s) {
       const int64_t t = order[s];
       prefetch_step(a, b, c0, width, k, order[std::min(s + kPrefetchSteps, L - 1)], shared_dt, buf);
-      const float* up = a.u + b * a.u_sb + t * a.u_st + c0;
-      const float* Bt = a.B + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
-      const float* Ct = a.C + k * a.bc_sk + b * a.bc_sb + t * a.bc_st;
+      const float* up = u_row(a, b, t) + c0;
+      const float* Bt = a.B + bc_offset(a, b, k, t);
+      const float* Ct = a.C + bc_offset(a, b, k, t);
       const float* dt = buf.dt.data();
       if (shared_dt) {
         dt = buf.dtbuf.data() + t * width;
@@ -305,7 +311,7 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
         scan_step_dt<kLanes>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
       for (int64_t j = full; j < width; ++j)
         scan_step_dt<1>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
-      float* __restrict o = a.out + (a.summed ? b * L + t : (b * a.K + k) * L + t) * dim + c0;
+      float* __restrict o = out_row(a, b, k, t) + c0;
       if (a.summed && k > 0) {
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) o[j] += ybuf[j];
@@ -525,6 +531,10 @@ ZOO_INLINE Tap bilinear_tap(int64_t i, int64_t in, int64_t out) {
 ZOO_CPU_DISPATCH void merge_rows(const MergeArgs& a, int64_t begin, int64_t end) {
   const int64_t d = a.d;
   std::vector<float> v(d);
+  std::vector<Tap> column_taps;
+  if (a.y_low != nullptr) {
+    for (int64_t ow = 0; ow < a.W; ++ow) column_taps.push_back(bilinear_tap(ow, a.lw, a.W));
+  }
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / a.H, oh = r % a.H;
     float* __restrict sums = a.row_sums + r * d;
@@ -535,7 +545,7 @@ ZOO_CPU_DISPATCH void merge_rows(const MergeArgs& a, int64_t begin, int64_t end)
       float* __restrict vp = v.data();
       layer_norm_row<false>(a.y + b * a.y_sb + t * a.y_st, d, a.eps, a.w, a.b, vp);
       if (a.y_low != nullptr) {
-        const Tap tw = bilinear_tap(ow, a.lw, a.W);
+        const Tap& tw = column_taps[ow];
         const float* base = a.low_sum + b * a.lh * a.lw * d;
         const float* __restrict s00 = base + (th.i0 * a.lw + tw.i0) * d;
         const float* __restrict s01 = base + (th.i0 * a.lw + tw.i1) * d;
