@@ -43,12 +43,13 @@ ZOO_INLINE float clamp_bits(float x, int32_t hi_bits, uint32_t lo_bits) {
 }
 
 // p * 2^k for p in [1/2, 2) and k = round(...) held in the low mantissa bits of t = value + 1.5 * 2^23:
-// an integer add into p's exponent field (the callers' clamps keep the result a normal float)
+// an integer add of k << 23 into p's exponent field (the callers' clamps keep the result a normal float).
+// t's bits are 0x4b400000 + k and 0x4b400000 << 23 wraps to 0 in 32 bits, so the shift alone leaves k << 23.
 ZOO_INLINE float times_pow2(float p, float t) {
-  int32_t tb, pb;
+  uint32_t tb, pb;
   std::memcpy(&tb, &t, sizeof(tb));
   std::memcpy(&pb, &p, sizeof(pb));
-  pb += (tb - 0x4b400000) * (1 << 23);
+  pb += tb << 23;
   std::memcpy(&p, &pb, sizeof(p));
   return p;
 }
@@ -75,21 +76,35 @@ ZOO_INLINE double exp(double x) { return std::exp(x); }
 
 constexpr float kLog2e = 1.44269504088896341f;
 
-// 2^x, x clamped to [-126, 127]: k = round(x), f = x - k in [-1/2, 1/2], 2^f by a degree-5 polynomial
-// fitted for relative error (< 2.3e-7 evaluated in float32, as exp above). The row-layout scans call it for
-// exp(dt * A) with log2(e) folded into A once per channel, which saves exp's two-step range reduction
-// and a polynomial term on the hottest line of Vim's scan.
-ZOO_INLINE float exp2(float x) {
-  x = clamp_bits(x, int32_t(0x42fe0000), uint32_t(0xc2fc0000));  // [-126, 127]
-  const float t = x + kShifter;
-  const float f = x - (t - kShifter);
+// 2^f for f in [-1/2, 1/2]: a degree-5 polynomial fitted for relative error (< 2.3e-7 evaluated in float32)
+ZOO_INLINE float exp2_reduced(float f) {
   float p = 1.3276735699402353e-3f;
   p = p * f + 9.675638928525701e-3f;
   p = p * f + 5.550713257439724e-2f;
   p = p * f + 2.402211764460156e-1f;
   p = p * f + 6.93146966368772e-1f;
   p = p * f + 1.0000000721537872f;
-  return times_pow2(p, t);
+  return p;
+}
+
+// 2^x, x clamped to [-126, 127]: k = round(x), f = x - k, 2^f by exp2_reduced (error as exp above). The
+// row-layout scans call it for exp(dt * A) with log2(e) folded into A once per channel, which saves exp's
+// two-step range reduction and a polynomial term on the hottest line of Vim's scan.
+ZOO_INLINE float exp2(float x) {
+  x = clamp_bits(x, int32_t(0x42fe0000), uint32_t(0xc2fc0000));  // [-126, 127]
+  const float t = x + kShifter;
+  return times_pow2(exp2_reduced(x - (t - kShifter)), t);
+}
+
+// exp2 for x <= 0 (a decay: dt >= 0 times A <= 0), clamped below only: one integer min instead of two, and no
+// compare-and-blend that GCC emits for the upper bound. Exact as exp2 for every x <= 127.
+ZOO_INLINE float exp2_nonpositive(float x) {
+  uint32_t xu;
+  std::memcpy(&xu, &x, sizeof(xu));
+  xu = std::min(xu, uint32_t(0xc2fc0000));  // x >= -126 (non-negative x are below every negative one as unsigned)
+  std::memcpy(&x, &xu, sizeof(x));
+  const float t = x + kShifter;
+  return times_pow2(exp2_reduced(x - (t - kShifter)), t);
 }
 
 // log(1 + e) for e in [0, 1] as e * q(e), q a degree-8 fit of log1p(e) / e for relative error (< 2.3e-7

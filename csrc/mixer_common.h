@@ -45,12 +45,13 @@ inline void check_bimamba_conv_args(const at::Tensor& x, const at::Tensor& weigh
   check_shape(bias, "bias", {2, x.size(2)}, "(2, dim)");
 }
 
-// bimamba_scan(u, delta, A, B, C, D, delta_bias, z, ...): u, delta (2, batch, L, dim); A (2, dim, N);
-// B, C (2, batch, L, N); D, delta_bias (2, dim); z (batch, L, dim). Index 0 of the leading 2 is the
-// forward direction, 1 the reverse one.
+// bimamba_scan(u, delta, A, B, C, D, delta_bias, z, ..., dt_weight): u, delta (2, batch, L, dim); A (2, dim, N);
+// B, C (2, batch, L, N); D, delta_bias (2, dim); z (batch, L, dim); with dt_weight (2, dim, R), delta is
+// dt_proj's input (2, batch, L, R). Index 0 of the leading 2 is the forward direction, 1 the reverse one.
 inline void check_bimamba_scan_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                     const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
-                                    const at::Tensor& delta_bias, const at::Tensor& z, bool half_inputs = false) {
+                                    const at::Tensor& delta_bias, const at::Tensor& z,
+                                    const c10::optional<at::Tensor>& dt_weight, bool half_inputs = false) {
   TORCH_CHECK(u.dim() == 4 && u.size(0) == 2 && u.size(2) >= 1,
               "zoo_scan::bimamba_scan: u must be (2, batch, L >= 1, dim), got ", u.sizes());
   TORCH_CHECK(A.dim() == 3, "zoo_scan::bimamba_scan: A must be (2, dim, d_state), got ", A.sizes());
@@ -60,7 +61,15 @@ inline void check_bimamba_scan_args(const at::Tensor& u, const at::Tensor& delta
   for (const auto& [t, name] : data) check_data_on(*t, name, u, half_inputs);
   const std::pair<const at::Tensor*, const char*> params[] = {{&A, "A"}, {&D, "D"}, {&delta_bias, "delta_bias"}};
   for (const auto& [t, name] : params) check_float_on(*t, name, u);
-  check_shape(delta, "delta", u.sizes(), "u's shape (2, batch, L, dim)");
+  if (dt_weight.has_value()) {
+    check_float_on(*dt_weight, "dt_weight", u);
+    TORCH_CHECK(dt_weight->dim() == 3 && dt_weight->size(2) >= 1,
+                "zoo_scan::bimamba_scan: dt_weight must be (2, dim, rank), got ", dt_weight->sizes());
+    check_shape(*dt_weight, "dt_weight", {2, dim, dt_weight->size(2)}, "(2, dim, rank)");
+    check_shape(delta, "delta", {2, batch, L, dt_weight->size(2)}, "(2, batch, L, rank) with dt_weight");
+  } else {
+    check_shape(delta, "delta", u.sizes(), "u's shape (2, batch, L, dim)");
+  }
   check_shape(A, "A", {2, dim, N}, "(2, dim, d_state)");
   check_shape(B, "B", {2, batch, L, N}, "(2, batch, L, d_state)");
   check_shape(C, "C", {2, batch, L, N}, "(2, batch, L, d_state)");

@@ -4,7 +4,8 @@
 //   bimamba_conv: both directions' depthwise conv (causal / anti-causal) + bias + SiLU in one pass
 //                 over x, channels in the vector lanes;
 //   bimamba_scan: per (batch, block of kLanes channels), the forward scan then the reverse scan with
-//                 softplus(delta + bias), exp(delta * A) vectorised over the lanes, the D skip, and
+//                 softplus(delta + bias) (delta optionally from dt_proj's rank-R input, the projection
+//                 done per step), exp(delta * A) vectorised over the lanes, the D skip, and
 //                 scale * (y_fwd + y_rev) * silu(z) written once.
 //
 // The conv is an op of its own because its output also feeds x_proj (a matmul over all channels)
@@ -76,11 +77,17 @@ at::Tensor bimamba_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const
 
 // ---- bimamba_scan ----
 
+// time scales are computed for this many steps at a time, in a pass of their own before the steps' state
+// updates: softplus is a long dependent chain, and inside the step it stalled the start of every state loop
+constexpr int64_t kDtSteps = 16;
+
 struct ScanRowsArgs {
-  int64_t batch, L, dim, N;
-  bool softplus;
+  int64_t batch, L, dim, N, R;  // R: dt_proj's rank when it is folded in (dt_w), else 0
+  bool softplus, decaying;      // decaying: see rows_scan.h
   float scale;
-  const float *u, *delta;  // (2, batch, L, dim) contiguous
+  const float *u, *delta;  // u (2, batch, L, dim) contiguous; delta the same size, or (2, batch, L, R) with dt_w
+  int64_t d_sd, d_sb, d_st;  // delta's direction / batch / step strides (channel stride 1)
+  const float* dt_w;       // nullptr, or dt_proj's weight (2, dim, R): delta = low-rank delta @ dt_w^T
   const float* A;          // (2, dim, N)
   const float *B, *C;      // (2, batch, L, N), state stride 1
   int64_t bc_sd, bc_sb, bc_st;
@@ -90,50 +97,73 @@ struct ScanRowsArgs {
   float* out;  // (batch, L, dim) contiguous
 };
 
-// One direction over the W channels c0 .. c0 + W of batch b. Forward: y (D skip included) goes to
-// ybuf (L x W). Reverse: combined with ybuf, gated and written to out. At and h hold N x W values.
+// per-thread buffers: At (N x W), Wt (R x W), h (N x W), dt (kDtSteps x W), ybuf (L x W: the forward outputs)
+struct ScanBuffers {
+  std::vector<float> At, Wt, h, dt, ybuf;
+};
+
+// the time scales of steps s0 .. s0 + steps of direction dir into dt (steps x W)
 template <int64_t W, bool Softplus>
-ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_t c0, float* __restrict At,
-                               float* __restrict h, float* __restrict ybuf) {
+ZOO_INLINE void fill_dt_steps(const ScanRowsArgs& a, int dir, int64_t b, int64_t c0, int64_t s0, int64_t steps,
+                              const float* bias, const float* Wt, float* dt) {
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = dir == 0 ? s0 + s : a.L - 1 - s0 - s;
+    const float* dp = a.delta + dir * a.d_sd + b * a.d_sb + t * a.d_st;
+    if (a.dt_w != nullptr)
+      step_dt_lowrank<W, Softplus>(dp, a.R, Wt, bias, dt + s * W);
+    else
+      step_dt<W, Softplus>(dp + c0, bias, dt + s * W);
+  }
+}
+
+// One direction over the W channels c0 .. c0 + W of batch b. Forward: y (D skip included) goes to
+// ybuf (L x W). Reverse: combined with ybuf, gated and written to out.
+template <int64_t W, bool Softplus, bool Decaying>
+ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_t c0, ScanBuffers& buf) {
   const int64_t L = a.L, dim = a.dim, N = a.N;
-  const float scale = a.scale;
+  float *At = buf.At.data(), *Wt = buf.Wt.data(), *h = buf.h.data(), *dt = buf.dt.data(), *ybuf = buf.ybuf.data();
   float Dd[W], bias[W];
   for (int64_t j = 0; j < W; ++j) {
-    Dd[j] = a.D[dir * dim + c0 + j];
-    bias[j] = a.bias[dir * dim + c0 + j];
-    load_scaled_A(a.A + (dir * dim + c0 + j) * N, N, W, j, At);
+    const int64_t c = dir * dim + c0 + j;
+    Dd[j] = a.D[c];
+    bias[j] = a.bias[c];
+    load_scaled_A(a.A + c * N, N, W, j, At);
+    if (a.dt_w != nullptr) load_dt_weight(a.dt_w + c * a.R, a.R, W, j, Wt);
   }
   std::fill(h, h + N * W, 0.0f);
   const int64_t row0 = (dir * a.batch + b) * L;
   const float* Bb = a.B + dir * a.bc_sd + b * a.bc_sb;
   const float* Cb = a.C + dir * a.bc_sd + b * a.bc_sb;
-  for (int64_t s = 0; s < L; ++s) {
-    const int64_t t = dir == 0 ? s : L - 1 - s;
-    const float* __restrict up = a.u + (row0 + t) * dim + c0;
-    const float* __restrict dp = a.delta + (row0 + t) * dim + c0;
-    const float* __restrict Bt = Bb + t * a.bc_st;
-    const float* __restrict Ct = Cb + t * a.bc_st;
-    float y[W];
-    scan_step<W, Softplus>(up, dp, bias, Dd, At, h, Bt, Ct, N, y);
-    float* __restrict yb = ybuf + t * W;
-    if (dir == 0) {
-      for (int64_t j = 0; j < W; ++j) yb[j] = y[j];
-    } else {
-      const float* __restrict zp = a.z + b * a.z_sb + t * a.z_st + c0;
-      float* __restrict op = a.out + (b * L + t) * dim + c0;
+  for (int64_t s0 = 0; s0 < L; s0 += kDtSteps) {
+    const int64_t steps = std::min(kDtSteps, L - s0);
+    fill_dt_steps<W, Softplus>(a, dir, b, c0, s0, steps, bias, Wt, dt);
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = dir == 0 ? s0 + s : L - 1 - s0 - s;
+      float y[W];
+      scan_step_dt<W, Decaying>(a.u + (row0 + t) * dim + c0, dt + s * W, Dd, At, h, Bb + t * a.bc_st,
+                                Cb + t * a.bc_st, N, y);
+      float* __restrict yb = ybuf + t * W;
+      if (dir == 0) {
+        for (int64_t j = 0; j < W; ++j) yb[j] = y[j];
+      } else {
+        const float* __restrict zp = a.z + b * a.z_sb + t * a.z_st + c0;
+        float* __restrict op = a.out + (b * L + t) * dim + c0;
 #pragma omp simd
-      for (int64_t j = 0; j < W; ++j) op[j] = scale * (yb[j] + y[j]) * zoo_vec::silu(zp[j]);
+        for (int64_t j = 0; j < W; ++j) op[j] = a.scale * (yb[j] + y[j]) * zoo_vec::silu(zp[j]);
+      }
     }
   }
 }
 
 template <int64_t W>
-ZOO_INLINE void scan_both(const ScanRowsArgs& a, int64_t b, int64_t c0, float* At, float* h, float* ybuf) {
+ZOO_INLINE void scan_both(const ScanRowsArgs& a, int64_t b, int64_t c0, ScanBuffers& buf) {
   for (int dir = 0; dir < 2; ++dir) {
-    if (a.softplus)
-      scan_direction<W, true>(a, dir, b, c0, At, h, ybuf);
+    if (a.decaying)
+      scan_direction<W, true, true>(a, dir, b, c0, buf);
+    else if (a.softplus)
+      scan_direction<W, true, false>(a, dir, b, c0, buf);
     else
-      scan_direction<W, false>(a, dir, b, c0, At, h, ybuf);
+      scan_direction<W, false, false>(a, dir, b, c0, buf);
   }
 }
 
@@ -141,36 +171,40 @@ ZOO_INLINE void scan_both(const ScanRowsArgs& a, int64_t b, int64_t c0, float* A
 // dim % kLanes channels left over, scanned one lane at a time
 ZOO_CPU_DISPATCH void scan_blocks(const ScanRowsArgs& a, int64_t begin, int64_t end) {
   const int64_t blocks = (a.dim + kLanes - 1) / kLanes;
-  std::vector<float> At(a.N * kLanes), h(a.N * kLanes), ybuf(a.L * kLanes);
+  ScanBuffers buf{std::vector<float>(a.N * kLanes), std::vector<float>(a.R * kLanes), std::vector<float>(a.N * kLanes),
+                  std::vector<float>(kDtSteps * kLanes), std::vector<float>(a.L * kLanes)};
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / blocks, c0 = (task % blocks) * kLanes;
     if (c0 + kLanes <= a.dim) {
-      scan_both<kLanes>(a, b, c0, At.data(), h.data(), ybuf.data());
+      scan_both<kLanes>(a, b, c0, buf);
     } else {
-      for (int64_t c = c0; c < a.dim; ++c) scan_both<1>(a, b, c, At.data(), h.data(), ybuf.data());
+      for (int64_t c = c0; c < a.dim; ++c) scan_both<1>(a, b, c, buf);
     }
   }
 }
 
 at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                             const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias,
-                            const at::Tensor& z, bool delta_softplus, double scale) {
-  check_bimamba_scan_args(u, delta, A, B, C, D, delta_bias, z);
+                            const at::Tensor& z, bool delta_softplus, double scale,
+                            const c10::optional<at::Tensor>& dt_weight) {
+  check_bimamba_scan_args(u, delta, A, B, C, D, delta_bias, z, dt_weight);
   auto unit_last = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const at::Tensor uc = u.contiguous(), dc = delta.contiguous(), Ac = A.contiguous(), Dc = D.contiguous();
+  const at::Tensor uc = u.contiguous(), ds = unit_last(delta), Ac = A.contiguous(), Dc = D.contiguous();
   const at::Tensor bc = delta_bias.contiguous(), zs = unit_last(z);
+  const at::Tensor dtw = dt_weight.has_value() ? dt_weight->contiguous() : at::Tensor();
   at::Tensor Bs = unit_last(B), Cs = unit_last(C);
   if (Cs.strides() != Bs.strides()) {  // the kernel takes one set of strides for both
     Bs = Bs.contiguous();
     Cs = Cs.contiguous();
   }
-  const int64_t batch = u.size(1), L = u.size(2), dim = u.size(3), N = A.size(2);
+  const int64_t batch = u.size(1), L = u.size(2), dim = u.size(3), N = A.size(2), R = dtw.defined() ? dtw.size(2) : 0;
   auto out = at::empty({batch, L, dim}, u.options());
-  ScanRowsArgs a{batch, L, dim, N, delta_softplus, static_cast<float>(scale),
-                 uc.data_ptr<float>(), dc.data_ptr<float>(), Ac.data_ptr<float>(),
-                 Bs.data_ptr<float>(), Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1), Bs.stride(2),
-                 Dc.data_ptr<float>(), bc.data_ptr<float>(), zs.data_ptr<float>(), zs.stride(0), zs.stride(1),
-                 out.data_ptr<float>()};
+  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying_scan(delta_softplus, Ac), static_cast<float>(scale),
+                 uc.data_ptr<float>(), ds.data_ptr<float>(), ds.stride(0), ds.stride(1), ds.stride(2),
+                 dtw.defined() ? dtw.data_ptr<float>() : nullptr,
+                 Ac.data_ptr<float>(), Bs.data_ptr<float>(), Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1),
+                 Bs.stride(2), Dc.data_ptr<float>(), bc.data_ptr<float>(), zs.data_ptr<float>(), zs.stride(0),
+                 zs.stride(1), out.data_ptr<float>()};
   const int64_t blocks = (dim + kLanes - 1) / kLanes;
   at::parallel_for(0, batch * blocks, zoo_vec::grain_for(2 * L * N * kLanes),
                    [&](int64_t begin, int64_t end) { scan_blocks(a, begin, end); });

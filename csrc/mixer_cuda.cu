@@ -80,8 +80,13 @@ at::Tensor channel_major(const at::Tensor& t) { return t.transpose(-1, -2).conti
 
 at::Tensor bimamba_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                              const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias,
-                             const at::Tensor& z, bool delta_softplus, double scale) {
-  check_bimamba_scan_args(u, delta, A, B, C, D, delta_bias, z, /*half_inputs=*/true);
+                             const at::Tensor& z, bool delta_softplus, double scale,
+                             const c10::optional<at::Tensor>& dt_weight) {
+  check_bimamba_scan_args(u, delta, A, B, C, D, delta_bias, z, dt_weight, /*half_inputs=*/true);
+  if (dt_weight.has_value()) {  // dt_proj as a GEMM here; the L-parallel kernel reads the full-width delta
+    const at::Tensor full = at::matmul(delta, dt_weight->to(delta.scalar_type()).transpose(1, 2).unsqueeze(1));
+    return bimamba_scan_cuda(u, full, A, B, C, D, delta_bias, z, delta_softplus, scale, c10::nullopt);
+  }
   TORCH_CHECK(A.size(2) <= 256, "zoo_scan::bimamba_scan: d_state must be in 1..256 on CUDA, got ", A.size(2));
   c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor zc = channel_major(z);

@@ -181,7 +181,7 @@ at::Tensor depthwise_conv2d_residual_gelu_cpu(const at::Tensor& x, const c10::op
 // from a zero state, and the K outputs are summed.
 struct OrderScanArgs {
   int64_t batch, L, dim, N, K;
-  bool softplus, independent, summed;
+  bool softplus, decaying, independent, summed;  // decaying: see rows_scan.h
   const float *u, *delta;  // u (batch, L, dim); delta per order: (batch, L, dim), or (batch, L, R) with dt_w
   int64_t u_sb, u_st, d_sk, d_sb, d_st;
   const float* dt_w;       // nullptr, or dt_proj's weight (K or 1, dim, R): delta = low-rank delta @ dt_w^T
@@ -208,23 +208,6 @@ ZOO_INLINE int64_t bc_offset(const OrderScanArgs& a, int64_t b, int64_t k, int64
 }
 ZOO_INLINE float* out_row(const OrderScanArgs& a, int64_t b, int64_t k, int64_t t) {
   return a.out + (a.summed ? b * a.L + t : (b * a.K + k) * a.L + t) * a.dim;
-}
-
-// dt = softplus(bias + sum_r dlow[r] * Wt[r]) for W lanes: dt_proj folded into the scan. dlow: the token's R
-// low-rank values (shared by the lanes); Wt: R x W, the lanes' dt_proj weights.
-template <int64_t W, bool Softplus>
-ZOO_INLINE void step_dt_lowrank(const float* __restrict dlow, int64_t R, const float* __restrict Wt,
-                                const float* __restrict bias, float* __restrict dt) {
-  float raw[W];
-  for (int64_t j = 0; j < W; ++j) raw[j] = bias[j];
-  for (int64_t r = 0; r < R; ++r) {
-    const float d = dlow[r];
-    const float* __restrict w = Wt + r * W;
-#pragma omp simd
-    for (int64_t j = 0; j < W; ++j) raw[j] += d * w[j];
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < W; ++j) dt[j] = Softplus ? zoo_vec::softplus(raw[j]) : raw[j];
 }
 
 // Step t of order k: the time scales of channels c0 .. c0 + width of batch b. A function, not a lambda: the
@@ -275,7 +258,7 @@ ZOO_INLINE void prefetch_step(const OrderScanArgs& a, int64_t b, int64_t c0, int
 // Channels c0 .. c0 + width (<= a.chunk) of batch b over all K orders. The step loop is the outer one, so
 // each token's rows are read whole and in order (a per-block task would touch one line of a row and come
 // back for the next after it left the cache); inside, blocks of kLanes lanes, then single lanes.
-template <bool Softplus>
+template <bool Softplus, bool Decaying>
 ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, ChunkBuffers& buf) {
   const int64_t L = a.L, N = a.N, R = a.R, full = width / kLanes * kLanes;
   float *At = buf.At.data(), *Wt = buf.Wt.data(), *h = buf.h.data(), *ybuf = buf.y.data();
@@ -286,7 +269,7 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
       const int64_t j0 = j < full ? j / kLanes * kLanes : j, lanes = j < full ? kLanes : 1, c = c0 + j;
       if (k == 0 || a.p_sk != 0) load_scaled_A(a.A + (k * a.p_sk + c) * N, N, lanes, j - j0, At + j0 * N);
       if (a.dt_w != nullptr && (k == 0 || a.dtw_sk != 0)) {
-        for (int64_t r = 0; r < R; ++r) Wt[j0 * R + r * lanes + (j - j0)] = a.dt_w[k * a.dtw_sk + c * R + r];
+        load_dt_weight(a.dt_w + k * a.dtw_sk + c * R, R, lanes, j - j0, Wt + j0 * R);
       }
     }
     if (k == 0 && shared_dt) {
@@ -308,9 +291,9 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
         fill_dt<Softplus>(a, b, c0, width, k, t, Wt, buf.dt.data());
       }
       for (int64_t j = 0; j < full; j += kLanes)
-        scan_step_dt<kLanes>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
+        scan_step_dt<kLanes, Decaying>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
       for (int64_t j = full; j < width; ++j)
-        scan_step_dt<1>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
+        scan_step_dt<1, Decaying>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
       float* __restrict o = out_row(a, b, k, t) + c0;
       if (a.summed && k > 0) {
 #pragma omp simd
@@ -330,10 +313,12 @@ ZOO_CPU_DISPATCH void order_scan_chunks(const OrderScanArgs& a, int64_t begin, i
                    std::vector<float>(shared_dt ? a.L * w : 0), std::vector<float>(w), std::vector<float>(w)};
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / chunks, c0 = (task % chunks) * w, width = std::min(w, a.dim - c0);
-    if (a.softplus)
-      scan_chunk<true>(a, b, c0, width, buf);
+    if (a.decaying)
+      scan_chunk<true, true>(a, b, c0, width, buf);
+    else if (a.softplus)
+      scan_chunk<true, false>(a, b, c0, width, buf);
     else
-      scan_chunk<false>(a, b, c0, width, buf);
+      scan_chunk<false, false>(a, b, c0, width, buf);
   }
 }
 
@@ -421,7 +406,7 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
   const at::Tensor us = unit_last(u), ds = unit_last(delta), Ac = A.contiguous(), Dc = D.contiguous();
   const at::Tensor bc = delta_bias.contiguous();
   a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
-  a.softplus = delta_softplus, a.independent = false, a.summed = false;
+  a.softplus = delta_softplus, a.decaying = decaying_scan(delta_softplus, Ac), a.independent = false, a.summed = false;
   a.u = us.data_ptr<float>(), a.u_sb = us.stride(0), a.u_st = us.stride(1);
   a.delta = ds.data_ptr<float>(), a.d_sk = 0, a.d_sb = ds.stride(0), a.d_st = ds.stride(1);
   a.A = Ac.data_ptr<float>(), a.D = Dc.data_ptr<float>(), a.bias = bc.data_ptr<float>(), a.p_sk = 0;
@@ -453,7 +438,7 @@ at::Tensor scan_cross_cpu(const at::Tensor& u, const at::Tensor& delta, const at
   const at::Tensor us = unit_last(u), ds = unit_last(delta);
   const at::Tensor Ac = A.contiguous(), Dc = D.contiguous(), bc = delta_bias.contiguous();
   a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
-  a.softplus = delta_softplus, a.independent = true, a.summed = true;
+  a.softplus = delta_softplus, a.decaying = decaying_scan(delta_softplus, Ac), a.independent = true, a.summed = true;
   a.u = us.data_ptr<float>(), a.u_sb = us.stride(0), a.u_st = us.stride(1);
   a.delta = ds.data_ptr<float>(), a.d_sk = ds.stride(0), a.d_sb = ds.stride(1), a.d_st = ds.stride(2);
   a.A = Ac.data_ptr<float>(), a.D = Dc.data_ptr<float>(), a.bias = bc.data_ptr<float>(), a.p_sk = dim;

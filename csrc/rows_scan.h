@@ -1,6 +1,12 @@
 // One step of the selective scan for W channels in the vector lanes, in the (batch, L, dim) row
 // layout: the inner loop of every row-layout CPU kernel (mixer_cpu.cpp, rows_cpu.cpp).
+//
+// Two compile-time flags shape the hot loop: Softplus (dt = softplus(delta + bias), else delta + bias) and
+// Decaying (the op has checked dt >= 0 and A <= 0, so every exponent dt * A is <= 0 and exp2 needs only its
+// lower clamp). decaying_scan() is that check, made once per op call.
 #pragma once
+
+#include <ATen/ATen.h>
 
 #include <cstdint>
 
@@ -8,14 +14,23 @@
 
 namespace zoo_scan {
 
+// whether the scan's exponents dt * A are all <= 0: dt >= 0 (softplus) and A <= 0 (A = -exp(A_log), as every
+// model builds it; a NaN in A fails the test)
+inline bool decaying_scan(bool softplus, const at::Tensor& A) { return softplus && A.max().item<float>() <= 0.0f; }
+
+template <bool Decaying>
+ZOO_INLINE float decay(float exponent) {
+  return Decaying ? zoo_vec::exp2_nonpositive(exponent) : zoo_vec::exp2(exponent);
+}
+
 // Per state n: h_n = exp(dt * A_n) * h_n + dt * u * B_n, and y = D * u + sum_n h_n * C_n. u, dt: the
 // step's W channels; At: A_n * log2(e), h: N x W (state-major; see load_scaled_A); Bt, Ct: the step's N
-// values (shared by the lanes); y: W outputs.
-template <int64_t W>
+// values (shared by the lanes); y: W outputs, accumulated in registers and stored once.
+template <int64_t W, bool Decaying>
 ZOO_INLINE void scan_step_dt(const float* __restrict up, const float* __restrict dt, const float* __restrict Dd,
                              const float* __restrict At, float* __restrict h, const float* __restrict Bt,
-                             const float* __restrict Ct, int64_t N, float* __restrict y) {
-  float dtu[W];
+                             const float* __restrict Ct, int64_t N, float* __restrict y_out) {
+  float dtu[W], y[W];
 #pragma omp simd
   for (int64_t j = 0; j < W; ++j) {
     dtu[j] = dt[j] * up[j];
@@ -27,11 +42,12 @@ ZOO_INLINE void scan_step_dt(const float* __restrict up, const float* __restrict
     const float* __restrict an = At + n * W;
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) {
-      const float hj = zoo_vec::exp2(dt[j] * an[j]) * hn[j] + dtu[j] * bn;
+      const float hj = decay<Decaying>(dt[j] * an[j]) * hn[j] + dtu[j] * bn;
       hn[j] = hj;
       y[j] += hj * cn;
     }
   }
+  for (int64_t j = 0; j < W; ++j) y_out[j] = y[j];
 }
 
 // A (its row of N states for channel c) as scan_step_dt reads it: At[n * W + lane] = A[c, n] * log2(e)
@@ -49,15 +65,26 @@ ZOO_INLINE void step_dt(const float* __restrict dp, const float* __restrict bias
   }
 }
 
-// One step from the raw delta: step_dt, then scan_step_dt.
+// dt = softplus(bias + sum_r dlow[r] * Wt[r]) for W lanes: dt_proj folded into the scan. dlow: the token's R
+// low-rank values (shared by the lanes); Wt: R x W, the lanes' dt_proj weights (see load_dt_weight).
 template <int64_t W, bool Softplus>
-ZOO_INLINE void scan_step(const float* __restrict up, const float* __restrict dp, const float* __restrict bias,
-                          const float* __restrict Dd, const float* __restrict At, float* __restrict h,
-                          const float* __restrict Bt, const float* __restrict Ct, int64_t N,
-                          float* __restrict y) {
-  float dt[W];
-  step_dt<W, Softplus>(dp, bias, dt);
-  scan_step_dt<W>(up, dt, Dd, At, h, Bt, Ct, N, y);
+ZOO_INLINE void step_dt_lowrank(const float* __restrict dlow, int64_t R, const float* __restrict Wt,
+                                const float* __restrict bias, float* __restrict dt) {
+  float raw[W];
+  for (int64_t j = 0; j < W; ++j) raw[j] = bias[j];
+  for (int64_t r = 0; r < R; ++r) {
+    const float d = dlow[r];
+    const float* __restrict w = Wt + r * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) raw[j] += d * w[j];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < W; ++j) dt[j] = Softplus ? zoo_vec::softplus(raw[j]) : raw[j];
+}
+
+// dt_proj's weight row of channel c (R values) as step_dt_lowrank reads it: Wt[r * W + lane] = w_row[r]
+ZOO_INLINE void load_dt_weight(const float* w_row, int64_t R, int64_t W, int64_t lane, float* Wt) {
+  for (int64_t r = 0; r < R; ++r) Wt[r * W + lane] = w_row[r];
 }
 
 }  // namespace zoo_scan

@@ -106,6 +106,49 @@ def test_scan_op_matches_naive_scans_with_strided_inputs():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_scan_op_folds_dt_proj_per_step():
+    """With dt_weight, delta is dt_proj's rank-R input (here a column slice of x_proj's output, as the mixer
+    passes it): the same result as the full-width delta = delta_low @ dt_weight^T."""
+    g = torch.Generator().manual_seed(5)
+    batch, L, dim, N, R = 2, 41, 37, 6, 5  # 37 channels: two lane blocks and 5 single lanes
+    u, z = torch.randn(2, batch, L, dim, generator=g), torch.randn(batch, L, dim, generator=g)
+    x_dbl = torch.randn(2, batch, L, R + 2 * N, generator=g)
+    low, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
+    dt_w = torch.randn(2, dim, R, generator=g) * 0.5
+    A, D = -torch.rand(2, dim, N, generator=g) * 4, torch.randn(2, dim, generator=g)
+    bias = torch.randn(2, dim, generator=g) - 2
+    folded = torch.ops.zoo_scan.bimamba_scan(u, low, A, B, C, D, bias, z, True, 0.5, dt_w)
+    full = torch.ops.zoo_scan.bimamba_scan(u, low @ dt_w.transpose(1, 2).unsqueeze(1), A, B, C, D, bias, z, True,
+                                           0.5)
+    torch.testing.assert_close(folded, full, atol=2e-5, rtol=2e-5)
+
+
+def test_scan_op_with_growing_states_matches_naive_scans():
+    """Some A > 0: the exponents dt * A are no longer all <= 0, so the kernel must take its two-sided exp."""
+    g = torch.Generator().manual_seed(6)
+    batch, L, dim, N = 1, 12, 18, 4
+    u, delta = torch.randn(2, batch, L, dim, generator=g), torch.randn(2, batch, L, dim, generator=g)
+    A = torch.rand(2, dim, N, generator=g) * 2 - 1.5  # about a third of the states grow
+    B, C = torch.randn(2, batch, L, N, generator=g), torch.randn(2, batch, L, N, generator=g)
+    D, bias, z = torch.randn(2, dim, generator=g), torch.zeros(2, dim), torch.randn(batch, L, dim, generator=g)
+    out = torch.ops.zoo_scan.bimamba_scan(u, delta, A, B, C, D, bias, z, True, 1.0)
+    d64 = [t.double() for t in (u, delta, A, B, C, D)]
+
+    def scan(k: int, flip: bool) -> torch.Tensor:
+        def cl(t):
+            t = t.transpose(1, 2)
+            return t.flip(-1) if flip else t
+
+        uu, dd, AA, BB, CC, DD = d64
+        y = selective_scan_naive(cl(uu[k]), cl(dd[k]), AA[k], cl(BB[k]).unsqueeze(1), cl(CC[k]).unsqueeze(1),
+                                 DD[k], None, None, True)
+        return (y.flip(-1) if flip else y).transpose(1, 2)
+
+    expected = (scan(0, False) + scan(1, True)) * F.silu(z.double())
+    assert (A > 0).any() and expected.abs().max() > 10  # the growing states do reach the output
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_conv_op_matches_conv1d():
     g = torch.Generator().manual_seed(3)
     batch, L, dim, K = 2, 9, 21, 4
@@ -146,6 +189,10 @@ def test_bad_arguments_get_clear_errors():
     bad[7] = bad[7].double()
     with pytest.raises(RuntimeError, match="z must be float32"):
         torch.ops.zoo_scan.bimamba_scan(*bad)
+    with pytest.raises(RuntimeError, match=r"dt_weight must be \(2, dim, rank\)"):
+        torch.ops.zoo_scan.bimamba_scan(*args, torch.randn(2, 7, 3))
+    with pytest.raises(RuntimeError, match=r"delta must be \(2, batch, L, rank\) with dt_weight"):
+        torch.ops.zoo_scan.bimamba_scan(*args, torch.randn(2, 8, 3))  # delta is still full width
     with pytest.raises(RuntimeError, match=r"weight must be \(2, dim, kernel\)"):
         torch.ops.zoo_scan.bimamba_conv(torch.randn(1, 5, 8), torch.randn(2, 9, 4), torch.randn(2, 8))
 
@@ -159,6 +206,8 @@ def test_fake_kernels_and_schema():
     args = (u, u.clone(), -torch.ones(2, 8, 4), torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4), torch.ones(2, 8),
             torch.zeros(2, 8), torch.randn(2, 6, 8), True, 0.5)
     torch.library.opcheck(torch.ops.zoo_scan.bimamba_scan, args, test_utils=("test_schema", "test_faketensor"))
+    folded = (u, torch.randn(2, 2, 6, 3), *args[2:], torch.randn(2, 8, 3))  # dt_proj folded in (rank 3)
+    torch.library.opcheck(torch.ops.zoo_scan.bimamba_scan, folded, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_training_keeps_the_differentiable_path():

@@ -142,3 +142,23 @@ def test_cuda_ops_reject_mixed_dtypes():
         torch.ops.zoo_scan.bimamba_scan(u, u, -torch.ones(2, 8, 4, device="cuda"), B, B.half(),
                                         torch.ones(2, 8, device="cuda"), torch.zeros(2, 8, device="cuda"), u[0],
                                         True, 0.5)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_scan_takes_dt_proj_folded_in(monkeypatch):
+    """The schema's dt_weight (which the CPU kernel applies per step) on CUDA: the same result as the
+    full-width delta, so a caller may pass either on both devices."""
+    monkeypatch.setenv("ZOO_CUDA_SCAN", "lparallel")
+    g = torch.Generator().manual_seed(7)
+    batch, L, dim, N, R = 2, 33, 24, 8, 4
+    u, z = torch.randn(2, batch, L, dim, generator=g), torch.randn(batch, L, dim, generator=g)
+    low, dt_w = torch.randn(2, batch, L, R, generator=g), torch.randn(2, dim, R, generator=g) * 0.5
+    A, B, C = -torch.rand(2, dim, N, generator=g) * 4, torch.randn(2, batch, L, N, generator=g), torch.randn(
+        2, batch, L, N, generator=g)
+    D, bias = torch.randn(2, dim, generator=g), torch.randn(2, dim, generator=g) - 2
+    args = [t.cuda() for t in (u, low, A, B, C, D, bias, z)]
+    folded = torch.ops.zoo_scan.bimamba_scan(*args, True, 0.5, dt_w.cuda())
+    args[1] = (low @ dt_w.transpose(1, 2).unsqueeze(1)).cuda()
+    full = torch.ops.zoo_scan.bimamba_scan(*args, True, 0.5)
+    torch.testing.assert_close(folded, full, atol=1e-5, rtol=1e-5)

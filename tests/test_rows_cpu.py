@@ -196,6 +196,16 @@ def test_step_maths_match_float64_over_the_whole_range():
     rel = (y[0, 0, 1].double() - want).abs() / want
     assert (rel <= 3e-7 + 1.5e-7 * A.double().abs()).all(), rel.max()
 
+    # softplus and A <= 0: the decay-only exp (one clamp), exponents from 0 down past float32's underflow
+    y = torch.ops.zoo_scan.scan_orders(u, raw.float().expand(1, 2, dim).contiguous(), -2 * torch.ones(dim, 1), bc, bc,
+                                       zeros, zeros, order, True)
+    dt = y[0, 0, 0].double()  # the kernel's own time scales, so only the exp is checked here
+    x = -2 * dt
+    want = x.exp() * dt
+    assert x.min() < -70  # the clamp at 2^-126 (values below it are ~1e-38 absolute)
+    err = (y[0, 0, 1].double() - want).abs()
+    assert (err <= (3e-7 + 1.5e-7 * x.abs()) * want + 1e-37).all(), (err / want).max()
+
 
 def test_scan_result_does_not_depend_on_the_thread_count():
     """Batch 1 on 8 threads splits the channels into narrower tasks (16 lanes) than on 1 thread (64): every

@@ -7,10 +7,11 @@ Here the work between the linear layers is two ops on rows with channels in the 
 * ``zoo_scan::bimamba_conv(x, weight, bias) -> u``: x (batch, L, dim); weight (2, dim, K) and bias
   (2, dim) of the forward (causal) and reverse (anti-causal) depthwise convs, official tap layout;
   u (2, batch, L, dim) = silu(conv + bias) of both directions.
-* ``zoo_scan::bimamba_scan(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scale) -> y``:
+* ``zoo_scan::bimamba_scan(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scale, dt_weight=None) -> y``:
   u, delta (2, batch, L, dim); A (2, dim, N); B, C (2, batch, L, N); D, delta_bias (2, dim);
   z (batch, L, dim); y (batch, L, dim) = scale * (y_fwd + y_rev) * silu(z), the reverse direction
-  scanned from the last step to the first.
+  scanned from the last step to the first. With ``dt_weight`` (2, dim, R) (see below), delta is
+  dt_proj's rank-R input (2, batch, L, R).
 
 MSVMamba's mixer works on the channels-last map its in-projection produces (``csrc/rows_cpu.cpp``):
 
@@ -38,7 +39,8 @@ MSVMamba's epilogue, between the scans and out_proj (VMamba's without ``y_low``)
   low_width, d); z None or like y. v = LayerNorm(y) + bilinear upsample (align_corners=False) of
   sum_k LayerNorm(y_low[:, k]); out = v * silu(z) (v without z); sums (batch, d) = v summed over the tokens.
 
-The scans take an optional ``dt_weight``, dt_proj's weight ((dim, R), or (K, dim, R) for ``scan_cross``): delta
+The scans take an optional ``dt_weight``, dt_proj's weight ((dim, R); (K, dim, R) for ``scan_cross``, (2, dim, R)
+for ``bimamba_scan``): delta
 is then the rank-R input of dt_proj ((batch, L, R) / (K, batch, L, R), any strides with a unit last one)
 and the kernel computes ``delta @ dt_weight.T`` per step, so the full-width delta is never written (the
 GEMM with R = 3..6 inner products per output runs far below the machine's rate).
@@ -66,7 +68,7 @@ _lib = torch.library.Library("zoo_scan", "FRAGMENT")
 _lib.define("bimamba_conv(Tensor x, Tensor weight, Tensor bias) -> Tensor")
 _lib.define(
     "bimamba_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor delta_bias, Tensor z, "
-    "bool delta_softplus, float scale) -> Tensor"
+    "bool delta_softplus, float scale, Tensor? dt_weight=None) -> Tensor"
 )
 
 
@@ -124,7 +126,7 @@ def _bimamba_conv_fake(x, weight, bias):
 
 
 @torch.library.register_fake("zoo_scan::bimamba_scan")
-def _bimamba_scan_fake(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scale):
+def _bimamba_scan_fake(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scale, dt_weight=None):
     return u.new_empty(u.shape[1:])
 
 
@@ -191,7 +193,8 @@ def bimamba_rows(xz: torch.Tensor, fwd: _Direction, rev: _Direction, scale: floa
     """Vim's mixer between its in- and out-projection: xz (batch, L, 2 * d_inner) -> (batch, L, d_inner).
 
     Same result as the reference path (conv, scan and gate per direction in (batch, dim, L)); the
-    x_proj / dt_proj matmuls of both directions run as one batched matmul each.
+    x_proj matmuls of both directions run as one batched matmul, and so do the dt_proj ones on CUDA
+    (on CPU the scan applies dt_proj per step).
     """
     batch, L, _ = xz.shape
     d_inner, rank, N = fwd.D.shape[0], fwd.dt_rank, fwd.d_state
@@ -204,16 +207,21 @@ def bimamba_rows(xz: torch.Tensor, fwd: _Direction, rev: _Direction, scale: floa
     # zero rows up to a multiple of 16 outputs: the skinny GEMM (R + 2N = 44 at Vim-Ti) runs 1.25x faster
     x_proj_w = F.pad(x_proj_w, (0, 0, 0, -x_proj_w.shape[1] % 16))
     x_dbl = torch.bmm(u.view(2, batch * L, d_inner), x_proj_w.transpose(1, 2)).to(u.dtype)
-    # a contiguous copy of the rank-R slice first: bmm on the strided slice is ~2x slower than copy + bmm
-    delta = torch.bmm(x_dbl[..., :rank].contiguous(),
-                      _stacked(fwd.dt_proj.weight, rev.dt_proj.weight, u.dtype).transpose(1, 2))
-    delta = delta.to(u.dtype)
     B = x_dbl[..., rank:rank + N].view(2, batch, L, N)
     C = x_dbl[..., rank + N:rank + 2 * N].view(2, batch, L, N)
     A = -torch.exp(_stacked(fwd.A_log, rev.A_log))
+    dt_weight = _stacked(fwd.dt_proj.weight, rev.dt_proj.weight)
+    if u.device.type == "cpu":
+        # dt_proj inside the scan, from the rank-R slice as it lies in x_dbl: as a GEMM (R = 12..24 inner
+        # products per output) it ran at a third of the machine's rate and wrote the full-width delta
+        delta = x_dbl[..., :rank].view(2, batch, L, rank)
+    else:
+        # a contiguous copy of the rank-R slice first: bmm on the strided slice is ~2x slower than copy + bmm
+        delta = torch.bmm(x_dbl[..., :rank].contiguous(), dt_weight.to(u.dtype).transpose(1, 2))
+        delta, dt_weight = delta.to(u.dtype).view(2, batch, L, d_inner), None
     return torch.ops.zoo_scan.bimamba_scan(
-        u, delta.view(2, batch, L, d_inner), A, B, C, _stacked(fwd.D, rev.D),
-        _stacked(fwd.dt_proj.bias, rev.dt_proj.bias), z, True, float(scale),
+        u, delta, A, B, C, _stacked(fwd.D, rev.D), _stacked(fwd.dt_proj.bias, rev.dt_proj.bias), z, True,
+        float(scale), dt_weight,
     )
 
 
