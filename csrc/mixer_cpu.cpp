@@ -199,7 +199,7 @@ at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const 
   }
   const int64_t batch = u.size(1), L = u.size(2), dim = u.size(3), N = A.size(2), R = dtw.defined() ? dtw.size(2) : 0;
   auto out = at::empty({batch, L, dim}, u.options());
-  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying_scan(delta_softplus, Ac), static_cast<float>(scale),
+  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying_scan(delta_softplus, Ac.max().item<float>()), static_cast<float>(scale),
                  uc.data_ptr<float>(), ds.data_ptr<float>(), ds.stride(0), ds.stride(1), ds.stride(2),
                  dtw.defined() ? dtw.data_ptr<float>() : nullptr,
                  Ac.data_ptr<float>(), Bs.data_ptr<float>(), Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1),

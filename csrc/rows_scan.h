@@ -6,8 +6,6 @@
 // lower clamp). decaying_scan() is that check, made once per op call.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <cstdint>
 
 #include "cpu_vec.h"
@@ -15,8 +13,8 @@
 namespace zoo_scan {
 
 // whether the scan's exponents dt * A are all <= 0: dt >= 0 (softplus) and A <= 0 (A = -exp(A_log), as every
-// model builds it; a NaN in A fails the test)
-inline bool decaying_scan(bool softplus, const at::Tensor& A) { return softplus && A.max().item<float>() <= 0.0f; }
+// model builds it; a NaN in A fails the test). max_A: the largest value of the op's A.
+inline bool decaying_scan(bool softplus, float max_A) { return softplus && max_A <= 0.0f; }
 
 template <bool Decaying>
 ZOO_INLINE float decay(float exponent) {
