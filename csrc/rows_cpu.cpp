@@ -462,18 +462,39 @@ struct MergeArgs {
   float* row_sums;  // (batch, H, d): per output row, the channel sums before the gate
 };
 
+// sum over c < d of f(x[c]) in 16 partial sums (two AVX2 registers) added as a tree: with a single vector
+// accumulator the reduction is one chain of dependent adds, which bounded LayerNorm on rows of d = 96..384
+template <typename F>
+ZOO_INLINE float row_sum(const float* __restrict x, int64_t d, F f) {
+  constexpr int64_t P = 16;
+  float part[P] = {};
+  int64_t c = 0;
+  for (; c + P <= d; c += P) {
+#pragma omp simd
+    for (int64_t j = 0; j < P; ++j) part[j] += f(x[c + j]);
+  }
+  for (int64_t j = 0; c + j < d; ++j) part[j] += f(x[c + j]);
+  float lane[8];
+#pragma omp simd
+  for (int64_t j = 0; j < 8; ++j) lane[j] = part[j] + part[j + 8];
+  return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+}
+
+struct Identity {
+  ZOO_INLINE float operator()(float v) const { return v; }
+};
+struct SquaredDeviation {
+  float mean;
+  ZOO_INLINE float operator()(float v) const { return (v - mean) * (v - mean); }
+};
+
 // out[c] = (or, Accumulate, +=) (x[c] - mean) / sqrt(var + eps) * w[c] + b[c] over the d channels of one token
 template <bool Accumulate>
 ZOO_INLINE void layer_norm_row(const float* __restrict x, int64_t d, float eps, const float* __restrict w,
                                const float* __restrict b, float* __restrict out) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < d; ++c) sum += x[c];
-  const float mean = sum / static_cast<float>(d);
-  float sq = 0.0f;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t c = 0; c < d; ++c) sq += (x[c] - mean) * (x[c] - mean);
-  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
+  const float mean = row_sum(x, d, Identity{}) / static_cast<float>(d);
+  const float var = row_sum(x, d, SquaredDeviation{mean}) / static_cast<float>(d);  // two passes: no cancellation
+  const float rstd = 1.0f / std::sqrt(var + eps);
 #pragma omp simd
   for (int64_t c = 0; c < d; ++c) {
     const float v = (x[c] - mean) * rstd * w[c] + b[c];
