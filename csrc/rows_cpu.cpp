@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu_vec.h"
+#include "mixer_common.h"
 #include "rows_scan.h"
 
 namespace zoo_scan {
@@ -33,27 +34,16 @@ namespace {
 constexpr int64_t kLanes = 16;  // channels per block: one AVX-512 register, two AVX2 ones
 constexpr int64_t kChunk = 64;  // channels per scan task at most: whole cache lines of every row it reads
 
-void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "zoo_scan::", op, ": ", name,
-              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
-}
-
 // the scan ops' seven tensor inputs: float32 CPU tensors
 void check_scan_floats(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                        const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias) {
   const std::pair<const at::Tensor*, const char*> floats[] = {
       {&u, "u"}, {&delta, "delta"}, {&A, "A"}, {&B, "B"}, {&C, "C"}, {&D, "D"}, {&delta_bias, "delta_bias"}};
-  for (const auto& [t, name] : floats) check_float_cpu(*t, op, name);
+  for (const auto& [t, name] : floats) check_float_on(op, *t, name, at::kCPU);
 }
 
 // t itself when its last dimension is contiguous (the kernels take the other strides as they are)
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-void check_sizes(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef expected,
-                 const char* what) {
-  TORCH_CHECK(t.sizes() == expected, "zoo_scan::", op, ": ", name, " must be ", what, " = ", expected, ", got ",
-              t.sizes());
-}
 
 // ---- depthwise_conv2d_silu ----
 
@@ -126,22 +116,22 @@ at::Tensor run_depthwise_conv(const char* op, const at::Tensor& x, const at::Ten
                               const c10::optional<at::Tensor>& bias, int64_t stride,
                               const c10::optional<at::Tensor>& x_bias, DwEpilogue epilogue) {
   TORCH_CHECK(x.dim() == 4, "zoo_scan::", op, ": x must be channels-last (batch, H, W, C), got ", x.sizes());
-  check_float_cpu(x, op, "x");
-  check_float_cpu(weight, op, "weight");
+  check_float_on(op, x, "x", at::kCPU);
+  check_float_on(op, weight, "weight", at::kCPU);
   const int64_t C = x.size(3), K = weight.size(-1);
   TORCH_CHECK(weight.dim() == 4 && K % 2 == 1, "zoo_scan::", op, ": weight must be (C, 1, k, k) with an odd k, got ",
               weight.sizes());
-  check_sizes(weight, op, "weight", {C, 1, K, K}, "(C, 1, k, k)");
+  check_shape(op, weight, "weight", {C, 1, K, K}, "(C, 1, k, k)");
   TORCH_CHECK(stride == 1 || stride == 2, "zoo_scan::", op, ": stride must be 1 or 2, got ", stride);
   at::Tensor bc, xbc;
   if (bias.has_value()) {
-    check_float_cpu(*bias, op, "bias");
-    check_sizes(*bias, op, "bias", {C}, "(C)");
+    check_float_on(op, *bias, "bias", at::kCPU);
+    check_shape(op, *bias, "bias", {C}, "(C)");
     bc = bias->contiguous();
   }
   if (x_bias.has_value()) {
-    check_float_cpu(*x_bias, op, "x_bias");
-    check_sizes(*x_bias, op, "x_bias", {C}, "(C)");
+    check_float_on(op, *x_bias, "x_bias", at::kCPU);
+    check_shape(op, *x_bias, "x_bias", {C}, "(C)");
     xbc = x_bias->contiguous();
   } else if (epilogue == DwEpilogue::ResidualGELU) {
     xbc = at::zeros({C}, x.options());
@@ -348,12 +338,12 @@ int64_t delta_width(const c10::optional<at::Tensor>& dt_weight, const char* op, 
                     OrderScanArgs& a, at::Tensor& dtw) {
   a.dt_w = nullptr, a.R = 0, a.dtw_sk = 0;
   if (!dt_weight.has_value()) return dim;
-  check_float_cpu(*dt_weight, op, "dt_weight");
+  check_float_on(op, *dt_weight, "dt_weight", at::kCPU);
   const int64_t R = dt_weight->size(-1);
   std::vector<int64_t> want(lead.begin(), lead.end());
   want.push_back(dim);
   want.push_back(R);
-  check_sizes(*dt_weight, op, "dt_weight", want, lead.empty() ? "(dim, rank)" : "(K, dim, rank)");
+  check_shape(op, *dt_weight, "dt_weight", want, lead.empty() ? "(dim, rank)" : "(K, dim, rank)");
   dtw = dt_weight->contiguous();
   a.dt_w = dtw.data_ptr<float>(), a.R = R, a.dtw_sk = lead.empty() ? 0 : dim * R;
   return R;
@@ -395,12 +385,12 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
   OrderScanArgs a{};
   at::Tensor dtw;
   const int64_t dwidth = delta_width(dt_weight, op, {}, dim, a, dtw);
-  check_sizes(delta, op, "delta", {batch, L, dwidth},
+  check_shape(op, delta, "delta", {batch, L, dwidth},
               dt_weight.has_value() ? "(batch, L, rank) with dt_weight" : "u's shape (batch, L, dim)");
-  check_sizes(B, op, "B", {batch, L, N}, "(batch, L, d_state)");
-  check_sizes(C, op, "C", {batch, L, N}, "(batch, L, d_state)");
-  check_sizes(D, op, "D", {dim}, "(dim)");
-  check_sizes(delta_bias, op, "delta_bias", {dim}, "(dim)");
+  check_shape(op, B, "B", {batch, L, N}, "(batch, L, d_state)");
+  check_shape(op, C, "C", {batch, L, N}, "(batch, L, d_state)");
+  check_shape(op, D, "D", {dim}, "(dim)");
+  check_shape(op, delta_bias, "delta_bias", {dim}, "(dim)");
   const at::Tensor oc = checked_orders(orders, op, -1, L);
   const int64_t K = oc.size(0);
   const at::Tensor us = unit_last(u), ds = unit_last(delta), Ac = A.contiguous(), Dc = D.contiguous();
@@ -427,13 +417,13 @@ at::Tensor scan_cross_cpu(const at::Tensor& u, const at::Tensor& delta, const at
   OrderScanArgs a{};
   at::Tensor dtw;
   const int64_t dwidth = delta_width(dt_weight, op, {K}, dim, a, dtw);
-  check_sizes(delta, op, "delta", {K, batch, L, dwidth},
+  check_shape(op, delta, "delta", {K, batch, L, dwidth},
               dt_weight.has_value() ? "(K, batch, L, rank) with dt_weight" : "(K, batch, L, dim)");
-  check_sizes(A, op, "A", {K, dim, N}, "(K, dim, d_state)");
-  check_sizes(B, op, "B", {batch, L, K, N}, "(batch, L, K, d_state)");
-  check_sizes(C, op, "C", {batch, L, K, N}, "(batch, L, K, d_state)");
-  check_sizes(D, op, "D", {K, dim}, "(K, dim)");
-  check_sizes(delta_bias, op, "delta_bias", {K, dim}, "(K, dim)");
+  check_shape(op, A, "A", {K, dim, N}, "(K, dim, d_state)");
+  check_shape(op, B, "B", {batch, L, K, N}, "(batch, L, K, d_state)");
+  check_shape(op, C, "C", {batch, L, K, N}, "(batch, L, K, d_state)");
+  check_shape(op, D, "D", {K, dim}, "(K, dim)");
+  check_shape(op, delta_bias, "delta_bias", {K, dim}, "(K, dim)");
   const at::Tensor oc = checked_orders(orders, op, K, L);
   const at::Tensor us = unit_last(u), ds = unit_last(delta);
   const at::Tensor Ac = A.contiguous(), Dc = D.contiguous(), bc = delta_bias.contiguous();
@@ -581,15 +571,15 @@ std::tuple<at::Tensor, at::Tensor> norm_merge_gate_cpu(const at::Tensor& y, cons
                                                        const at::Tensor& norm_bias, double eps,
                                                        const c10::optional<at::Tensor>& z) {
   const char* op = "norm_merge_gate";
-  check_float_cpu(y, op, "y");
+  check_float_on(op, y, "y", at::kCPU);
   TORCH_CHECK(y.dim() == 3 && height >= 1 && width >= 1 && y.size(1) == height * width,
               "zoo_scan::norm_merge_gate: y must be (batch, height * width, d) with height, width >= 1, got ",
               y.sizes(), " for height ", height, ", width ", width);
   const int64_t batch = y.size(0), d = y.size(2);
-  check_float_cpu(norm_weight, op, "norm_weight");
-  check_float_cpu(norm_bias, op, "norm_bias");
-  check_sizes(norm_weight, op, "norm_weight", {d}, "(d)");
-  check_sizes(norm_bias, op, "norm_bias", {d}, "(d)");
+  check_float_on(op, norm_weight, "norm_weight", at::kCPU);
+  check_float_on(op, norm_bias, "norm_bias", at::kCPU);
+  check_shape(op, norm_weight, "norm_weight", {d}, "(d)");
+  check_shape(op, norm_bias, "norm_bias", {d}, "(d)");
   MergeArgs a{};
   a.batch = batch, a.H = height, a.W = width, a.d = d, a.eps = static_cast<float>(eps);
   const at::Tensor ys = unit_last(y), wc = norm_weight.contiguous(), bc = norm_bias.contiguous();
@@ -597,11 +587,11 @@ std::tuple<at::Tensor, at::Tensor> norm_merge_gate_cpu(const at::Tensor& y, cons
   a.w = wc.data_ptr<float>(), a.b = bc.data_ptr<float>();
   at::Tensor low, low_sum;
   if (y_low.has_value()) {
-    check_float_cpu(*y_low, op, "y_low");
+    check_float_on(op, *y_low, "y_low", at::kCPU);
     TORCH_CHECK(y_low->dim() == 4 && low_height >= 1 && low_width >= 1,
                 "zoo_scan::norm_merge_gate: y_low must be (batch, K, low_height * low_width, d), got ",
                 y_low->sizes());
-    check_sizes(*y_low, op, "y_low", {batch, y_low->size(1), low_height * low_width, d},
+    check_shape(op, *y_low, "y_low", {batch, y_low->size(1), low_height * low_width, d},
                 "(batch, K, low_height * low_width, d)");
     low = y_low->contiguous();
     low_sum = at::empty({batch, low_height * low_width, d}, y.options());
@@ -610,8 +600,8 @@ std::tuple<at::Tensor, at::Tensor> norm_merge_gate_cpu(const at::Tensor& y, cons
   }
   at::Tensor zs;
   if (z.has_value()) {
-    check_float_cpu(*z, op, "z");
-    check_sizes(*z, op, "z", y.sizes(), "y's shape (batch, height * width, d)");
+    check_float_on(op, *z, "z", at::kCPU);
+    check_shape(op, *z, "z", y.sizes(), "y's shape (batch, height * width, d)");
     zs = unit_last(*z);
     a.z = zs.data_ptr<float>(), a.z_sb = zs.stride(0), a.z_st = zs.stride(1);
   }

@@ -187,7 +187,7 @@ def test_bad_arguments_get_clear_errors():
         torch.ops.zoo_scan.bimamba_scan(*bad)
     bad = list(args)
     bad[7] = bad[7].double()
-    with pytest.raises(RuntimeError, match="z must be float32"):
+    with pytest.raises(RuntimeError, match="z must be a float32 tensor on cpu"):
         torch.ops.zoo_scan.bimamba_scan(*bad)
     with pytest.raises(RuntimeError, match=r"dt_weight must be \(2, dim, rank\)"):
         torch.ops.zoo_scan.bimamba_scan(*args, torch.randn(2, 7, 3))

@@ -134,7 +134,7 @@ def test_cuda_dispatch_is_opt_in_and_inference_only(monkeypatch):
 @pytest.mark.cuda
 def test_cuda_ops_reject_mixed_dtypes():
     x = torch.randn(1, 5, 8, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="weight must be float32"):
+    with pytest.raises(RuntimeError, match="weight must be a float32 tensor on cuda"):
         torch.ops.zoo_scan.bimamba_conv(x, torch.randn(2, 8, 4, device="cuda").half(), torch.randn(2, 8, device="cuda"))
     u = torch.randn(2, 1, 5, 8, device="cuda", dtype=torch.float16)
     B = torch.randn(2, 1, 5, 4, device="cuda")  # float32 next to fp16 activations
