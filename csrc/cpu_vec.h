@@ -32,14 +32,28 @@ namespace zoo_vec {
 // The clamps below compare bit patterns, not floats: integer min is one vector instruction, while GCC
 // turns a float min/max pair feeding a polynomial into compares and blends on the result. As signed
 // ints, positive floats order as the floats do (and every negative one is below them); as unsigned
-// ints, negative floats order by magnitude (and every positive one is below them).
-ZOO_INLINE float clamp_bits(float x, int32_t hi_bits, uint32_t lo_bits) {
+// ints, negative floats order by magnitude (and every non-negative one is below them).
+ZOO_INLINE float clamp_below(float x, uint32_t lo_bits) {  // x >= lo, a negative bound
+  uint32_t xu;
+  std::memcpy(&xu, &x, sizeof(xu));
+  xu = std::min(xu, lo_bits);
+  std::memcpy(&x, &xu, sizeof(x));
+  return x;
+}
+ZOO_INLINE float clamp_bits(float x, int32_t hi_bits, uint32_t lo_bits) {  // lo <= x <= hi
   int32_t xi;
   std::memcpy(&xi, &x, sizeof(xi));
   xi = std::min(xi, hi_bits);  // x <= hi (a positive bound)
-  const uint32_t xu = std::min(static_cast<uint32_t>(xi), lo_bits);  // x >= lo (a negative bound)
-  std::memcpy(&x, &xu, sizeof(x));
-  return x;
+  std::memcpy(&x, &xi, sizeof(x));
+  return clamp_below(x, lo_bits);
+}
+
+// c_0 x^n + c_1 x^(n-1) + ... + c_n by Horner's rule, the coefficients highest power first: one multiply-add
+// a term, in this order, so a fitted polynomial's error bound holds as stated
+ZOO_INLINE float horner(float, float p) { return p; }
+template <typename... C>
+ZOO_INLINE float horner(float x, float p, float c, C... rest) {
+  return horner(x, p * x + c, rest...);
 }
 
 // p * 2^k for p in [1/2, 2) and k = round(...) held in the low mantissa bits of t = value + 1.5 * 2^23:
@@ -59,13 +73,8 @@ constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an i
 // e^r for |r| <= ln2 / 2: a degree-5 polynomial fitted for relative error (< 2.1e-7 evaluated in float32; a
 // degree-6 Taylor one costs a multiply-add more for the same error)
 ZOO_INLINE float exp_reduced(float r) {
-  float p = 8.29746201634407e-3f;
-  p = p * r + 4.1915178298950195e-2f;
-  p = p * r + 1.6667576134204865e-1f;
-  p = p * r + 4.9998897314071655e-1f;
-  p = p * r + 9.999997019767761e-1f;
-  p = p * r + 1.0000001192092896f;
-  return p;
+  return horner(r, 8.29746201634407e-3f, 4.1915178298950195e-2f, 1.6667576134204865e-1f, 4.9998897314071655e-1f,
+                9.999997019767761e-1f, 1.0000001192092896f);
 }
 
 // e^x = 2^k e^r for x already clamped: Cody-Waite reduction (k ln2 in two parts, exact without FMA hardware)
@@ -82,61 +91,36 @@ ZOO_INLINE float exp(float x) { return exp_clamped(clamp_bits(x, int32_t(0x42b00
 
 // exp clamped below only (at -87): exact as exp for every x <= 88, one integer min cheaper (and no compare and
 // blend); for arguments that are <= 0 by construction (softplus's exp(-|x|), erfc's tail)
-ZOO_INLINE float exp_nonpositive(float x) {
-  uint32_t xu;
-  std::memcpy(&xu, &x, sizeof(xu));
-  xu = std::min(xu, uint32_t(0xc2ae0000));  // x >= -87 (non-negative x are below every negative one as unsigned)
-  std::memcpy(&x, &xu, sizeof(x));
-  return exp_clamped(x);
-}
+ZOO_INLINE float exp_nonpositive(float x) { return exp_clamped(clamp_below(x, uint32_t(0xc2ae0000))); }  // >= -87
 ZOO_INLINE double exp(double x) { return std::exp(x); }
 
 constexpr float kLog2e = 1.44269504088896341f;
 
 // 2^f for f in [-1/2, 1/2]: a degree-5 polynomial fitted for relative error (< 2.3e-7 evaluated in float32)
 ZOO_INLINE float exp2_reduced(float f) {
-  float p = 1.3276735699402353e-3f;
-  p = p * f + 9.675638928525701e-3f;
-  p = p * f + 5.550713257439724e-2f;
-  p = p * f + 2.402211764460156e-1f;
-  p = p * f + 6.93146966368772e-1f;
-  p = p * f + 1.0000000721537872f;
-  return p;
+  return horner(f, 1.3276735699402353e-3f, 9.675638928525701e-3f, 5.550713257439724e-2f, 2.402211764460156e-1f,
+                6.93146966368772e-1f, 1.0000000721537872f);
 }
 
 // 2^x, x clamped to [-126, 127]: k = round(x), f = x - k, 2^f by exp2_reduced (error as exp above). The
 // row-layout scans call it for exp(dt * A) with log2(e) folded into A once per channel, which saves exp's
 // two-step range reduction and a polynomial term on the hottest line of Vim's scan.
-ZOO_INLINE float exp2(float x) {
-  x = clamp_bits(x, int32_t(0x42fe0000), uint32_t(0xc2fc0000));  // [-126, 127]
+ZOO_INLINE float exp2_clamped(float x) {
   const float t = x + kShifter;
   return times_pow2(exp2_reduced(x - (t - kShifter)), t);
 }
+ZOO_INLINE float exp2(float x) { return exp2_clamped(clamp_bits(x, int32_t(0x42fe0000), uint32_t(0xc2fc0000))); }
 
 // exp2 for x <= 0 (a decay: dt >= 0 times A <= 0), clamped below only: one integer min instead of two, and no
 // compare-and-blend that GCC emits for the upper bound. Exact as exp2 for every x <= 127.
-ZOO_INLINE float exp2_nonpositive(float x) {
-  uint32_t xu;
-  std::memcpy(&xu, &x, sizeof(xu));
-  xu = std::min(xu, uint32_t(0xc2fc0000));  // x >= -126 (non-negative x are below every negative one as unsigned)
-  std::memcpy(&x, &xu, sizeof(x));
-  const float t = x + kShifter;
-  return times_pow2(exp2_reduced(x - (t - kShifter)), t);
-}
+ZOO_INLINE float exp2_nonpositive(float x) { return exp2_clamped(clamp_below(x, uint32_t(0xc2fc0000))); }  // >= -126
 
 // log(1 + e) for e in [0, 1] as e * q(e), q a degree-8 fit of log1p(e) / e for relative error (< 2.3e-7
 // evaluated in float32): no division and no exponent split, and tiny e keep their relative accuracy
 ZOO_INLINE float log1p_unit(float e) {
-  float q = 5.229491274803877e-3f;
-  q = q * e - 2.9490191489458084e-2f;
-  q = q * e + 7.819728553295135e-2f;
-  q = q * e - 1.366039514541626e-1f;
-  q = q * e + 1.9104421138763428e-1f;
-  q = q * e - 2.484249472618103e-1f;
-  q = q * e + 3.331902027130127e-1f;
-  q = q * e - 4.999948740005493e-1f;
-  q = q * e + 9.999999403953552e-1f;
-  return e * q;
+  return e * horner(e, 5.229491274803877e-3f, -2.9490191489458084e-2f, 7.819728553295135e-2f, -1.366039514541626e-1f,
+                    1.9104421138763428e-1f, -2.484249472618103e-1f, 3.331902027130127e-1f, -4.999948740005493e-1f,
+                    9.999999403953552e-1f);
 }
 
 // softplus(x) = log(1 + exp(x)) written as max(x, 0) + log1p(exp(-|x|)), which neither overflows
@@ -149,16 +133,9 @@ ZOO_INLINE float silu(float x) { return x / (1.0f + exp(-x)); }
 // z < 4, growing with z^2's rounding beyond: erfc(4) = 1.5e-8)
 ZOO_INLINE float erfc_nonneg(float z) {
   const float t = 1.0f / (1.0f + 0.5f * z);
-  float p = 0.1381460428237915f;
-  p = p * t - 0.6437131762504578f;
-  p = p * t + 1.0690253973007202f;
-  p = p * t - 0.5790688991546631f;
-  p = p * t - 0.17752012610435486f;
-  p = p * t + 0.05306508019566536f;
-  p = p * t + 0.016953041777014732f;
-  p = p * t + 0.39033734798431396f;
-  p = p * t + 0.9982022047042847f;
-  p = p * t - 1.265426754951477f;
+  const float p = horner(t, 0.1381460428237915f, -0.6437131762504578f, 1.0690253973007202f, -0.5790688991546631f,
+                         -0.17752012610435486f, 0.05306508019566536f, 0.016953041777014732f, 0.39033734798431396f,
+                         0.9982022047042847f, -1.265426754951477f);
   return t * exp_nonpositive(p - z * z);
 }
 
