@@ -58,6 +58,15 @@ def kernel_isa() -> str:
     return cpu_isa()
 
 
+def kernel_threads() -> str:
+    """Threads one parallel loop of the zoo CPU kernels runs on at the current torch.get_num_threads()."""
+    try:
+        from zoo.ops.mixer import cpu_parallel_threads
+    except ImportError:  # a tree from before the kernels reported it
+        return "n/a"
+    return str(cpu_parallel_threads())
+
+
 def build(name: str, res: int) -> torch.nn.Module:
     kwargs = {"img_size": res} if res != 224 else {}
     return timm.create_model(name, pretrained=False, **kwargs).eval()
@@ -88,7 +97,8 @@ def run(pairs: List[Tuple[str, str, int, int]], threads: int, rounds: int) -> No
                 workloads[key] = (build(name, res), torch.randn(batch, 3, res, res))
     times = time_rounds(workloads, rounds)
     ips = {key: key[1] / statistics.median(t) for key, t in times.items()}
-    print(f"\n{threads} thread(s), fp32, median of {rounds} interleaved rounds")
+    print(f"\n{threads} thread(s) (the zoo kernels' parallel loops use {kernel_threads()}), fp32, median of {rounds} "
+          "interleaved rounds")
     print("| zoo model | res | batch | img/s | baseline | img/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for zoo_name, base_name, batch, res in pairs:

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -221,6 +222,17 @@ std::string cpu_isa() {
   return "baseline";
 }
 
+// how many threads one at::parallel_for of these kernels runs on here, with torch's thread count as it is: 1
+// when the library was built without OpenMP (at::parallel_for is an OpenMP loop compiled into the caller)
+int64_t cpu_parallel_threads() {
+  std::vector<char> seen(std::max(1, at::get_num_threads()), 0);
+  at::parallel_for(0, 64 * static_cast<int64_t>(seen.size()), 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int>(seen.size())) seen[id] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
@@ -229,6 +241,9 @@ TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
 }
 
 // no tensor arguments, so no dispatch key: a catch-all kernel defined with its schema here
-TORCH_LIBRARY_FRAGMENT(zoo_scan, m) { m.def("cpu_isa() -> str", &cpu_isa); }
+TORCH_LIBRARY_FRAGMENT(zoo_scan, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_parallel_threads() -> int", &cpu_parallel_threads);
+}
 
 }  // namespace zoo_scan

@@ -1,6 +1,7 @@
 """The fused CPU Vim mixer (zoo_scan::bimamba_conv / bimamba_scan) against the unfused reference path."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from zoo.models import vim as vim_mod
 from zoo.models.vim import BiMambaMixer, checkpoint_filter_fn, from_official_kwargs
 from zoo.ops import selective_scan_naive
 from zoo.ops.compiled import kernels_available
-from zoo.ops.mixer import bimamba_rows, cpu_isa, fused_mixer_enabled
+from zoo.ops.mixer import bimamba_rows, cpu_isa, cpu_parallel_threads, fused_mixer_enabled
 
 KERNELS, WHY = kernels_available("cpu")
 pytestmark = pytest.mark.skipif(not KERNELS, reason=f"compiled CPU kernels unavailable: {WHY}")
@@ -235,6 +236,28 @@ def test_build_is_portable_and_dispatches_on_this_cpu():
     v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
     expected = "avx512" if v4 <= flags else "avx2" if v3 <= flags else "baseline"
     assert cpu_isa() == expected
+
+
+def test_kernels_run_on_the_threads_torch_is_given():
+    """at::parallel_for is an OpenMP loop compiled into the kernels' library: built without -fopenmp, every
+    kernel ran on one thread whatever torch.set_num_threads said (scan and conv times were equal at 1 and 2)."""
+    import os
+
+    from zoo.ops import _build
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu_parallel_threads() == 1
+        if sys.platform.startswith("linux") and (os.cpu_count() or 1) >= 2:
+            assert "-fopenmp" in _build.CPU_CFLAGS and "-fopenmp" in _build.CPU_LDFLAGS
+            torch.set_num_threads(2)
+            assert cpu_parallel_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # the library reuses torch's OpenMP runtime instead of loading a second one
+        assert len({line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}) <= 1
 
 
 @pytest.mark.skipif(not FIXTURES, reason="no Vim parity fixtures (../shared/parity/vim)")

@@ -32,6 +32,12 @@ CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu", "mixer_cuda.cu"]
 # carry one clone per ISA level chosen at load time (csrc/cpu_vec.h), so the library is portable and
 # nothing host-specific belongs in the cache key.
 CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+# at::parallel_for is an OpenMP loop compiled into the caller: without -fopenmp the kernels run on one thread
+# whatever torch.get_num_threads() says. Linking libgomp by its soname reuses the copy torch has loaded (Linux
+# torch builds use GNU OpenMP); elsewhere the kernels stay single-threaded rather than mix OpenMP runtimes.
+CPU_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CPU_CFLAGS += CPU_OPENMP
+CPU_LDFLAGS = list(CPU_OPENMP)
 _lock = threading.Lock()
 _state = {"cpu": None, "cuda": None}  # None: not tried; True: loaded; str: why it failed
 _warned = set()
@@ -147,6 +153,7 @@ def _jit_spec(kind: str) -> Tuple[Path, dict]:
         name=f"zoo_scan_{kind}",
         sources=[str(CSRC / s) for s in sources],
         extra_cflags=cflags,
+        extra_ldflags=CPU_LDFLAGS if kind == "cpu" else [],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=env_flag("ZOO_EXT_VERBOSE"),

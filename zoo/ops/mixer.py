@@ -62,7 +62,7 @@ from . import compiled  # noqa: F401  (defines the zoo_scan library these ops jo
 from ._build import cuda_scan_lparallel
 from .selective_scan import resolve_backend
 
-__all__ = ["bimamba_rows", "fused_mixer_enabled", "cpu_isa"]
+__all__ = ["bimamba_rows", "fused_mixer_enabled", "cpu_isa", "cpu_parallel_threads"]
 
 _lib = torch.library.Library("zoo_scan", "FRAGMENT")
 _lib.define("bimamba_conv(Tensor x, Tensor weight, Tensor bias) -> Tensor")
@@ -230,3 +230,10 @@ def cpu_isa() -> str:
     the kernels if needed; 'unavailable' when they cannot be built)."""
     ok, _ = compiled.kernels_available("cpu")
     return torch.ops.zoo_scan.cpu_isa() if ok else "unavailable"
+
+
+def cpu_parallel_threads() -> int:
+    """How many threads the CPU kernels' parallel loops run on at the current ``torch.get_num_threads()``
+    (1 where they were built without OpenMP; 0 when they cannot be built)."""
+    ok, _ = compiled.kernels_available("cpu")
+    return int(torch.ops.zoo_scan.cpu_parallel_threads()) if ok else 0
