@@ -78,10 +78,6 @@ at::Tensor bimamba_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const
 
 // ---- bimamba_scan ----
 
-// time scales are computed for this many steps at a time, in a pass of their own before the steps' state
-// updates: softplus is a long dependent chain, and inside the step it stalled the start of every state loop
-constexpr int64_t kDtSteps = 16;
-
 struct ScanRowsArgs {
   int64_t batch, L, dim, N, R;  // R: dt_proj's rank when it is folded in (dt_w), else 0
   bool softplus, decaying;      // decaying: see rows_scan.h

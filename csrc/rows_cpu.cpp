@@ -219,7 +219,8 @@ ZOO_INLINE void fill_dt(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t w
 
 // Per-chunk buffers: At (N x width) and Wt (R x width) in the block layout (a block's values at offset
 // (first lane) * N or * R, state- / rank-major inside it), h (N x width), dtbuf (L x width: every token's
-// time scales when the K orders share them), dt and y (one step's).
+// time scales when the K orders share them), dt (kDtSteps x width: the next steps' time scales otherwise)
+// and y (one step's).
 struct ChunkBuffers {
   std::vector<float> At, Wt, h, dtbuf, dt, y;
 };
@@ -268,28 +269,34 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
     if (k == 0 || a.independent) std::fill(h, h + width * N, 0.0f);
     const float* D = a.D + k * a.p_sk + c0;
     const int64_t* order = a.orders + k * L;
+    const bool accumulate = a.summed && k > 0;  // later orders of scan_cross add to the output row
     for (int64_t s = 0; s < L; ++s) {
       const int64_t t = order[s];
-      prefetch_step(a, b, c0, width, k, order[std::min(s + kPrefetchSteps, L - 1)], shared_dt, buf);
+      // the hardware prefetchers follow a run of consecutive tokens (a row-major stretch): fetch the rows
+      // ahead only where the order jumps
+      const int64_t ahead = std::min(s + kPrefetchSteps, L - 1);
+      if (order[ahead] != order[ahead - (ahead > 0)] + 1) prefetch_step(a, b, c0, width, k, order[ahead], shared_dt, buf);
       const float* up = u_row(a, b, t) + c0;
       const float* Bt = a.B + bc_offset(a, b, k, t);
       const float* Ct = a.C + bc_offset(a, b, k, t);
-      const float* dt = buf.dt.data();
-      if (shared_dt) {
-        dt = buf.dtbuf.data() + t * width;
-      } else {
-        fill_dt<Softplus>(a, b, c0, width, k, t, Wt, buf.dt.data());
+      const float* dt = shared_dt ? buf.dtbuf.data() + t * width : buf.dt.data() + (s % kDtSteps) * width;
+      if (!shared_dt && s % kDtSteps == 0) {
+        for (int64_t q = s; q < std::min(s + kDtSteps, L); ++q)
+          fill_dt<Softplus>(a, b, c0, width, k, order[q], Wt, buf.dt.data() + (q - s) * width);
       }
-      for (int64_t j = 0; j < full; j += kLanes)
-        scan_step_dt<kLanes, Decaying>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
-      for (int64_t j = full; j < width; ++j)
-        scan_step_dt<1, Decaying>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, ybuf + j);
       float* __restrict o = out_row(a, b, k, t) + c0;
-      if (a.summed && k > 0) {
+      float* y = accumulate ? ybuf : o;
+      for (int64_t j = 0; j < full; j += kLanes) {
+        if (N == 1)
+          scan_step_dt<kLanes, Decaying, 1>(up + j, dt + j, D + j, At + j, h + j, Bt, Ct, 1, y + j);
+        else
+          scan_step_dt<kLanes, Decaying>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, y + j);
+      }
+      for (int64_t j = full; j < width; ++j)
+        scan_step_dt<1, Decaying>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, y + j);
+      if (accumulate) {
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) o[j] += ybuf[j];
-      } else {
-        std::copy(ybuf, ybuf + width, o);
       }
     }
   }
@@ -300,7 +307,8 @@ ZOO_CPU_DISPATCH void order_scan_chunks(const OrderScanArgs& a, int64_t begin, i
   const int64_t chunks = (a.dim + a.chunk - 1) / a.chunk, w = a.chunk;
   const bool shared_dt = a.K > 1 && a.d_sk == 0 && a.dtw_sk == 0;
   ChunkBuffers buf{std::vector<float>(a.N * w), std::vector<float>(a.R * w), std::vector<float>(a.N * w),
-                   std::vector<float>(shared_dt ? a.L * w : 0), std::vector<float>(w), std::vector<float>(w)};
+                   std::vector<float>(shared_dt ? a.L * w : 0), std::vector<float>(kDtSteps * w),
+                   std::vector<float>(w)};
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / chunks, c0 = (task % chunks) * w, width = std::min(w, a.dim - c0);
     if (a.decaying)

@@ -16,6 +16,10 @@ namespace zoo_scan {
 // model builds it; a NaN in A fails the test). max_A: the largest value of the op's A.
 inline bool decaying_scan(bool softplus, float max_A) { return softplus && max_A <= 0.0f; }
 
+// time scales are computed for this many steps at a time, in a pass of their own before those steps' state
+// updates: softplus is a long dependent chain, and inside the step it stalled the start of every state loop
+constexpr int64_t kDtSteps = 16;
+
 template <bool Decaying>
 ZOO_INLINE float decay(float exponent) {
   return Decaying ? zoo_vec::exp2_nonpositive(exponent) : zoo_vec::exp2(exponent);
@@ -23,11 +27,13 @@ ZOO_INLINE float decay(float exponent) {
 
 // Per state n: h_n = exp(dt * A_n) * h_n + dt * u * B_n, and y = D * u + sum_n h_n * C_n. u, dt: the
 // step's W channels; At: A_n * log2(e), h: N x W (state-major; see load_scaled_A); Bt, Ct: the step's N
-// values (shared by the lanes); y: W outputs, accumulated in registers and stored once.
-template <int64_t W, bool Decaying>
+// values (shared by the lanes); y: W outputs, accumulated in registers and stored once. States > 0 fixes N at
+// compile time (MSVMamba's and VMamba's d_state 1, where the state loop's own overhead is most of the step).
+template <int64_t W, bool Decaying, int64_t States = 0>
 ZOO_INLINE void scan_step_dt(const float* __restrict up, const float* __restrict dt, const float* __restrict Dd,
                              const float* __restrict At, float* __restrict h, const float* __restrict Bt,
                              const float* __restrict Ct, int64_t N, float* __restrict y_out) {
+  if constexpr (States > 0) N = States;
   float dtu[W], y[W];
 #pragma omp simd
   for (int64_t j = 0; j < W; ++j) {
