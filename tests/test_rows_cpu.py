@@ -163,6 +163,22 @@ def test_norm_merge_gate_matches_layer_norm_upsample_and_gate(size, low, K, with
     torch.testing.assert_close(out, want * F.silu(z) if with_z else want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d", [16, 96, 131])  # whole 16-value partial sums, and a tail past them
+def test_norm_merge_gate_layer_norm_keeps_its_accuracy_on_offset_tokens(d):
+    """Tokens with a mean far above their spread (300 +- 0.5): the variance is taken around the mean in a second
+    pass, so float32 keeps it (E[x^2] - mean^2 would lose about 2% of it to cancellation). Against float64, the
+    error may be at most about that of torch's own float32 LayerNorm (the mean's rounding at 300 bounds both)."""
+    torch.manual_seed(1)
+    y = torch.randn(3, 20, d) * 0.5 + 300
+    w, b = torch.randn(d), torch.randn(d)
+    out, _ = torch.ops.zoo_scan.norm_merge_gate(y, None, 4, 5, 0, 0, w, b, 1e-5, None)
+    want = F.layer_norm(y.double(), (d,), w.double(), b.double(), 1e-5)
+    torch_err = (F.layer_norm(y, (d,), w, b, 1e-5).double() - want).abs().max().item()
+    err = (out.double() - want).abs().max().item()
+    assert err <= 2 * torch_err + 1e-5, (err, torch_err)
+    assert err < 1e-3  # 2% of the variance lost would be ~1e-2 here
+
+
 def test_norm_merge_gate_refuses_mismatched_shapes():
     y, w = torch.randn(1, 6, 8), torch.ones(8)
     with pytest.raises(RuntimeError, match="y must be \\(batch, height \\* width, d\\)"):
