@@ -23,8 +23,8 @@ inline void check_data_on(const char* op, const at::Tensor& t, const char* name,
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.scalar_type() == dtype, "zoo_scan::", op, ": ", name, " must have the activations' dtype ", dtype,
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "zoo_scan::", op, ": ", name, " is on ", t.device(), " but the inputs are on ",
-              like.device());
+  TORCH_CHECK(t.device() == like.device(), "zoo_scan::", op, ": ", name, " is on ", t.device(),
+              " but the inputs are on ", like.device());
 }
 
 inline void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef expected,

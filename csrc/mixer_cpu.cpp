@@ -168,8 +168,9 @@ ZOO_INLINE void scan_both(const ScanRowsArgs& a, int64_t b, int64_t c0, ScanBuff
 // dim % kLanes channels left over, scanned one lane at a time
 ZOO_CPU_DISPATCH void scan_blocks(const ScanRowsArgs& a, int64_t begin, int64_t end) {
   const int64_t blocks = (a.dim + kLanes - 1) / kLanes;
-  ScanBuffers buf{std::vector<float>(a.N * kLanes), std::vector<float>(a.R * kLanes), std::vector<float>(a.N * kLanes),
-                  std::vector<float>(kDtSteps * kLanes), std::vector<float>(a.L * kLanes)};
+  ScanBuffers buf{std::vector<float>(a.N * kLanes), std::vector<float>(a.R * kLanes),
+                  std::vector<float>(a.N * kLanes), std::vector<float>(kDtSteps * kLanes),
+                  std::vector<float>(a.L * kLanes)};
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / blocks, c0 = (task % blocks) * kLanes;
     if (c0 + kLanes <= a.dim) {
@@ -194,14 +195,15 @@ at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const 
     Bs = Bs.contiguous();
     Cs = Cs.contiguous();
   }
-  const int64_t batch = u.size(1), L = u.size(2), dim = u.size(3), N = A.size(2), R = dtw.defined() ? dtw.size(2) : 0;
+  const int64_t batch = u.size(1), L = u.size(2), dim = u.size(3), N = A.size(2);
+  const int64_t R = dtw.defined() ? dtw.size(2) : 0;
+  const bool decaying = decaying_scan(delta_softplus, Ac.max().item<float>());
   auto out = at::empty({batch, L, dim}, u.options());
-  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying_scan(delta_softplus, Ac.max().item<float>()), static_cast<float>(scale),
+  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying, static_cast<float>(scale),
                  uc.data_ptr<float>(), ds.data_ptr<float>(), ds.stride(0), ds.stride(1), ds.stride(2),
-                 dtw.defined() ? dtw.data_ptr<float>() : nullptr,
-                 Ac.data_ptr<float>(), Bs.data_ptr<float>(), Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1),
-                 Bs.stride(2), Dc.data_ptr<float>(), bc.data_ptr<float>(), zs.data_ptr<float>(), zs.stride(0),
-                 zs.stride(1), out.data_ptr<float>()};
+                 dtw.defined() ? dtw.data_ptr<float>() : nullptr, Ac.data_ptr<float>(), Bs.data_ptr<float>(),
+                 Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1), Bs.stride(2), Dc.data_ptr<float>(),
+                 bc.data_ptr<float>(), zs.data_ptr<float>(), zs.stride(0), zs.stride(1), out.data_ptr<float>()};
   const int64_t blocks = (dim + kLanes - 1) / kLanes;
   at::parallel_for(0, batch * blocks, zoo_vec::grain_for(2 * L * N * kLanes),
                    [&](int64_t begin, int64_t end) { scan_blocks(a, begin, end); });

@@ -275,7 +275,8 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
       // the hardware prefetchers follow a run of consecutive tokens (a row-major stretch): fetch the rows
       // ahead only where the order jumps
       const int64_t ahead = std::min(s + kPrefetchSteps, L - 1);
-      if (order[ahead] != order[ahead - (ahead > 0)] + 1) prefetch_step(a, b, c0, width, k, order[ahead], shared_dt, buf);
+      if (order[ahead] != order[ahead - (ahead > 0)] + 1)
+        prefetch_step(a, b, c0, width, k, order[ahead], shared_dt, buf);
       const float* up = u_row(a, b, t) + c0;
       const float* Bt = a.B + bc_offset(a, b, k, t);
       const float* Ct = a.C + bc_offset(a, b, k, t);
@@ -404,7 +405,8 @@ at::Tensor scan_orders_cpu(const at::Tensor& u, const at::Tensor& delta, const a
   const at::Tensor us = unit_last(u), ds = unit_last(delta), Ac = A.contiguous(), Dc = D.contiguous();
   const at::Tensor bc = delta_bias.contiguous();
   a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
-  a.softplus = delta_softplus, a.decaying = decaying_scan(delta_softplus, Ac.max().item<float>()), a.independent = false, a.summed = false;
+  a.softplus = delta_softplus, a.decaying = decaying_scan(delta_softplus, Ac.max().item<float>());
+  a.independent = false, a.summed = false;
   a.u = us.data_ptr<float>(), a.u_sb = us.stride(0), a.u_st = us.stride(1);
   a.delta = ds.data_ptr<float>(), a.d_sk = 0, a.d_sb = ds.stride(0), a.d_st = ds.stride(1);
   a.A = Ac.data_ptr<float>(), a.D = Dc.data_ptr<float>(), a.bias = bc.data_ptr<float>(), a.p_sk = 0;
@@ -436,7 +438,8 @@ at::Tensor scan_cross_cpu(const at::Tensor& u, const at::Tensor& delta, const at
   const at::Tensor us = unit_last(u), ds = unit_last(delta);
   const at::Tensor Ac = A.contiguous(), Dc = D.contiguous(), bc = delta_bias.contiguous();
   a.batch = batch, a.L = L, a.dim = dim, a.N = N, a.K = K;
-  a.softplus = delta_softplus, a.decaying = decaying_scan(delta_softplus, Ac.max().item<float>()), a.independent = true, a.summed = true;
+  a.softplus = delta_softplus, a.decaying = decaying_scan(delta_softplus, Ac.max().item<float>());
+  a.independent = true, a.summed = true;
   a.u = us.data_ptr<float>(), a.u_sb = us.stride(0), a.u_st = us.stride(1);
   a.delta = ds.data_ptr<float>(), a.d_sk = ds.stride(0), a.d_sb = ds.stride(1), a.d_st = ds.stride(2);
   a.A = Ac.data_ptr<float>(), a.D = Dc.data_ptr<float>(), a.bias = bc.data_ptr<float>(), a.p_sk = dim;
