@@ -102,13 +102,15 @@ ZOO_INLINE float exp2_reduced(float f) {
                 6.93146966368772e-1f, 1.0000000721537872f);
 }
 
-// 2^x, x clamped to [-126, 127]: k = round(x), f = x - k, 2^f by exp2_reduced (error as exp above). The
-// row-layout scans call it for exp(dt * A) with log2(e) folded into A once per channel, which saves exp's
-// two-step range reduction and a polynomial term on the hottest line of Vim's scan.
+// 2^x for x already clamped: k = round(x), f = x - k, 2^k by times_pow2, 2^f by exp2_reduced
 ZOO_INLINE float exp2_clamped(float x) {
   const float t = x + kShifter;
   return times_pow2(exp2_reduced(x - (t - kShifter)), t);
 }
+
+// 2^x, x clamped to [-126, 127] (error as exp above). The row-layout scans call it for exp(dt * A) with log2(e)
+// folded into A once per channel, which saves exp's two-step range reduction and a polynomial term on the
+// hottest line of Vim's scan.
 ZOO_INLINE float exp2(float x) { return exp2_clamped(clamp_bits(x, int32_t(0x42fe0000), uint32_t(0xc2fc0000))); }
 
 // exp2 for x <= 0 (a decay: dt >= 0 times A <= 0), clamped below only: one integer min instead of two, and no

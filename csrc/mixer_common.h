@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
+
 namespace zoo_scan {
 
 // t: a float32 tensor on `device`
@@ -31,6 +33,17 @@ inline void check_shape(const char* op, const at::Tensor& t, const char* name, a
                         const char* what) {
   TORCH_CHECK(t.sizes() == expected, "zoo_scan::", op, ": ", name, " must be ", what, " = ", expected, ", got ",
               t.sizes());
+}
+
+// t itself when its last dimension is contiguous (the kernels take the other strides as they are)
+inline at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// B and C as the scan kernels read them: unit state stride and one set of strides for both (column slices of
+// one x_proj output already share theirs; otherwise both are made contiguous)
+inline std::pair<at::Tensor, at::Tensor> with_shared_strides(const at::Tensor& B, const at::Tensor& C) {
+  at::Tensor Bs = unit_last(B), Cs = unit_last(C);
+  if (Cs.strides() != Bs.strides()) return {Bs.contiguous(), Cs.contiguous()};
+  return {Bs, Cs};
 }
 
 // bimamba_conv(x, weight, bias): x (batch, L, dim), weight (2, dim, K), bias (2, dim)

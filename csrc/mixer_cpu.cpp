@@ -186,15 +186,10 @@ at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const 
                             const at::Tensor& z, bool delta_softplus, double scale,
                             const c10::optional<at::Tensor>& dt_weight) {
   check_bimamba_scan_args(u, delta, A, B, C, D, delta_bias, z, dt_weight);
-  auto unit_last = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   const at::Tensor uc = u.contiguous(), ds = unit_last(delta), Ac = A.contiguous(), Dc = D.contiguous();
   const at::Tensor bc = delta_bias.contiguous(), zs = unit_last(z);
   const at::Tensor dtw = dt_weight.has_value() ? dt_weight->contiguous() : at::Tensor();
-  at::Tensor Bs = unit_last(B), Cs = unit_last(C);
-  if (Cs.strides() != Bs.strides()) {  // the kernel takes one set of strides for both
-    Bs = Bs.contiguous();
-    Cs = Cs.contiguous();
-  }
+  const auto [Bs, Cs] = with_shared_strides(B, C);
   const int64_t batch = u.size(1), L = u.size(2), dim = u.size(3), N = A.size(2);
   const int64_t R = dtw.defined() ? dtw.size(2) : 0;
   const bool decaying = decaying_scan(delta_softplus, Ac.max().item<float>());

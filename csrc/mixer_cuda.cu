@@ -83,16 +83,17 @@ at::Tensor bimamba_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const
                              const at::Tensor& z, bool delta_softplus, double scale,
                              const c10::optional<at::Tensor>& dt_weight) {
   check_bimamba_scan_args(u, delta, A, B, C, D, delta_bias, z, dt_weight, /*half_inputs=*/true);
-  if (dt_weight.has_value()) {  // dt_proj as a GEMM here; the L-parallel kernel reads the full-width delta
-    const at::Tensor full = at::matmul(delta, dt_weight->to(delta.scalar_type()).transpose(1, 2).unsqueeze(1));
-    return bimamba_scan_cuda(u, full, A, B, C, D, delta_bias, z, delta_softplus, scale, c10::nullopt);
-  }
   TORCH_CHECK(A.size(2) <= 256, "zoo_scan::bimamba_scan: d_state must be in 1..256 on CUDA, got ", A.size(2));
   c10::cuda::CUDAGuard guard(u.device());
+  // with dt_weight, dt_proj as a GEMM here: the L-parallel kernel reads the full-width delta
+  const at::Tensor full_delta =
+      dt_weight.has_value()
+          ? at::matmul(delta, dt_weight->to(delta.scalar_type()).transpose(1, 2).unsqueeze(1))
+          : delta;
   const at::Tensor zc = channel_major(z);
   lpar::Inputs dirs[2];
   for (int k = 0; k < 2; ++k) {  // B, C (batch, L, N) -> (batch, 1 group, N, L)
-    dirs[k] = {channel_major(u[k]), channel_major(delta[k]), A[k].contiguous(), channel_major(B[k]).unsqueeze(1),
+    dirs[k] = {channel_major(u[k]), channel_major(full_delta[k]), A[k].contiguous(), channel_major(B[k]).unsqueeze(1),
                channel_major(C[k]).unsqueeze(1), D[k].contiguous(), zc, delta_bias[k].contiguous(), 1,
                delta_softplus, k == 1};
   }

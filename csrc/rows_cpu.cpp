@@ -42,9 +42,6 @@ void check_scan_floats(const char* op, const at::Tensor& u, const at::Tensor& de
   for (const auto& [t, name] : floats) check_float_on(op, *t, name, at::kCPU);
 }
 
-// t itself when its last dimension is contiguous (the kernels take the other strides as they are)
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 // ---- depthwise_conv2d_silu ----
 
 struct DwConvArgs {
@@ -186,6 +183,9 @@ struct OrderScanArgs {
   int64_t chunk;           // channels per task: kChunk, halved (down to kLanes) until every thread has work
 };
 
+// whether the K orders share one delta (MSVMamba): each token's time scale is then computed once, not once per visit
+ZOO_INLINE bool shares_time_scales(const OrderScanArgs& a) { return a.K > 1 && a.d_sk == 0 && a.dtw_sk == 0; }
+
 // Where token t's rows of batch b (order k) start: one definition for the scan and its prefetch. delta_row is
 // the whole row (channel c of the full-width delta at + c; with dt_w the R low-rank values); bc_offset is the
 // offset of B's and C's rows (they share strides); out_row is channel 0 of the output row.
@@ -253,8 +253,7 @@ template <bool Softplus, bool Decaying>
 ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t width, ChunkBuffers& buf) {
   const int64_t L = a.L, N = a.N, R = a.R, full = width / kLanes * kLanes;
   float *At = buf.At.data(), *Wt = buf.Wt.data(), *h = buf.h.data(), *ybuf = buf.y.data();
-  // the orders share one delta: each token's time scale is computed once, not once per visit
-  const bool shared_dt = a.K > 1 && a.d_sk == 0 && a.dtw_sk == 0;
+  const bool shared_dt = shares_time_scales(a);
   for (int64_t k = 0; k < a.K; ++k) {
     for (int64_t j = 0; j < width; ++j) {  // this order's parameters in the block layout
       const int64_t j0 = j < full ? j / kLanes * kLanes : j, lanes = j < full ? kLanes : 1, c = c0 + j;
@@ -306,7 +305,7 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
 // tasks [begin, end) of the flattened (batch, chunk of a.chunk channels)
 ZOO_CPU_DISPATCH void order_scan_chunks(const OrderScanArgs& a, int64_t begin, int64_t end) {
   const int64_t chunks = (a.dim + a.chunk - 1) / a.chunk, w = a.chunk;
-  const bool shared_dt = a.K > 1 && a.d_sk == 0 && a.dtw_sk == 0;
+  const bool shared_dt = shares_time_scales(a);
   ChunkBuffers buf{std::vector<float>(a.N * w), std::vector<float>(a.R * w), std::vector<float>(a.N * w),
                    std::vector<float>(shared_dt ? a.L * w : 0), std::vector<float>(kDtSteps * w),
                    std::vector<float>(w)};
@@ -361,11 +360,7 @@ int64_t delta_width(const c10::optional<at::Tensor>& dt_weight, const char* op, 
 // The kernel call both ops share, after their own checks: B and C get one set of strides (unit state stride).
 at::Tensor run_order_scan(OrderScanArgs a, const at::Tensor& B, const at::Tensor& C, at::Tensor out,
                           int64_t bc_order_dim) {
-  at::Tensor Bs = unit_last(B), Cs = unit_last(C);
-  if (Cs.strides() != Bs.strides()) {
-    Bs = Bs.contiguous();
-    Cs = Cs.contiguous();
-  }
+  const auto [Bs, Cs] = with_shared_strides(B, C);
   a.B = Bs.data_ptr<float>();
   a.C = Cs.data_ptr<float>();
   a.bc_sk = bc_order_dim < 0 ? 0 : Bs.stride(bc_order_dim);

@@ -40,10 +40,10 @@ MSVMamba's epilogue, between the scans and out_proj (VMamba's without ``y_low``)
   sum_k LayerNorm(y_low[:, k]); out = v * silu(z) (v without z); sums (batch, d) = v summed over the tokens.
 
 The scans take an optional ``dt_weight``, dt_proj's weight ((dim, R); (K, dim, R) for ``scan_cross``, (2, dim, R)
-for ``bimamba_scan``): delta
-is then the rank-R input of dt_proj ((batch, L, R) / (K, batch, L, R), any strides with a unit last one)
-and the kernel computes ``delta @ dt_weight.T`` per step, so the full-width delta is never written (the
-GEMM with R = 3..6 inner products per output runs far below the machine's rate).
+for ``bimamba_scan``): delta is then the rank-R input of dt_proj ((batch, L, R) / (K, batch, L, R) / (2, batch,
+L, R), any strides with a unit last one) and the kernel computes ``delta @ dt_weight.T`` per step, so the
+full-width delta is never written (the GEMM with R = 3..24 inner products per output runs far below the
+machine's rate).
 
 All are inference ops (no autograd formula: training keeps the differentiable path). The CPU kernels
 (``csrc/mixer_cpu.cpp``) take float32; the CUDA ones (``csrc/mixer_cuda.cu``, on the L-parallel scan)

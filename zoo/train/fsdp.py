@@ -25,8 +25,8 @@ import torch.nn as nn
 from .config import ConfigError
 
 __all__ = ["fsdp_units", "shard_model", "is_sharded", "local_rows", "FullSource", "ShardedSource",
-           "split_optimizer_state", "training_tensors", "whole_tensors", "load_module", "load_optimizer", "save_shards", "full_state_dict",
-           "all_finite"]
+           "split_optimizer_state", "training_tensors", "whole_tensors", "load_module", "load_optimizer",
+           "save_shards", "full_state_dict", "all_finite"]
 
 SHARD_CONTAINERS = ("blocks", "layers")
 
