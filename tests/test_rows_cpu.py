@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 from _parity import fixture_id, load_fixture, parity_files
 from zoo.models import msvmamba as msv_mod
+from zoo.models import vmamba as vmamba_mod
 from zoo.models.msvmamba import checkpoint_filter_fn, from_official_kwargs
 from zoo.ops import scan_order_index, selective_scan_naive
 from zoo.ops.compiled import kernels_available
+from zoo.ops import mixer as mixer_mod
 from zoo.ops.mixer import fused_mixer_enabled
 from zoo.ops.multi_direction import SCAN_ORDERS
 
@@ -320,3 +322,26 @@ def test_fused_and_reference_mixers_agree_on_a_released_shape(monkeypatch):
         reference = model(x)
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("name, module", [("msvmamba_nano", msv_mod.MultiScaleSS2D), ("vmamba_tiny", vmamba_mod.SS2D)])
+def test_mixers_run_in_image_groups_with_the_whole_batch_result(name, module, monkeypatch):
+    """With a cache budget below one image, every mixer runs image by image (its row path sees batch 1)
+    and the logits equal the whole-batch run's."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        whole = model(x)
+        batches = []
+        real = module._forward_rows
+
+        def recorded(self, rows):
+            batches.append(rows.shape[0])
+            return real(self, rows)
+
+        monkeypatch.setattr(module, "_forward_rows", recorded)
+        monkeypatch.setattr(mixer_mod, "_CHUNK_ELEMENTS", 1)
+        grouped = model(x)
+    assert batches and set(batches) == {1}
+    torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-6)

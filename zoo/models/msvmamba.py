@@ -39,7 +39,7 @@ from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical
                            raise_official_problems, stage_widths)
 from ..layers.ssm import (ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, ssm_parameters,
                           stacked_ssm_inputs)
-from ..ops.mixer import fused_mixer_enabled
+from ..ops.mixer import fused_mixer_enabled, in_image_chunks
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, ROW_MAJOR, SCAN_ORDERS, scan_order_indices
 
 __all__ = [
@@ -147,7 +147,8 @@ class MultiScaleSS2D(nn.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         if not torch.jit.is_scripting():  # TorchScript and FX tracing keep the reference layout
             if fused_mixer_enabled(x, "scan_orders"):  # CPU inference: channels-last kernels, same result
-                return self.proj_drop(self._forward_rows(x))
+                per_image = x.shape[1] * x.shape[2] * self.d_inner
+                return self.proj_drop(in_image_chunks(self._forward_rows, x, per_image))
         batch, height, width, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
         z = self.act(z)

@@ -44,7 +44,7 @@ from ..layers.ssm import (
     scan,
     ssm_parameters,
 )
-from ..ops.mixer import fused_mixer_enabled
+from ..ops.mixer import fused_mixer_enabled, in_image_chunks
 from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED, scan_order_indices
 from ._hierarchical import (
     HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, raise_official_problems,
@@ -220,7 +220,7 @@ class SS2D(nn.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         if not torch.jit.is_scripting():  # TorchScript and FX tracing keep the reference layout
             if self.rows_layout and fused_mixer_enabled(x, "scan_cross"):  # CPU inference, same result
-                return self._forward_rows(x)
+                return in_image_chunks(self._forward_rows, x, x.shape[1] * x.shape[2] * self.d_inner)
         batch, height, width, _ = x.shape
         x = self.in_proj(x)
         z = x

@@ -52,7 +52,7 @@ also float16 / bfloat16 activations and serve the mixer only under ``ZOO_CUDA_SC
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -62,7 +62,7 @@ from . import compiled  # noqa: F401  (defines the zoo_scan library these ops jo
 from ._build import cuda_scan_lparallel
 from .selective_scan import resolve_backend
 
-__all__ = ["bimamba_rows", "fused_mixer_enabled", "cpu_isa", "cpu_parallel_threads"]
+__all__ = ["bimamba_rows", "fused_mixer_enabled", "in_image_chunks", "cpu_isa", "cpu_parallel_threads"]
 
 _lib = torch.library.Library("zoo_scan", "FRAGMENT")
 _lib.define("bimamba_conv(Tensor x, Tensor weight, Tensor bias) -> Tensor")
@@ -176,6 +176,23 @@ def fused_mixer_enabled(x: torch.Tensor, op: str = "bimamba_scan") -> bool:
     if resolve_backend(x.device).name != "compiled":
         return False
     return _row_kernel_built(x.device.type, op)
+
+
+# Activation elements per image group on the CPU row path (4 MiB of float32 per tensor): a mixer keeps ~8 tensors
+# of its inner width alive, and at MSVMamba's / VMamba's stride-4 stage a batch of 8 makes each 10-20 MiB, so
+# every op streams them from DRAM; in groups this size they stay in the last-level cache.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def in_image_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    elements_per_image: int) -> torch.Tensor:
+    """``fn(x)`` for a CPU ``x`` computed on groups of whole images along dim 0 and concatenated, when one
+    image's activations (``elements_per_image`` per tensor) times the batch would overflow the cache
+    budget. ``fn`` must treat the images independently (the mixers do: inference, no batch statistics)."""
+    per_group = max(1, _CHUNK_ELEMENTS // max(1, elements_per_image))
+    if x.device.type != "cpu" or per_group >= x.shape[0]:
+        return fn(x)
+    return torch.cat([fn(group) for group in x.split(per_group)])
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing it
