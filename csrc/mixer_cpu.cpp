@@ -38,9 +38,23 @@ struct ConvArgs {
   float* out;          // (2, batch, L, dim)
 };
 
+// one output row: silu(bias + sum_k w_k * x_k) with the K taps' input rows x_k all in range, the sum in
+// registers in tap order (as the general path adds it); one pass over the row instead of K + 2
+template <int64_t K>
+ZOO_INLINE void conv_row_all_taps(const float* const* xs, const float* __restrict w, const float* __restrict bias,
+                                  float* __restrict o, int64_t dim) {
+#pragma omp simd
+  for (int64_t c = 0; c < dim; ++c) {
+    float acc = bias[c];
+    for (int64_t k = 0; k < K; ++k) acc += w[k * dim + c] * xs[k][c];
+    o[c] = zoo_vec::silu(acc);
+  }
+}
+
 // rows (b, t) in [begin, end) of the flattened (batch, L); tap k of the forward direction reads
 // step t - (K - 1) + k, of the reverse direction step t + (K - 1) - k (official weight layout)
 ZOO_CPU_DISPATCH void conv_rows(const ConvArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t kFastTaps = 4;  // Vim's d_conv
   const int64_t L = a.L, dim = a.dim, K = a.K;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / L, t = r % L;
@@ -48,12 +62,20 @@ ZOO_CPU_DISPATCH void conv_rows(const ConvArgs& a, int64_t begin, int64_t end) {
     for (int dir = 0; dir < 2; ++dir) {
       float* o = a.out + (dir * a.batch * L + r) * dim;
       const float* bias = a.bias + dir * dim;
+      const float* w = a.w + dir * K * dim;
+      const int64_t first = dir == 0 ? t - (K - 1) : t + (K - 1);  // the step tap 0 reads
+      if (K == kFastTaps && first >= 0 && first < L) {
+        const float* xs[kFastTaps];
+        for (int64_t k = 0; k < kFastTaps; ++k) xs[k] = xb + (dir == 0 ? first + k : first - k) * a.x_st;
+        conv_row_all_taps<kFastTaps>(xs, w, bias, o, dim);
+        continue;
+      }
       std::copy(bias, bias + dim, o);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t s = dir == 0 ? t - (K - 1) + k : t + (K - 1) - k;
         if (s < 0 || s >= L) continue;
         const float* xs = xb + s * a.x_st;
-        const float* wk = a.w + (dir * K + k) * dim;
+        const float* wk = w + k * dim;
 #pragma omp simd
         for (int64_t c = 0; c < dim; ++c) o[c] += wk[c] * xs[c];
       }
