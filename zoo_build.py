@@ -26,11 +26,11 @@ def ahead_of_time_extensions() -> Tuple[List[object], Dict[str, object]]:
     spec = importlib.util.spec_from_file_location("_zoo_build_flags", ROOT / "zoo" / "ops" / "_build.py")
     flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(flags)
-    CPU_CFLAGS, CPU_LDFLAGS, cuda_flags = flags.CPU_CFLAGS, flags.CPU_LDFLAGS, flags.cuda_flags
+    (cpu_cflags, cpu_ldflags), cuda_flags = flags.cpu_build_flags(), flags.cuda_flags
 
     exts: List[object] = [
         CppExtension("zoo.ops._zoo_scan_cpu", [str(ROOT / "csrc" / s) for s in flags.CPU_SOURCES],
-                     extra_compile_args={"cxx": CPU_CFLAGS}, extra_link_args=CPU_LDFLAGS),
+                     extra_compile_args={"cxx": cpu_cflags}, extra_link_args=cpu_ldflags),
     ]
     has_nvcc = (CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists()) or shutil.which("nvcc")
     if has_nvcc:

@@ -1,6 +1,7 @@
 """The fused CPU Vim mixer (zoo_scan::bimamba_conv / bimamba_scan) against the unfused reference path."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def test_build_is_portable_and_dispatches_on_this_cpu():
 
     from zoo.ops import _build
 
-    assert not any(f.startswith(("-march", "-mtune", "-mavx", "-mfma")) for f in _build.CPU_CFLAGS)
+    assert not any(f.startswith(("-march", "-mtune", "-mavx", "-mfma")) for f in _build.cpu_build_flags()[0])
     cpuinfo = Path("/proc/cpuinfo")
     if platform.machine() != "x86_64" or not cpuinfo.exists():
         assert cpu_isa() == "baseline"
@@ -236,6 +237,19 @@ def test_build_is_portable_and_dispatches_on_this_cpu():
     v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
     expected = "avx512" if v4 <= flags else "avx2" if v3 <= flags else "baseline"
     assert cpu_isa() == expected
+
+
+def test_openmp_only_with_gcc(monkeypatch):
+    """-fopenmp with GCC only: clang's would load LLVM's libomp next to the libgomp torch has loaded."""
+    from zoo.ops import _build
+
+    for banner, expected in [("g++ (Debian 12.2.0-14) 12.2.0\nCopyright (C) 2022 Free Software Foundation", True),
+                             ("Debian clang version 14.0.6\nTarget: x86_64-pc-linux-gnu", False)]:
+        monkeypatch.setattr(_build.subprocess, "run",
+                            lambda *a, banner=banner, **k: subprocess.CompletedProcess(a, 0, stdout=banner))
+        assert _build._cxx_is_gcc() is expected
+    monkeypatch.setattr(_build.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("c++")))
+    assert _build._cxx_is_gcc() is False
 
 
 def test_kernels_run_on_the_threads_torch_is_given():
@@ -250,7 +264,8 @@ def test_kernels_run_on_the_threads_torch_is_given():
         torch.set_num_threads(1)
         assert cpu_parallel_threads() == 1
         if sys.platform.startswith("linux") and (os.cpu_count() or 1) >= 2:
-            assert "-fopenmp" in _build.CPU_CFLAGS and "-fopenmp" in _build.CPU_LDFLAGS
+            cflags, ldflags = _build.cpu_build_flags()
+            assert "-fopenmp" in cflags and "-fopenmp" in ldflags
             torch.set_num_threads(2)
             assert cpu_parallel_threads() == 2
     finally:

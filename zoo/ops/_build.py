@@ -10,12 +10,14 @@ install -e .``, see ``zoo_build.py``) are used first when they are importable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 import warnings
@@ -32,12 +34,29 @@ CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu", "mixer_cuda.cu"]
 # carry one clone per ISA level chosen at load time (csrc/cpu_vec.h), so the library is portable and
 # nothing host-specific belongs in the cache key.
 CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
-# at::parallel_for is an OpenMP loop compiled into the caller: without -fopenmp the kernels run on one thread
-# whatever torch.get_num_threads() says. Linking libgomp by its soname reuses the copy torch has loaded (Linux
-# torch builds use GNU OpenMP); elsewhere the kernels stay single-threaded rather than mix OpenMP runtimes.
-CPU_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
-CPU_CFLAGS += CPU_OPENMP
-CPU_LDFLAGS = list(CPU_OPENMP)
+
+
+def _cxx_is_gcc() -> bool:
+    """Whether the C++ compiler the extension builder runs (``$CXX``, else ``c++``) is GCC."""
+    try:
+        banner = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True,
+                                timeout=60).stdout.lower()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in banner and ("gcc" in banner or "free software foundation" in banner)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_build_flags() -> Tuple[List[str], List[str]]:
+    """(compile flags, link flags) of the CPU library. at::parallel_for is an OpenMP loop compiled into the
+    caller, so without -fopenmp the kernels run on one thread whatever torch.get_num_threads() says. It is
+    added on Linux with GCC only: GCC links libgomp by its soname and so reuses the copy Linux torch builds
+    load, where clang's -fopenmp would load LLVM's libomp beside it; elsewhere the kernels stay single-threaded
+    rather than run two OpenMP runtimes in one process."""
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") and _cxx_is_gcc() else []
+    return CPU_CFLAGS + openmp, openmp
+
+
 _lock = threading.Lock()
 _state = {"cpu": None, "cuda": None}  # None: not tried; True: loaded; str: why it failed
 _warned = set()
@@ -141,11 +160,12 @@ def _cpp_extension():
 def _jit_spec(kind: str) -> Tuple[Path, dict]:
     """The build directory (one per torch version, target and source hash) and the load() arguments."""
     if kind == "cpu":
-        sources, cflags, cuda = CPU_SOURCES, CPU_CFLAGS, ""
+        sources, cuda = CPU_SOURCES, ""
+        cflags, ldflags = cpu_build_flags()
         key = f"cpu-{platform.machine()}"
     else:
         archs = cuda_arch_list()
-        sources, cflags, cuda = CUDA_SOURCES, ["-O3"], torch.version.cuda or "none"
+        sources, cflags, ldflags, cuda = CUDA_SOURCES, ["-O3"], [], torch.version.cuda or "none"
         key = f"cuda{cuda}-sm" + "_".join(a.replace(".", "") for a in archs)
     tag = f"torch{torch.__version__.split('+')[0]}-{key}-{_sources_hash(sources, cflags)}".replace(".", "")
     build_dir = _cache_root() / tag
@@ -153,7 +173,7 @@ def _jit_spec(kind: str) -> Tuple[Path, dict]:
         name=f"zoo_scan_{kind}",
         sources=[str(CSRC / s) for s in sources],
         extra_cflags=cflags,
-        extra_ldflags=CPU_LDFLAGS if kind == "cpu" else [],
+        extra_ldflags=ldflags,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=env_flag("ZOO_EXT_VERBOSE"),
