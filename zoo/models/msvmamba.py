@@ -39,7 +39,7 @@ from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical
                            raise_official_problems, stage_widths)
 from ..layers.ssm import (ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, ssm_parameters,
                           stacked_ssm_inputs)
-from ..ops.mixer import fused_mixer_enabled, in_image_chunks
+from ..ops.mixer import fused_mixer_enabled, in_image_chunks, rows_projection
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, ROW_MAJOR, SCAN_ORDERS, scan_order_indices
 
 __all__ = [
@@ -206,7 +206,9 @@ class MultiScaleSS2D(nn.Module):
         batch, height, width, d = u.shape
         rows = u.view(batch, height * width, d)
         rank, n = self.dt_rank, self.d_state
-        x_dbl = rows @ self.x_proj_weight[slot].t()  # (B, L, R + 2N): delta's rank-R input, B and C
+        # (B, L, R + 2N): delta's rank-R input, B and C
+        x_dbl = rows_projection(rows.view(1, batch * height * width, d), self.x_proj_weight[slot][None])
+        x_dbl = x_dbl.view(batch, height * width, -1)
         A, D, delta_bias = ssm_parameters(self.A_logs[slot * d:(slot + 1) * d], self.Ds[slot * d:(slot + 1) * d],
                                           self.dt_projs_bias[slot])
         index = scan_order_indices(orders, height, width)

@@ -44,7 +44,7 @@ from ..layers.ssm import (
     scan,
     ssm_parameters,
 )
-from ..ops.mixer import fused_mixer_enabled, in_image_chunks
+from ..ops.mixer import fused_mixer_enabled, in_image_chunks, rows_projection
 from ..ops.multi_direction import COLUMN_MAJOR, COLUMN_MAJOR_REVERSED, ROW_MAJOR, ROW_MAJOR_REVERSED, scan_order_indices
 from ._hierarchical import (
     HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal, raise_official_problems,
@@ -257,7 +257,8 @@ class SS2D(nn.Module):
         rows = torch.ops.zoo_scan.depthwise_conv2d_silu(x, self.conv.weight, self.conv.bias, 1).view(batch, -1, d)
         proj = rank + 2 * n
         # every direction's projection on the row-major tokens (it is per token, so order does not matter)
-        x_dbl = (rows @ self.x_proj_weight.reshape(k * proj, d).t()).view(batch, -1, k, proj)
+        x_dbl = rows_projection(rows.reshape(1, -1, d), self.x_proj_weight.reshape(1, k * proj, d))
+        x_dbl = x_dbl.view(batch, -1, k, proj)
         A, D, delta_bias = ssm_parameters(self.A_logs, self.Ds, self.dt_projs_bias)
         index = scan_order_indices(self.orders, height, width)
         # dt_proj runs inside the scan (dt_weight) on each direction's rank-R slice: (K, B, L, R), strided

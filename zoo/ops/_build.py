@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ["scan_cpu.cpp", "mixer_cpu.cpp", "rows_cpu.cpp"]
+CPU_SOURCES = ["scan_cpu.cpp", "mixer_cpu.cpp", "rows_cpu.cpp", "linear_cpu.cpp"]
 CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu", "mixer_cuda.cu"]
 # -fno-trapping-math lets GCC if-convert the clamps of the kernels' exp, without which no loop calling
 # it is vectorised (the kernels do not rely on floating-point exceptions). No -march: the hot kernels

@@ -1,0 +1,144 @@
+// grouped_linear: y[g] = x[g] @ weight[g]^T on the CPU, for the projections of the row-layout mixers whose
+// shapes sit outside what the BLAS is tuned for: x_proj's few outputs (dt_rank + 2 * d_state = 5..80), where
+// MKL ran at 5-25 GMAC/s on the 2-core AVX2 machine of docs/kernels.md against 32-38 on the large GEMMs.
+//
+// A register tile of 12 accumulators (AVX2 registers) stays put over the whole inner dimension; the weight is
+// repacked per call into panels of the tile's columns (K x cols, zero-padded past N), so each step reads
+// one broadcast x value per row and one or two weight vectors.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu_vec.h"
+#include "mixer_common.h"
+
+namespace zoo_scan {
+namespace {
+
+typedef float vec8 __attribute__((vector_size(32)));  // GCC vector extension: split in two on SSE-only clones
+
+// The two register tiles, 12 accumulators each: Rows x (8 * Vecs) outputs. 6 x 16 in general; 12 x 8 where
+// N <= 8 (x_proj of a d_state-1 model: dt_rank + 2 outputs), which would leave most of a 16-wide panel empty.
+template <int64_t Rows, int64_t Vecs>
+struct Tile {
+  static constexpr int64_t kRows = Rows, kCols = 8 * Vecs;
+};
+using WideTile = Tile<6, 2>;
+using NarrowTile = Tile<12, 1>;
+
+struct LinearArgs {
+  int64_t groups, M, K, N, panels;
+  const float* x;  // (groups, M, K), unit inner stride
+  int64_t x_sg, x_sm;
+  const float* wp;  // (groups, panels, K, cols): the packed weight, cols = the tile's columns
+  float* y;         // (groups, M, N) contiguous
+};
+
+// out[i * cols + j] = sum_k x[i * lda + k] * panel[k * cols + j], summed in k order. The accumulators are
+// locals that never escape (only their final values are copied out) and the weight vectors are named
+// scalars, not an array (GCC copied an array through the stack every step), so all stay in registers.
+template <typename T>
+ZOO_INLINE void tile(const float* __restrict x, int64_t lda, const float* __restrict panel, int64_t K,
+                     float* __restrict out) {
+  constexpr int64_t R = T::kRows, V = T::kCols / 8;
+  static_assert(V == 1 || V == 2, "tile() loads one or two weight vectors a step");
+  vec8 acc[R][V];
+#pragma GCC unroll 12
+  for (int64_t i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int64_t v = 0; v < V; ++v) acc[i][v] = vec8{};
+  for (int64_t k = 0; k < K; ++k) {
+    vec8 w0, w1{};
+    std::memcpy(&w0, panel + k * T::kCols, sizeof(vec8));
+    if constexpr (V == 2) std::memcpy(&w1, panel + k * T::kCols + 8, sizeof(vec8));
+#pragma GCC unroll 12
+    for (int64_t i = 0; i < R; ++i) {
+      const float xi = x[i * lda + k];
+      acc[i][0] += xi * w0;
+      if constexpr (V == 2) acc[i][V - 1] += xi * w1;
+    }
+  }
+#pragma GCC unroll 12
+  for (int64_t i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int64_t v = 0; v < V; ++v) std::memcpy(out + i * T::kCols + v * 8, &acc[i][v], sizeof(vec8));
+}
+
+// tasks [begin, end) of the flattened (groups, row blocks of T::kRows)
+template <typename T>
+ZOO_INLINE void linear_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t R = T::kRows, cols_per_panel = T::kCols;
+  const int64_t K = a.K, N = a.N, blocks = (a.M + R - 1) / R;
+  std::vector<float> tail;  // the last block's rows, zero-padded to R (its x rows past M do not exist)
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t g = task / blocks, r0 = (task % blocks) * R, rows = std::min(R, a.M - r0);
+    const float* x = a.x + g * a.x_sg + r0 * a.x_sm;
+    int64_t lda = a.x_sm;
+    if (rows < R) {
+      tail.assign(R * K, 0.0f);
+      for (int64_t i = 0; i < rows; ++i) std::memcpy(tail.data() + i * K, x + i * a.x_sm, K * sizeof(float));
+      x = tail.data(), lda = K;
+    }
+    float* y = a.y + (g * a.M + r0) * N;
+    for (int64_t p = 0; p < a.panels; ++p) {
+      float out[R * cols_per_panel];
+      tile<T>(x, lda, a.wp + (g * a.panels + p) * K * cols_per_panel, K, out);
+      const int64_t cols = std::min(cols_per_panel, N - p * cols_per_panel);
+      for (int64_t i = 0; i < rows; ++i)
+        std::memcpy(y + i * N + p * cols_per_panel, out + i * cols_per_panel, cols * sizeof(float));
+    }
+  }
+}
+
+ZOO_CPU_DISPATCH void wide_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
+  linear_tiles<WideTile>(a, begin, end);
+}
+ZOO_CPU_DISPATCH void narrow_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
+  linear_tiles<NarrowTile>(a, begin, end);
+}
+
+// weight (groups, N, K) -> (groups, panels, K, cols): each panel of cols outputs transposed, zero rows past N
+at::Tensor pack_panels(const at::Tensor& weight, int64_t cols) {
+  const int64_t groups = weight.size(0), N = weight.size(1), K = weight.size(2), panels = (N + cols - 1) / cols;
+  return at::constant_pad_nd(weight, {0, 0, 0, panels * cols - N})
+      .view({groups, panels, cols, K})
+      .transpose(2, 3)
+      .contiguous();
+}
+
+at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
+  const char* op = "grouped_linear";
+  check_float_on(op, x, "x", at::kCPU);
+  check_float_on(op, weight, "weight", at::kCPU);
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3, "zoo_scan::grouped_linear: x must be (groups, M, K) and weight ",
+              "(groups, N, K), got ", x.sizes(), " and ", weight.sizes());
+  const int64_t groups = x.size(0), M = x.size(1), K = x.size(2), N = weight.size(1);
+  check_shape(op, weight, "weight", {groups, N, K}, "(groups, N, K)");
+  const at::Tensor xs = unit_last(x);
+  auto y = at::empty({groups, M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const bool narrow = N <= NarrowTile::kCols;
+  const int64_t cols = narrow ? NarrowTile::kCols : WideTile::kCols, rows = narrow ? NarrowTile::kRows : WideTile::kRows;
+  const at::Tensor wp = pack_panels(weight, cols);
+  LinearArgs a{groups, M, K, N, wp.size(1), xs.data_ptr<float>(), xs.stride(0), xs.stride(1), wp.data_ptr<float>(),
+               y.data_ptr<float>()};
+  const int64_t tasks = groups * ((M + rows - 1) / rows);
+  at::parallel_for(0, tasks, zoo_vec::grain_for(rows * K * N / 8), [&](int64_t begin, int64_t end) {
+    if (narrow)
+      narrow_tiles(a, begin, end);
+    else
+      wide_tiles(a, begin, end);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) { m.impl("grouped_linear", &grouped_linear_cpu); }
+
+}  // namespace zoo_scan
