@@ -16,9 +16,9 @@ def _reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("M", [1, 7, 12, 13, 61])
-@pytest.mark.parametrize("K", [1, 5, 48, 97])
-@pytest.mark.parametrize("N", [1, 5, 8, 9, 16, 44, 81])  # the 12 x 8 tile up to 8 outputs, 6 x 16 beyond
+@pytest.mark.parametrize("M", [1, 13, 61])
+@pytest.mark.parametrize("K", [1, 48, 97])
+@pytest.mark.parametrize("N", [1, 5, 8, 9, 44, 81])  # the 12 x 8 tile up to 8 outputs, 6 x 16 beyond
 def test_grouped_linear_matches_a_float64_matmul(groups, M, K, N):
     """Every row tail (M not a multiple of the tile's 6 / 12 rows) and column tail (N past a panel)."""
     g = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
