@@ -70,3 +70,17 @@ def test_rows_projection_picks_the_kernel_on_cpu_and_bmm_elsewhere():
     out64 = rows_projection(x.double(), weight.double())
     assert out64.shape == (2, 9, 44)
     torch.testing.assert_close(out64, _reference(x, weight))
+
+
+def test_grouped_linear_is_bit_identical_across_thread_counts():
+    """Each output tile belongs to one task, so the thread count only changes who computes it."""
+    x, weight = torch.randn(2, 301, 96), torch.randn(2, 44, 96)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.zoo_scan.grouped_linear(x, weight)
+        torch.set_num_threads(2)
+        two = torch.ops.zoo_scan.grouped_linear(x, weight)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
