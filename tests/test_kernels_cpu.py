@@ -227,6 +227,20 @@ def test_missing_compiler_falls_back_with_one_warning(tmp_path):
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
+def test_cached_library_loads_without_a_compiler():
+    """A library built earlier loads in a process whose C++ compiler is gone: the build flags (and so the
+    cache key) must not change when the compiler cannot be asked what it is."""
+    import subprocess
+    import sys
+
+    assert compiled.kernels_available("cpu")[0]  # built (or found) in this process's cache
+    code = "from zoo.ops.compiled import kernels_available; ok, why = kernels_available('cpu'); print(ok, why)"
+    env = dict(__import__("os").environ, CXX="/nonexistent/c++")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert res.returncode == 0 and res.stdout.startswith("True"), (res.stdout, res.stderr[-2000:])
+
+
 @pytest.mark.parametrize("N,groups,var_b", [(1, 2, True), (4, 1, False)])
 def test_multi_direction_direct_indexing_matches_gather_path(N, groups, var_b):
     """MSVMamba's multi-direction scan through the indexed CPU kernel (no reordered input copies) vs

@@ -239,17 +239,18 @@ def test_build_is_portable_and_dispatches_on_this_cpu():
     assert cpu_isa() == expected
 
 
-def test_openmp_only_with_gcc(monkeypatch):
-    """-fopenmp with GCC only: clang's would load LLVM's libomp next to the libgomp torch has loaded."""
+def test_no_openmp_flag_with_clang(monkeypatch):
+    """-fopenmp unless the compiler is clang (whose -fopenmp would load LLVM's libomp next to the libgomp torch
+    has loaded); a compiler that cannot be run keeps the GCC flags, so a cached library's key still matches."""
     from zoo.ops import _build
 
-    for banner, expected in [("g++ (Debian 12.2.0-14) 12.2.0\nCopyright (C) 2022 Free Software Foundation", True),
-                             ("Debian clang version 14.0.6\nTarget: x86_64-pc-linux-gnu", False)]:
+    for banner, clang in [("g++ (Debian 12.2.0-14) 12.2.0\nCopyright (C) 2022 Free Software Foundation", False),
+                          ("Debian clang version 14.0.6\nTarget: x86_64-pc-linux-gnu", True)]:
         monkeypatch.setattr(_build.subprocess, "run",
                             lambda *a, banner=banner, **k: subprocess.CompletedProcess(a, 0, stdout=banner))
-        assert _build._cxx_is_gcc() is expected
+        assert _build._cxx_is_clang() is clang
     monkeypatch.setattr(_build.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("c++")))
-    assert _build._cxx_is_gcc() is False
+    assert _build._cxx_is_clang() is False
 
 
 def test_kernels_run_on_the_threads_torch_is_given():

@@ -36,24 +36,26 @@ CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu", "mixer_cuda.cu"]
 CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
 
 
-def _cxx_is_gcc() -> bool:
-    """Whether the C++ compiler the extension builder runs (``$CXX``, else ``c++``) is GCC."""
+def _cxx_is_clang() -> bool:
+    """Whether the C++ compiler the extension builder runs (``$CXX``, else ``c++``) is clang. False when it
+    cannot be run: the flags, and with them the cache key of a library built earlier, then stay as for GCC
+    (the compiler of torch's Linux builds), so a cached library still loads on a machine without a compiler."""
     try:
         banner = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True,
-                                timeout=60).stdout.lower()
+                                timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return False
-    return "clang" not in banner and ("gcc" in banner or "free software foundation" in banner)
+    return "clang" in banner.lower()
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_build_flags() -> Tuple[List[str], List[str]]:
     """(compile flags, link flags) of the CPU library. at::parallel_for is an OpenMP loop compiled into the
     caller, so without -fopenmp the kernels run on one thread whatever torch.get_num_threads() says. It is
-    added on Linux with GCC only: GCC links libgomp by its soname and so reuses the copy Linux torch builds
-    load, where clang's -fopenmp would load LLVM's libomp beside it; elsewhere the kernels stay single-threaded
-    rather than run two OpenMP runtimes in one process."""
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") and _cxx_is_gcc() else []
+    added on Linux unless the compiler is clang: GCC links libgomp by its soname and so reuses the copy Linux
+    torch builds load, where clang's -fopenmp would load LLVM's libomp beside it; elsewhere the kernels stay
+    single-threaded rather than run two OpenMP runtimes in one process."""
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") and not _cxx_is_clang() else []
     return CPU_CFLAGS + openmp, openmp
 
 
