@@ -59,7 +59,7 @@ ZOO_INLINE void tile(const float* __restrict x, int64_t lda, const float* __rest
     for (int64_t i = 0; i < R; ++i) {
       const float xi = x[i * lda + k];
       acc[i][0] += xi * w0;
-      if constexpr (V == 2) acc[i][V - 1] += xi * w1;
+      if constexpr (V == 2) acc[i][1] += xi * w1;
     }
   }
 #pragma GCC unroll 12

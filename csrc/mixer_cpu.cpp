@@ -64,15 +64,16 @@ ZOO_CPU_DISPATCH void conv_rows(const ConvArgs& a, int64_t begin, int64_t end) {
       const float* bias = a.bias + dir * dim;
       const float* w = a.w + dir * K * dim;
       const int64_t first = dir == 0 ? t - (K - 1) : t + (K - 1);  // the step tap 0 reads
+      auto step_of = [&](int64_t k) { return dir == 0 ? first + k : first - k; };
       if (K == kFastTaps && first >= 0 && first < L) {
         const float* xs[kFastTaps];
-        for (int64_t k = 0; k < kFastTaps; ++k) xs[k] = xb + (dir == 0 ? first + k : first - k) * a.x_st;
+        for (int64_t k = 0; k < kFastTaps; ++k) xs[k] = xb + step_of(k) * a.x_st;
         conv_row_all_taps<kFastTaps>(xs, w, bias, o, dim);
         continue;
       }
       std::copy(bias, bias + dim, o);
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t s = dir == 0 ? t - (K - 1) + k : t + (K - 1) - k;
+        const int64_t s = step_of(k);
         if (s < 0 || s >= L) continue;
         const float* xs = xb + s * a.x_st;
         const float* wk = w + k * dim;

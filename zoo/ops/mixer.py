@@ -93,7 +93,7 @@ _lib.define(
 )
 
 
-# y[g] = x[g] @ weight[g].T (CPU): the row mixers' projections with few outputs or a short inner dimension
+# y[g] = x[g] @ weight[g].T (CPU): the row mixers' x_proj, whose few outputs the BLAS runs slowly
 _lib.define("grouped_linear(Tensor x, Tensor weight) -> Tensor")
 
 
@@ -226,7 +226,8 @@ def rows_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x[g] @ weight[g].T`` for x (G, M, K) and weight (G, N, K): the row mixers' x_proj (dt_rank + 2 *
     d_state = 5..80 outputs). On float32 CPU tensors ``zoo_scan::grouped_linear``, whose register tiles run
     these few-output shapes 1.2-2.9x faster than the BLAS did (docs/kernels.md); elsewhere ``torch.bmm``,
-    with the outputs zero-padded to a multiple of 16 (1.25x faster for R + 2N = 44 at Vim-Ti on CUDA)."""
+    with the outputs zero-padded to a multiple of 16 (that skinny GEMM ran 1.25x faster for R + 2N = 44,
+    Vim-Ti) and cut back."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and _row_kernel_built("cpu", "grouped_linear"):
         return torch.ops.zoo_scan.grouped_linear(x, weight)
     n = weight.shape[1]
