@@ -55,7 +55,14 @@ def kernel_isa() -> str:
         from zoo.ops.mixer import cpu_isa
     except ImportError:  # a tree without the dispatched kernels
         return "n/a"
-    return cpu_isa()
+    isa = cpu_isa()
+    try:
+        from zoo.ops.mixer import cpu_avx512_runs
+    except ImportError:  # a tree from before the hand-written AVX-512 scan steps
+        return isa
+    if isa == "avx512":
+        isa += " (Vim scan: " + ("AVX-512 steps)" if cpu_avx512_runs() else "portable steps, ZOO_CPU_AVX512=0)")
+    return isa
 
 
 def kernel_threads() -> str:

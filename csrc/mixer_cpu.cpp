@@ -3,8 +3,8 @@
 //
 //   bimamba_conv: both directions' depthwise conv (causal / anti-causal) + bias + SiLU in one pass
 //                 over x, channels in the vector lanes;
-//   bimamba_scan: per (batch, block of kLanes channels), the forward scan then the reverse scan with
-//                 softplus(delta + bias) (delta optionally from dt_proj's rank-R input, the projection
+//   bimamba_scan: per (batch, block of 16 channels, 32 on AVX-512), the forward scan then the reverse
+//                 scan with softplus(delta + bias) (delta optionally from dt_proj's rank-R input, the projection
 //                 done per step), exp(delta * A) vectorised over the lanes, the D skip, and
 //                 scale * (y_fwd + y_rev) * silu(z) written once.
 //
@@ -20,6 +20,7 @@
 #include "cpu_vec.h"
 #include "mixer_common.h"
 #include "rows_scan.h"
+#include "rows_scan_avx512.h"
 
 namespace zoo_scan {
 namespace {
@@ -104,6 +105,7 @@ at::Tensor bimamba_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const
 struct ScanRowsArgs {
   int64_t batch, L, dim, N, R;  // R: dt_proj's rank when it is folded in (dt_w), else 0
   bool softplus, decaying;      // decaying: see rows_scan.h
+  bool wide;                    // blocks of kAvx512Lanes on AVX-512 (a decaying scan and avx512_runs())
   float scale;
   const float *u, *delta;  // u (2, batch, L, dim) contiguous; delta the same size, or (2, batch, L, R) with dt_w
   int64_t d_sd, d_sb, d_st;  // delta's direction / batch / step strides (channel stride 1)
@@ -117,9 +119,10 @@ struct ScanRowsArgs {
   float* out;  // (batch, L, dim) contiguous
 };
 
-// per-thread buffers: At (N x W), Wt (R x W), h (N x W), dt (kDtSteps x W), ybuf (L x W: the forward outputs)
+// per-thread buffers, for blocks of up to kBlock lanes: At (N x W), Wt (R x W), h (N x W), dt (kDtSteps x W),
+// ybuf (L x W: the forward outputs), ys (kDtSteps x W: the reverse outputs of a run)
 struct ScanBuffers {
-  std::vector<float> At, Wt, h, dt, ybuf;
+  std::vector<float> At, Wt, h, dt, ybuf, ys;
 };
 
 // the time scales of steps s0 .. s0 + steps of direction dir into dt (steps x W)
@@ -136,8 +139,9 @@ ZOO_INLINE void fill_dt_steps(const ScanRowsArgs& a, int dir, int64_t b, int64_t
   }
 }
 
-// One direction over the W channels c0 .. c0 + W of batch b. Forward: y (D skip included) goes to
-// ybuf (L x W). Reverse: combined with ybuf, gated and written to out.
+// One direction over the W channels c0 .. c0 + W of batch b, in runs of kDtSteps steps. Forward: y (D skip
+// included) goes to ybuf (L x W). Reverse: combined with ybuf, gated and written to out. W = kAvx512Lanes runs
+// on AVX-512 (scan_blocks picks it only for decaying scans on such a CPU).
 template <int64_t W, bool Softplus, bool Decaying>
 ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_t c0, ScanBuffers& buf) {
   const int64_t L = a.L, dim = a.dim, N = a.N;
@@ -151,26 +155,31 @@ ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_
     if (a.dt_w != nullptr) load_dt_weight(a.dt_w + c * a.R, a.R, W, j, Wt);
   }
   std::fill(h, h + N * W, 0.0f);
-  const int64_t row0 = (dir * a.batch + b) * L;
+  const int64_t row0 = (dir * a.batch + b) * L, step = dir == 0 ? 1 : -1;
   const float* Bb = a.B + dir * a.bc_sd + b * a.bc_sb;
   const float* Cb = a.C + dir * a.bc_sd + b * a.bc_sb;
   for (int64_t s0 = 0; s0 < L; s0 += kDtSteps) {
-    const int64_t steps = std::min(kDtSteps, L - s0);
+    const int64_t steps = std::min(kDtSteps, L - s0), t0 = dir == 0 ? s0 : L - 1 - s0;
     fill_dt_steps<W, Softplus>(a, dir, b, c0, s0, steps, bias, Wt, dt);
+    const StepRows rows{a.u + (row0 + t0) * dim + c0, step * dim, Bb + t0 * a.bc_st, Cb + t0 * a.bc_st,
+                        step * a.bc_st};
+    float* ys = dir == 0 ? ybuf + s0 * W : buf.ys.data();  // forward steps run in t order, so ybuf takes them
+#if ZOO_AVX512_RUNS
+    if constexpr (W == kAvx512Lanes && Decaying) {
+      scan_run_avx512(rows, steps, dt, Dd, At, h, N, ys);
+    } else
+#endif
+    {
+      scan_run<W, Decaying>(rows, steps, dt, Dd, At, h, N, ys);
+    }
+    if (dir == 0) continue;
     for (int64_t s = 0; s < steps; ++s) {
-      const int64_t t = dir == 0 ? s0 + s : L - 1 - s0 - s;
-      float y[W];
-      scan_step_dt<W, Decaying>(a.u + (row0 + t) * dim + c0, dt + s * W, Dd, At, h, Bb + t * a.bc_st,
-                                Cb + t * a.bc_st, N, y);
-      float* __restrict yb = ybuf + t * W;
-      if (dir == 0) {
-        for (int64_t j = 0; j < W; ++j) yb[j] = y[j];
-      } else {
-        const float* __restrict zp = a.z + b * a.z_sb + t * a.z_st + c0;
-        float* __restrict op = a.out + (b * L + t) * dim + c0;
+      const int64_t t = t0 - s;
+      const float *__restrict yf = ybuf + t * W, *__restrict yr = ys + s * W;
+      const float* __restrict zp = a.z + b * a.z_sb + t * a.z_st + c0;
+      float* __restrict op = a.out + (b * L + t) * dim + c0;
 #pragma omp simd
-        for (int64_t j = 0; j < W; ++j) op[j] = a.scale * (yb[j] + y[j]) * zoo_vec::silu(zp[j]);
-      }
+      for (int64_t j = 0; j < W; ++j) op[j] = a.scale * (yf[j] + yr[j]) * zoo_vec::silu(zp[j]);
     }
   }
 }
@@ -187,20 +196,25 @@ ZOO_INLINE void scan_both(const ScanRowsArgs& a, int64_t b, int64_t c0, ScanBuff
   }
 }
 
-// tasks [begin, end) of the flattened (batch, channel block); the last block of a batch holds the
-// dim % kLanes channels left over, scanned one lane at a time
+// the channels per task: one AVX-512 run's where it is used, else one portable block's
+ZOO_INLINE int64_t scan_block_width(const ScanRowsArgs& a) { return a.wide ? kAvx512Lanes : kLanes; }
+
+// tasks [begin, end) of the flattened (batch, channel block); a block narrower than the task width (the
+// dim % width channels left over) is scanned in portable blocks of kLanes, then one lane at a time
 ZOO_CPU_DISPATCH void scan_blocks(const ScanRowsArgs& a, int64_t begin, int64_t end) {
-  const int64_t blocks = (a.dim + kLanes - 1) / kLanes;
-  ScanBuffers buf{std::vector<float>(a.N * kLanes), std::vector<float>(a.R * kLanes),
-                  std::vector<float>(a.N * kLanes), std::vector<float>(kDtSteps * kLanes),
-                  std::vector<float>(a.L * kLanes)};
+  const int64_t width = scan_block_width(a), blocks = (a.dim + width - 1) / width;
+  ScanBuffers buf{std::vector<float>(a.N * width), std::vector<float>(a.R * width),
+                  std::vector<float>(a.N * width), std::vector<float>(kDtSteps * width),
+                  std::vector<float>(a.L * width), std::vector<float>(kDtSteps * width)};
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / blocks, c0 = (task % blocks) * kLanes;
-    if (c0 + kLanes <= a.dim) {
-      scan_both<kLanes>(a, b, c0, buf);
-    } else {
-      for (int64_t c = c0; c < a.dim; ++c) scan_both<1>(a, b, c, buf);
+    const int64_t b = task / blocks, c0 = (task % blocks) * width, stop = std::min(c0 + width, a.dim);
+    if (a.wide && stop - c0 == kAvx512Lanes) {
+      scan_both<kAvx512Lanes>(a, b, c0, buf);
+      continue;
     }
+    int64_t c = c0;
+    for (; c + kLanes <= stop; c += kLanes) scan_both<kLanes>(a, b, c, buf);
+    for (; c < stop; ++c) scan_both<1>(a, b, c, buf);
   }
 }
 
@@ -217,13 +231,13 @@ at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const 
   const int64_t R = dtw.defined() ? dtw.size(2) : 0;
   const bool decaying = decaying_scan(delta_softplus, Ac.max().item<float>());
   auto out = at::empty({batch, L, dim}, u.options());
-  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying, static_cast<float>(scale),
+  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying, decaying && avx512_runs(), static_cast<float>(scale),
                  uc.data_ptr<float>(), ds.data_ptr<float>(), ds.stride(0), ds.stride(1), ds.stride(2),
                  dtw.defined() ? dtw.data_ptr<float>() : nullptr, Ac.data_ptr<float>(), Bs.data_ptr<float>(),
                  Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1), Bs.stride(2), Dc.data_ptr<float>(),
                  bc.data_ptr<float>(), zs.data_ptr<float>(), zs.stride(0), zs.stride(1), out.data_ptr<float>()};
-  const int64_t blocks = (dim + kLanes - 1) / kLanes;
-  at::parallel_for(0, batch * blocks, zoo_vec::grain_for(2 * L * N * kLanes),
+  const int64_t width = scan_block_width(a), blocks = (dim + width - 1) / width;
+  at::parallel_for(0, batch * blocks, zoo_vec::grain_for(2 * L * N * width),
                    [&](int64_t begin, int64_t end) { scan_blocks(a, begin, end); });
   return out;
 }
@@ -237,6 +251,9 @@ std::string cpu_isa() {
 #endif
   return "baseline";
 }
+
+// whether bimamba_scan runs its decaying scans in the hand-written AVX-512 runs here (rows_scan_avx512.h)
+bool cpu_avx512_runs() { return avx512_runs(); }
 
 // how many threads one at::parallel_for of these kernels runs on here, with torch's thread count as it is: 1
 // when the library was built without OpenMP (at::parallel_for is an OpenMP loop compiled into the caller)
@@ -259,6 +276,7 @@ TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
 // no tensor arguments, so no dispatch key: a catch-all kernel defined with its schema here
 TORCH_LIBRARY_FRAGMENT(zoo_scan, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_avx512_runs() -> bool", &cpu_avx512_runs);
   m.def("cpu_parallel_threads() -> int", &cpu_parallel_threads);
 }
 

@@ -54,6 +54,25 @@ ZOO_INLINE void scan_step_dt(const float* __restrict up, const float* __restrict
   for (int64_t j = 0; j < W; ++j) y_out[j] = y[j];
 }
 
+// Where a run of consecutive scan steps reads: step 0's u row (channel 0 of the lanes) and B / C rows, and how
+// far each moves per step (negative for a reverse scan).
+struct StepRows {
+  const float* u;
+  int64_t u_step;
+  const float *B, *C;
+  int64_t bc_step;
+};
+
+// `steps` steps of scan_step_dt: step s takes its time scales from dt + s * W and writes its W outputs to y + s * W
+template <int64_t W, bool Decaying, int64_t States = 0>
+ZOO_INLINE void scan_run(const StepRows& r, int64_t steps, const float* __restrict dt, const float* __restrict Dd,
+                         const float* __restrict At, float* __restrict h, int64_t N, float* __restrict y) {
+  for (int64_t s = 0; s < steps; ++s) {
+    scan_step_dt<W, Decaying, States>(r.u + s * r.u_step, dt + s * W, Dd, At, h, r.B + s * r.bc_step,
+                                      r.C + s * r.bc_step, N, y + s * W);
+  }
+}
+
 // A (its row of N states for channel c) as scan_step_dt reads it: At[n * W + lane] = A[c, n] * log2(e)
 ZOO_INLINE void load_scaled_A(const float* A_row, int64_t N, int64_t W, int64_t lane, float* At) {
   for (int64_t n = 0; n < N; ++n) At[n * W + lane] = A_row[n] * zoo_vec::kLog2e;
@@ -70,13 +89,30 @@ ZOO_INLINE void step_dt(const float* __restrict dp, const float* __restrict bias
 }
 
 // dt = softplus(bias + sum_r dlow[r] * Wt[r]) for W lanes: dt_proj folded into the scan. dlow: the token's R
-// low-rank values (shared by the lanes); Wt: R x W, the lanes' dt_proj weights (see load_dt_weight).
+// low-rank values (shared by the lanes); Wt: R x W, the lanes' dt_proj weights (see load_dt_weight). The sums
+// run in rank order, four ranks per pass over raw: raw lives in memory, and one rank a pass made the whole sum
+// a chain of store-to-load round trips (a lane loop with the rank loop inside it is not vectorised).
 template <int64_t W, bool Softplus>
 ZOO_INLINE void step_dt_lowrank(const float* __restrict dlow, int64_t R, const float* __restrict Wt,
                                 const float* __restrict bias, float* __restrict dt) {
   float raw[W];
+#pragma omp simd
   for (int64_t j = 0; j < W; ++j) raw[j] = bias[j];
-  for (int64_t r = 0; r < R; ++r) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    const float d0 = dlow[r], d1 = dlow[r + 1], d2 = dlow[r + 2], d3 = dlow[r + 3];
+    const float* __restrict w = Wt + r * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) {
+      float v = raw[j];
+      v += d0 * w[j];
+      v += d1 * w[W + j];
+      v += d2 * w[2 * W + j];
+      v += d3 * w[3 * W + j];
+      raw[j] = v;
+    }
+  }
+  for (; r < R; ++r) {
     const float d = dlow[r];
     const float* __restrict w = Wt + r * W;
 #pragma omp simd

@@ -69,7 +69,7 @@ from ._build import cuda_scan_lparallel
 from .selective_scan import resolve_backend
 
 __all__ = ["bimamba_rows", "fused_mixer_enabled", "in_image_chunks", "rows_projection", "cpu_isa",
-           "cpu_parallel_threads"]
+           "cpu_avx512_runs", "cpu_parallel_threads"]
 
 _lib = torch.library.Library("zoo_scan", "FRAGMENT")
 _lib.define("bimamba_conv(Tensor x, Tensor weight, Tensor bias) -> Tensor")
@@ -273,6 +273,14 @@ def cpu_isa() -> str:
     the kernels if needed; 'unavailable' when they cannot be built)."""
     ok, _ = compiled.kernels_available("cpu")
     return torch.ops.zoo_scan.cpu_isa() if ok else "unavailable"
+
+
+def cpu_avx512_runs() -> bool:
+    """Whether Vim's CPU scan runs its hand-written AVX-512 steps here: the CPU has AVX-512 (x86-64-v4) and
+    the environment does not set ``ZOO_CPU_AVX512=0``, the switch to the portable steps (read once a process);
+    False when the kernels cannot be built."""
+    ok, _ = compiled.kernels_available("cpu")
+    return bool(torch.ops.zoo_scan.cpu_avx512_runs()) if ok else False
 
 
 def cpu_parallel_threads() -> int:
