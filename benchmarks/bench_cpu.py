@@ -57,11 +57,11 @@ def kernel_isa() -> str:
         return "n/a"
     isa = cpu_isa()
     try:
-        from zoo.ops.mixer import cpu_avx512_runs
-    except ImportError:  # a tree from before the hand-written AVX-512 scan steps
+        from zoo.ops.mixer import cpu_avx512_kernels
+    except ImportError:  # a tree from before the hand-written AVX-512 paths
         return isa
-    if isa == "avx512":
-        isa += " (Vim scan: " + ("AVX-512 steps)" if cpu_avx512_runs() else "portable steps, ZOO_CPU_AVX512=0)")
+    if isa == "avx512" and not cpu_avx512_kernels():
+        isa += " clones, hand-written AVX-512 paths off (ZOO_CPU_AVX512=0)"
     return isa
 
 

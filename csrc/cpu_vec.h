@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
@@ -18,6 +19,16 @@
 #else
 #define ZOO_CPU_DISPATCH
 #define ZOO_CPU_DISPATCH_ENABLED 0
+#endif
+
+// Hand-written AVX-512 code (intrinsics, or vector types wider than AVX2's) lives in functions of this
+// target, outside the clones; the dispatched kernels call it where avx512_kernels() says so.
+#if ZOO_CPU_DISPATCH_ENABLED
+#define ZOO_AVX512_KERNELS 1
+#define ZOO_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#else
+#define ZOO_AVX512_KERNELS 0
+#define ZOO_TARGET_AVX512
 #endif
 
 // callees of dispatched kernels must be inlined into each clone, or they run as baseline code
@@ -149,6 +160,22 @@ ZOO_INLINE float erfc_nonneg(float z) {
 ZOO_INLINE float gelu(float x) {
   const float tail = 0.5f * erfc_nonneg(std::fabs(x) * 0.70710678118654752f);
   return x * (x < 0.0f ? tail : 1.0f - tail);
+}
+
+// Whether the kernels take their hand-written AVX-512 paths: the CPU has x86-64-v4 (AVX-512 F/BW/CD/DQ/VL) and
+// the environment does not set ZOO_CPU_AVX512=0, the one switch to the portable code on such a CPU (to time or
+// check it). Read once per process.
+inline bool avx512_kernels() {
+#if ZOO_AVX512_KERNELS
+  static const bool on = [] {
+    __builtin_cpu_init();
+    const char* env = std::getenv("ZOO_CPU_AVX512");
+    return __builtin_cpu_supports("x86-64-v4") && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return on;
+#else
+  return false;
+#endif
 }
 
 // Prefetches the cache lines of `bytes` bytes from p (for reading, or for writing): the scans walk tokens

@@ -2,9 +2,9 @@
 // shapes sit outside what the BLAS is tuned for: x_proj's few outputs (dt_rank + 2 * d_state = 5..80), where
 // MKL ran at 5-25 GMAC/s on the 2-core AVX2 machine of docs/kernels.md against 32-38 on the large GEMMs.
 //
-// A register tile of 12 accumulators (AVX2 registers) stays put over the whole inner dimension; the weight is
-// repacked per call into panels of the tile's columns (K x cols, zero-padded past N), so each step reads
-// one broadcast x value per row and one or two weight vectors.
+// A register tile of accumulators (12 AVX2 registers, or up to 24 AVX-512 ones) stays put over the whole inner
+// dimension; the weight is repacked per call into panels of the tile's columns (K x cols, zero-padded past N),
+// so each step reads one broadcast x value per row and one to three weight vectors.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,16 +19,31 @@
 namespace zoo_scan {
 namespace {
 
-typedef float vec8 __attribute__((vector_size(32)));  // GCC vector extension: split in two on SSE-only clones
+// vectors of W floats (GCC vector extension: split into narrower registers where the clone has none this wide)
+template <int64_t W>
+struct Vec;
+template <>
+struct Vec<8> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<16> {
+  typedef float type __attribute__((vector_size(64)));
+};
 
-// The two register tiles, 12 accumulators each: Rows x (8 * Vecs) outputs. 6 x 16 in general; 12 x 8 where
-// N <= 8 (x_proj of a d_state-1 model: dt_rank + 2 outputs), which would leave most of a 16-wide panel empty.
-template <int64_t Rows, int64_t Vecs>
+// A register tile: Rows x (Width * Vecs) outputs, Rows * Vecs accumulators of Width floats. Portable (AVX2
+// registers): 6 x 16 in general, 12 x 8 where N <= 8 (x_proj of a d_state-1 model: dt_rank + 2 outputs),
+// which would leave most of a 16-wide panel empty. AVX-512 (32 registers): 12 x 16, 12 x 32 or 8 x 48,
+// whichever pads N least (pick_tile).
+template <int64_t Rows, int64_t Vecs, int64_t Width = 8>
 struct Tile {
-  static constexpr int64_t kRows = Rows, kCols = 8 * Vecs;
+  static constexpr int64_t kRows = Rows, kVecs = Vecs, kWidth = Width, kCols = Width * Vecs;
 };
 using WideTile = Tile<6, 2>;
 using NarrowTile = Tile<12, 1>;
+using Avx512Tile16 = Tile<12, 1, 16>;
+using Avx512Tile32 = Tile<12, 2, 16>;
+using Avx512Tile48 = Tile<8, 3, 16>;
 
 struct LinearArgs {
   int64_t groups, M, K, N, panels;
@@ -44,28 +59,31 @@ struct LinearArgs {
 template <typename T>
 ZOO_INLINE void tile(const float* __restrict x, int64_t lda, const float* __restrict panel, int64_t K,
                      float* __restrict out) {
-  constexpr int64_t R = T::kRows, V = T::kCols / 8;
-  static_assert(V == 1 || V == 2, "tile() loads one or two weight vectors a step");
-  vec8 acc[R][V];
+  constexpr int64_t R = T::kRows, V = T::kVecs, W = T::kWidth;
+  static_assert(V >= 1 && V <= 3, "tile() loads one to three weight vectors a step");
+  typedef typename Vec<W>::type vec;
+  vec acc[R][V];
 #pragma GCC unroll 12
   for (int64_t i = 0; i < R; ++i)
-#pragma GCC unroll 2
-    for (int64_t v = 0; v < V; ++v) acc[i][v] = vec8{};
+#pragma GCC unroll 3
+    for (int64_t v = 0; v < V; ++v) acc[i][v] = vec{};
   for (int64_t k = 0; k < K; ++k) {
-    vec8 w0, w1{};
-    std::memcpy(&w0, panel + k * T::kCols, sizeof(vec8));
-    if constexpr (V == 2) std::memcpy(&w1, panel + k * T::kCols + 8, sizeof(vec8));
+    vec w0, w1{}, w2{};
+    std::memcpy(&w0, panel + k * T::kCols, sizeof(vec));
+    if constexpr (V >= 2) std::memcpy(&w1, panel + k * T::kCols + W, sizeof(vec));
+    if constexpr (V >= 3) std::memcpy(&w2, panel + k * T::kCols + 2 * W, sizeof(vec));
 #pragma GCC unroll 12
     for (int64_t i = 0; i < R; ++i) {
       const float xi = x[i * lda + k];
       acc[i][0] += xi * w0;
-      if constexpr (V == 2) acc[i][1] += xi * w1;
+      if constexpr (V >= 2) acc[i][1] += xi * w1;
+      if constexpr (V >= 3) acc[i][2] += xi * w2;
     }
   }
 #pragma GCC unroll 12
   for (int64_t i = 0; i < R; ++i)
-#pragma GCC unroll 2
-    for (int64_t v = 0; v < V; ++v) std::memcpy(out + i * T::kCols + v * 8, &acc[i][v], sizeof(vec8));
+#pragma GCC unroll 3
+    for (int64_t v = 0; v < V; ++v) std::memcpy(out + i * T::kCols + v * W, &acc[i][v], sizeof(vec));
 }
 
 // tasks [begin, end) of the flattened (groups, row blocks of T::kRows)
@@ -94,11 +112,44 @@ ZOO_INLINE void linear_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+using TileKernel = void (*)(const LinearArgs&, int64_t, int64_t);
+
 ZOO_CPU_DISPATCH void wide_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
   linear_tiles<WideTile>(a, begin, end);
 }
 ZOO_CPU_DISPATCH void narrow_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
   linear_tiles<NarrowTile>(a, begin, end);
+}
+template <typename T>
+ZOO_TARGET_AVX512 void avx512_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
+  linear_tiles<T>(a, begin, end);
+}
+
+struct TileChoice {
+  int64_t rows, cols;
+  TileKernel kernel;
+};
+
+template <typename T>
+TileChoice choice(TileKernel kernel) {
+  return {T::kRows, T::kCols, kernel};
+}
+
+// The tile for N outputs. On AVX-512 the panel width that pads N least (the wider on a tie: fewer panels to
+// sweep x for); N <= 8 keeps the narrow AVX2 tile, which measured no slower than a half-empty 16-wide one.
+TileChoice pick_tile(int64_t N) {
+  if (N <= NarrowTile::kCols) return choice<NarrowTile>(&narrow_tiles);
+#if ZOO_AVX512_KERNELS
+  if (zoo_vec::avx512_kernels()) {
+    const TileChoice options[] = {choice<Avx512Tile48>(&avx512_tiles<Avx512Tile48>),
+                                  choice<Avx512Tile32>(&avx512_tiles<Avx512Tile32>),
+                                  choice<Avx512Tile16>(&avx512_tiles<Avx512Tile16>)};
+    auto padded = [N](const TileChoice& t) { return (N + t.cols - 1) / t.cols * t.cols; };
+    return *std::min_element(std::begin(options), std::end(options),
+                             [&](const TileChoice& p, const TileChoice& q) { return padded(p) < padded(q); });
+  }
+#endif
+  return choice<WideTile>(&wide_tiles);
 }
 
 // weight (groups, N, K) -> (groups, panels, K, cols): each panel of cols outputs transposed, zero rows past N
@@ -122,18 +173,13 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
   auto y = at::empty({groups, M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
-  const bool narrow = N <= NarrowTile::kCols;
-  const int64_t cols = narrow ? NarrowTile::kCols : WideTile::kCols, rows = narrow ? NarrowTile::kRows : WideTile::kRows;
-  const at::Tensor wp = pack_panels(weight, cols);
+  const TileChoice t = pick_tile(N);
+  const at::Tensor wp = pack_panels(weight, t.cols);
   LinearArgs a{groups, M, K, N, wp.size(1), xs.data_ptr<float>(), xs.stride(0), xs.stride(1), wp.data_ptr<float>(),
                y.data_ptr<float>()};
-  const int64_t tasks = groups * ((M + rows - 1) / rows);
-  at::parallel_for(0, tasks, zoo_vec::grain_for(rows * K * N / 8), [&](int64_t begin, int64_t end) {
-    if (narrow)
-      narrow_tiles(a, begin, end);
-    else
-      wide_tiles(a, begin, end);
-  });
+  const int64_t tasks = groups * ((M + t.rows - 1) / t.rows);
+  at::parallel_for(0, tasks, zoo_vec::grain_for(t.rows * K * N / 8),
+                   [&](int64_t begin, int64_t end) { t.kernel(a, begin, end); });
   return y;
 }
 

@@ -105,7 +105,7 @@ at::Tensor bimamba_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const
 struct ScanRowsArgs {
   int64_t batch, L, dim, N, R;  // R: dt_proj's rank when it is folded in (dt_w), else 0
   bool softplus, decaying;      // decaying: see rows_scan.h
-  bool wide;                    // blocks of kAvx512Lanes on AVX-512 (a decaying scan and avx512_runs())
+  bool wide;                    // blocks of kAvx512Lanes on AVX-512 (a decaying scan and zoo_vec::avx512_kernels())
   float scale;
   const float *u, *delta;  // u (2, batch, L, dim) contiguous; delta the same size, or (2, batch, L, R) with dt_w
   int64_t d_sd, d_sb, d_st;  // delta's direction / batch / step strides (channel stride 1)
@@ -164,7 +164,7 @@ ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_
     const StepRows rows{a.u + (row0 + t0) * dim + c0, step * dim, Bb + t0 * a.bc_st, Cb + t0 * a.bc_st,
                         step * a.bc_st};
     float* ys = dir == 0 ? ybuf + s0 * W : buf.ys.data();  // forward steps run in t order, so ybuf takes them
-#if ZOO_AVX512_RUNS
+#if ZOO_AVX512_KERNELS
     if constexpr (W == kAvx512Lanes && Decaying) {
       scan_run_avx512(rows, steps, dt, Dd, At, h, N, ys);
     } else
@@ -231,7 +231,7 @@ at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const 
   const int64_t R = dtw.defined() ? dtw.size(2) : 0;
   const bool decaying = decaying_scan(delta_softplus, Ac.max().item<float>());
   auto out = at::empty({batch, L, dim}, u.options());
-  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying, decaying && avx512_runs(), static_cast<float>(scale),
+  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying, decaying && zoo_vec::avx512_kernels(), static_cast<float>(scale),
                  uc.data_ptr<float>(), ds.data_ptr<float>(), ds.stride(0), ds.stride(1), ds.stride(2),
                  dtw.defined() ? dtw.data_ptr<float>() : nullptr, Ac.data_ptr<float>(), Bs.data_ptr<float>(),
                  Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1), Bs.stride(2), Dc.data_ptr<float>(),
@@ -252,8 +252,18 @@ std::string cpu_isa() {
   return "baseline";
 }
 
-// whether bimamba_scan runs its decaying scans in the hand-written AVX-512 runs here (rows_scan_avx512.h)
-bool cpu_avx512_runs() { return avx512_runs(); }
+// the CPU's vendor, "intel", "amd" or "other": whose BLAS tuning torch's MKL gets (rows_projection)
+std::string cpu_vendor() {
+#if ZOO_CPU_DISPATCH_ENABLED
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return "intel";
+  if (__builtin_cpu_is("amd")) return "amd";
+#endif
+  return "other";
+}
+
+// whether the kernels take their hand-written AVX-512 paths here (cpu_vec.h)
+bool cpu_avx512_kernels() { return zoo_vec::avx512_kernels(); }
 
 // how many threads one at::parallel_for of these kernels runs on here, with torch's thread count as it is: 1
 // when the library was built without OpenMP (at::parallel_for is an OpenMP loop compiled into the caller)
@@ -276,7 +286,8 @@ TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
 // no tensor arguments, so no dispatch key: a catch-all kernel defined with its schema here
 TORCH_LIBRARY_FRAGMENT(zoo_scan, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
-  m.def("cpu_avx512_runs() -> bool", &cpu_avx512_runs);
+  m.def("cpu_avx512_kernels() -> bool", &cpu_avx512_kernels);
+  m.def("cpu_vendor() -> str", &cpu_vendor);
   m.def("cpu_parallel_threads() -> int", &cpu_parallel_threads);
 }
 

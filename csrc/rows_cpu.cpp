@@ -27,6 +27,7 @@
 #include "cpu_vec.h"
 #include "mixer_common.h"
 #include "rows_scan.h"
+#include "rows_scan_avx512.h"
 
 namespace zoo_scan {
 namespace {
@@ -169,6 +170,7 @@ at::Tensor depthwise_conv2d_residual_gelu_cpu(const at::Tensor& x, const c10::op
 struct OrderScanArgs {
   int64_t batch, L, dim, N, K;
   bool softplus, decaying, independent, summed;  // decaying: see rows_scan.h
+  bool avx512;             // a decaying scan and zoo_vec::avx512_kernels(): the hand-written AVX-512 step
   const float *u, *delta;  // u (batch, L, dim); delta per order: (batch, L, dim), or (batch, L, R) with dt_w
   int64_t u_sb, u_st, d_sk, d_sb, d_st;
   const float* dt_w;       // nullptr, or dt_proj's weight (K or 1, dim, R): delta = low-rank delta @ dt_w^T
@@ -246,6 +248,31 @@ ZOO_INLINE void prefetch_step(const OrderScanArgs& a, int64_t b, int64_t c0, int
   zoo_vec::prefetch_span<true>(out_row(a, b, k, t) + c0, bytes);
 }
 
+// One step over the first `full` lanes of a chunk (whole blocks of kLanes): on AVX-512 the hand-written step
+// for decaying scans, else scan_step_dt per block; d_state 1 with N fixed at compile time.
+template <bool Decaying>
+ZOO_INLINE void step_blocks(const OrderScanArgs& a, const float* up, const float* dt, const float* D,
+                            const float* At, float* h, const float* Bt, const float* Ct, int64_t full, float* y) {
+  const int64_t N = a.N;
+#if ZOO_AVX512_KERNELS
+  if constexpr (Decaying) {
+    if (a.avx512) {
+      if (N == 1)
+        scan_step_blocks_avx512<1>(up, dt, D, At, h, Bt, Ct, 1, full, y);
+      else
+        scan_step_blocks_avx512(up, dt, D, At, h, Bt, Ct, N, full, y);
+      return;
+    }
+  }
+#endif
+  for (int64_t j = 0; j < full; j += kLanes) {
+    if (N == 1)
+      scan_step_dt<kLanes, Decaying, 1>(up + j, dt + j, D + j, At + j, h + j, Bt, Ct, 1, y + j);
+    else
+      scan_step_dt<kLanes, Decaying>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, y + j);
+  }
+}
+
 // Channels c0 .. c0 + width (<= a.chunk) of batch b over all K orders. The step loop is the outer one, so
 // each token's rows are read whole and in order (a per-block task would touch one line of a row and come
 // back for the next after it left the cache); inside, blocks of kLanes lanes, then single lanes.
@@ -286,12 +313,7 @@ ZOO_INLINE void scan_chunk(const OrderScanArgs& a, int64_t b, int64_t c0, int64_
       }
       float* __restrict o = out_row(a, b, k, t) + c0;
       float* y = accumulate ? ybuf : o;
-      for (int64_t j = 0; j < full; j += kLanes) {
-        if (N == 1)
-          scan_step_dt<kLanes, Decaying, 1>(up + j, dt + j, D + j, At + j, h + j, Bt, Ct, 1, y + j);
-        else
-          scan_step_dt<kLanes, Decaying>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, y + j);
-      }
+      step_blocks<Decaying>(a, up, dt, D, At, h, Bt, Ct, full, y);
       for (int64_t j = full; j < width; ++j)
         scan_step_dt<1, Decaying>(up + j, dt + j, D + j, At + j * N, h + j * N, Bt, Ct, N, y + j);
       if (accumulate) {
@@ -367,6 +389,7 @@ at::Tensor run_order_scan(OrderScanArgs a, const at::Tensor& B, const at::Tensor
   a.bc_sb = Bs.stride(0);
   a.bc_st = Bs.stride(1);
   a.out = out.data_ptr<float>();
+  a.avx512 = a.decaying && zoo_vec::avx512_kernels();
   // small batches (batch 1 inference on many cores): narrower chunks, so that every thread gets tasks
   a.chunk = kChunk;
   while (a.chunk > kLanes && a.batch * ((a.dim + a.chunk - 1) / a.chunk) < 2 * at::get_num_threads()) a.chunk /= 2;

@@ -1,4 +1,5 @@
-// scan_run for 32 channels (two AVX-512 registers) written with intrinsics, for decaying scans (rows_scan.h).
+// The scan steps of rows_scan.h written with AVX-512 intrinsics, for decaying scans: scan_run for 32 channels
+// (two registers; Vim's mixer) and one step over blocks of 16 (MSVMamba's and VMamba's order scans).
 //
 // The portable step spends most of its issue slots on exp2: a round-to-integer by adding and subtracting a
 // shifter, the clamp, and the exponent-field add. AVX-512 has the two instructions that replace them:
@@ -9,20 +10,13 @@
 // lane against 0.28 for the portable step's x86-64-v4 clone at 16 lanes (docs/kernels.md).
 //
 // These functions carry their own target attribute, so the ISA-dispatched kernels call them (they are not
-// inlined into the AVX2 and baseline clones) and must check avx512_runs() first.
+// inlined into the AVX2 and baseline clones) and must check zoo_vec::avx512_kernels() first.
 #pragma once
 
 #include "rows_scan.h"
 
-#if ZOO_CPU_DISPATCH_ENABLED
+#if ZOO_AVX512_KERNELS
 #include <immintrin.h>
-
-#include <cstdlib>
-#include <cstring>
-#define ZOO_AVX512_RUNS 1
-#define ZOO_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
-#else
-#define ZOO_AVX512_RUNS 0
 #endif
 
 namespace zoo_scan {
@@ -30,23 +24,7 @@ namespace zoo_scan {
 constexpr int64_t kAvx512Lanes = 32;
 constexpr int64_t kRunPrefetch = 2;  // steps ahead that scan_run_avx512 fetches its rows
 
-// Whether the kernels use the AVX-512 runs: the CPU has x86-64-v4 (AVX-512 F/BW/CD/DQ/VL) and the
-// environment does not set ZOO_CPU_AVX512=0 (the switch that times or checks the portable path on such a CPU).
-// Read once per process.
-inline bool avx512_runs() {
-#if ZOO_AVX512_RUNS
-  static const bool on = [] {
-    __builtin_cpu_init();
-    const char* env = std::getenv("ZOO_CPU_AVX512");
-    return __builtin_cpu_supports("x86-64-v4") && !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
-  return on;
-#else
-  return false;
-#endif
-}
-
-#if ZOO_AVX512_RUNS
+#if ZOO_AVX512_KERNELS
 // 2^x for 16 lanes, x <= 0
 ZOO_TARGET_AVX512 inline __m512 exp2_avx512(__m512 x) {
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT);  // x - round(x), in [-1/2, 1/2]
@@ -89,6 +67,33 @@ ZOO_TARGET_AVX512 inline void scan_run_avx512(const StepRows& r, int64_t steps, 
     }
     _mm512_storeu_ps(y + s * kAvx512Lanes, y0);
     _mm512_storeu_ps(y + s * kAvx512Lanes + V, y1);
+  }
+}
+
+// One step of a decaying scan over `lanes` (a multiple of 16) channels in blocks of 16, the block layout of
+// rows_cpu.cpp (block j's At and h start at j * N, state-major inside): scan_step_dt<16, true, States> for
+// each block. States > 0 fixes N (d_state 1: MSVMamba, VMamba).
+template <int64_t States = 0>
+ZOO_TARGET_AVX512 inline void scan_step_blocks_avx512(const float* __restrict u, const float* __restrict dt,
+                                                     const float* __restrict Dd, const float* __restrict At,
+                                                     float* __restrict h, const float* __restrict Bt,
+                                                     const float* __restrict Ct, int64_t N, int64_t lanes,
+                                                     float* __restrict y) {
+  constexpr int64_t V = 16;
+  if constexpr (States > 0) N = States;
+  for (int64_t j = 0; j < lanes; j += V) {
+    const __m512 uv = _mm512_loadu_ps(u + j), dv = _mm512_loadu_ps(dt + j);
+    const __m512 du = _mm512_mul_ps(dv, uv);
+    __m512 yv = _mm512_mul_ps(_mm512_loadu_ps(Dd + j), uv);
+    const float* an = At + j * N;
+    float* hn = h + j * N;
+    for (int64_t n = 0; n < N; ++n) {
+      const __m512 e = exp2_avx512(_mm512_mul_ps(dv, _mm512_loadu_ps(an + n * V)));
+      const __m512 hv = _mm512_fmadd_ps(e, _mm512_loadu_ps(hn + n * V), _mm512_mul_ps(du, _mm512_set1_ps(Bt[n])));
+      _mm512_storeu_ps(hn + n * V, hv);
+      yv = _mm512_fmadd_ps(hv, _mm512_set1_ps(Ct[n]), yv);
+    }
+    _mm512_storeu_ps(y + j, yv);
   }
 }
 #endif

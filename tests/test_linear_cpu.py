@@ -1,11 +1,15 @@
 """``zoo_scan::grouped_linear`` (csrc/linear_cpu.cpp), the row mixers' x_proj on CPU, against a float64 matmul."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from zoo.ops.compiled import kernels_available
-from zoo.ops.mixer import rows_projection
+from zoo.ops.mixer import cpu_isa, rows_projection
 
 KERNELS, WHY = kernels_available("cpu")
 pytestmark = pytest.mark.skipif(not KERNELS, reason=f"compiled CPU kernels unavailable: {WHY}")
@@ -18,9 +22,10 @@ def _reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("M", [1, 13, 61])
 @pytest.mark.parametrize("K", [1, 48, 97])
-@pytest.mark.parametrize("N", [1, 5, 8, 9, 44, 81])  # the 12 x 8 tile up to 8 outputs, 6 x 16 beyond
+# portable tiles: 12 x 8 up to 8 outputs, 6 x 16 beyond; AVX-512: 12 x 16 for 9, 12 x 32 for 20, 8 x 48 for 44 and 81
+@pytest.mark.parametrize("N", [1, 5, 8, 9, 20, 44, 81])
 def test_grouped_linear_matches_a_float64_matmul(groups, M, K, N):
-    """Every row tail (M not a multiple of the tile's 6 / 12 rows) and column tail (N past a panel)."""
+    """Every row tail (M not a multiple of the tile's 6 / 8 / 12 rows) and column tail (N past a panel)."""
     g = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
     x = torch.randn(groups, M, K, generator=g)
     weight = torch.randn(groups, N, K, generator=g)
@@ -84,3 +89,22 @@ def test_grouped_linear_is_bit_identical_across_thread_counts():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(one, two)
+
+
+_PORTABLE_SCRIPT = r"""
+import torch
+from zoo.ops.mixer import cpu_avx512_kernels
+assert not cpu_avx512_kernels()
+g = torch.Generator().manual_seed(3)
+for M, K, N in [(13, 97, 9), (61, 48, 20), (25, 384, 44), (7, 33, 81)]:
+    x, w = torch.randn(2, M, K, generator=g), torch.randn(2, N, K, generator=g)
+    ref = torch.bmm(x.double(), w.double().transpose(1, 2))
+    torch.testing.assert_close(torch.ops.zoo_scan.grouped_linear(x, w).double(), ref, rtol=1e-5, atol=1e-4)
+"""
+
+
+@pytest.mark.skipif(not KERNELS or cpu_isa() != "avx512", reason="needs a CPU with AVX-512")
+def test_portable_tiles_on_an_avx512_cpu():
+    """ZOO_CPU_AVX512=0 keeps an AVX-512 CPU on the portable 6 x 16 tile, which then must be right too."""
+    subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], check=True, env={**os.environ, "ZOO_CPU_AVX512": "0"},
+                   timeout=600)

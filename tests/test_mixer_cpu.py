@@ -1,7 +1,6 @@
 """The fused CPU Vim mixer (zoo_scan::bimamba_conv / bimamba_scan) against the unfused reference path."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -307,37 +306,3 @@ def test_torch_compile_traces_the_fused_path():
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), m(x), atol=1e-6, rtol=1e-6)
 
-
-_PATHS_SCRIPT = r"""
-import sys, torch
-from zoo.ops.mixer import cpu_avx512_runs
-g = torch.Generator().manual_seed(11)
-outs = {"avx512_runs": cpu_avx512_runs()}
-for dim, L, N, R in [(32, 37, 16, 0), (40, 1, 16, 5), (56, 23, 8, 12), (64, 70, 16, 0)]:
-    u, z = torch.randn(2, 2, L, dim, generator=g), torch.randn(2, L, dim, generator=g)
-    x_dbl = torch.randn(2, 2, L, (R or dim) + 2 * N, generator=g)
-    low, B, C = x_dbl[..., :R or dim], x_dbl[..., -2 * N:-N], x_dbl[..., -N:]
-    dt_w = torch.randn(2, dim, R, generator=g) * 0.5 if R else None
-    A = -torch.exp(torch.randn(2, dim, N, generator=g))
-    D, bias = torch.randn(2, dim, generator=g), torch.randn(2, dim, generator=g) - 2
-    outs[(dim, L, N, R)] = torch.ops.zoo_scan.bimamba_scan(u, low, A, B, C, D, bias, z, True, 0.5, dt_w)
-torch.save(outs, sys.argv[1])
-"""
-
-
-@pytest.mark.skipif(not KERNELS or cpu_isa() != "avx512", reason="needs a CPU with AVX-512")
-def test_avx512_steps_equal_the_portable_steps(tmp_path):
-    """On an AVX-512 CPU the decaying scans run hand-written steps (vreduceps / vscalefps for 2^x, 32 lanes);
-    ZOO_CPU_AVX512=0 switches a process to the portable steps. Both give the same outputs (the same
-    polynomial and multiply-adds in the same order) over wide blocks, 16-lane blocks and single lanes left
-    over, with and without dt_proj folded in."""
-    results = {}
-    for switch in ("1", "0"):
-        path = tmp_path / f"avx512_{switch}.pt"
-        env = {**os.environ, "ZOO_CPU_AVX512": switch}
-        subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, str(path)], check=True, env=env, timeout=600)
-        results[switch] = torch.load(path, weights_only=True)
-    assert results["1"].pop("avx512_runs") is True
-    assert results["0"].pop("avx512_runs") is False
-    for shape, fast in results["1"].items():
-        torch.testing.assert_close(fast, results["0"][shape], atol=1e-6, rtol=1e-6, msg=lambda m: f"{shape}: {m}")

@@ -69,7 +69,7 @@ from ._build import cuda_scan_lparallel
 from .selective_scan import resolve_backend
 
 __all__ = ["bimamba_rows", "fused_mixer_enabled", "in_image_chunks", "rows_projection", "cpu_isa",
-           "cpu_avx512_runs", "cpu_parallel_threads"]
+           "cpu_avx512_kernels", "cpu_parallel_threads"]
 
 _lib = torch.library.Library("zoo_scan", "FRAGMENT")
 _lib.define("bimamba_conv(Tensor x, Tensor weight, Tensor bias) -> Tensor")
@@ -222,14 +222,28 @@ def _stacked(fwd: torch.Tensor, rev: torch.Tensor, dtype: torch.dtype = torch.fl
     return torch.stack([fwd.to(dtype), rev.to(dtype)])
 
 
+_blas_faster: list = []  # _blas_beats_own_tiles' answer, once known
+
+
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing it
+def _blas_beats_own_tiles() -> bool:
+    """Whether torch's BLAS runs x_proj's shapes faster than grouped_linear here: MKL on an Intel CPU, where it
+    takes its tuned paths (ours ran at 0.5-0.8x of it on a 2-core AVX-512 Xeon); on the AMD EPYC of
+    docs/kernels.md our tiles were 1.2-2.9x faster than it. Call only once the CPU kernels are built."""
+    if not _blas_faster:
+        _blas_faster.append(torch.backends.mkl.is_available() and torch.ops.zoo_scan.cpu_vendor() == "intel")
+    return _blas_faster[0]
+
+
 def rows_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x[g] @ weight[g].T`` for x (G, M, K) and weight (G, N, K): the row mixers' x_proj (dt_rank + 2 *
-    d_state = 5..80 outputs). On float32 CPU tensors ``zoo_scan::grouped_linear``, whose register tiles run
-    these few-output shapes 1.2-2.9x faster than the BLAS did (docs/kernels.md); elsewhere ``torch.bmm``,
-    with the outputs zero-padded to a multiple of 16 (that skinny GEMM ran 1.25x faster for R + 2N = 44,
-    Vim-Ti) and cut back."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and _row_kernel_built("cpu", "grouped_linear"):
-        return torch.ops.zoo_scan.grouped_linear(x, weight)
+    d_state = 5..80 outputs). On float32 CPU tensors ``zoo_scan::grouped_linear``, unless torch's BLAS is
+    the faster one on this CPU (``_blas_beats_own_tiles``), then ``torch.bmm``; on other devices ``torch.bmm``
+    with the outputs zero-padded to a multiple of 16 and cut back."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        if _row_kernel_built("cpu", "grouped_linear") and not _blas_beats_own_tiles():
+            return torch.ops.zoo_scan.grouped_linear(x, weight)
+        return torch.bmm(x, weight.transpose(1, 2))
     n = weight.shape[1]
     return torch.bmm(x, F.pad(weight, (0, 0, 0, -n % 16)).transpose(1, 2))[..., :n]
 
@@ -275,12 +289,13 @@ def cpu_isa() -> str:
     return torch.ops.zoo_scan.cpu_isa() if ok else "unavailable"
 
 
-def cpu_avx512_runs() -> bool:
-    """Whether Vim's CPU scan runs its hand-written AVX-512 steps here: the CPU has AVX-512 (x86-64-v4) and
-    the environment does not set ``ZOO_CPU_AVX512=0``, the switch to the portable steps (read once a process);
-    False when the kernels cannot be built."""
+def cpu_avx512_kernels() -> bool:
+    """Whether the CPU kernels take their hand-written AVX-512 paths here (the scan steps of Vim, MSVMamba and
+    VMamba, grouped_linear's wide tiles): the CPU has AVX-512 (x86-64-v4) and the environment does not set
+    ``ZOO_CPU_AVX512=0``, the one switch back to the portable code (read once a process). False when the
+    kernels cannot be built."""
     ok, _ = compiled.kernels_available("cpu")
-    return bool(torch.ops.zoo_scan.cpu_avx512_runs()) if ok else False
+    return bool(torch.ops.zoo_scan.cpu_avx512_kernels()) if ok else False
 
 
 def cpu_parallel_threads() -> int:

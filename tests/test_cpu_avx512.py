@@ -1,0 +1,65 @@
+"""The hand-written AVX-512 paths of the CPU kernels against the portable code on the same CPU.
+
+On a CPU with AVX-512 the decaying scans (Vim's bimamba_scan, MSVMamba's scan_orders, VMamba's scan_cross)
+take intrinsics steps (vreduceps / vscalefps for 2^x) and grouped_linear takes 16-wide tiles;
+ZOO_CPU_AVX512=0 sends a process to the portable code. The two run the same polynomial and multiply-adds
+in the same order, so they agree to float rounding. Each side runs in its own process: the switch is read once.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zoo.ops.compiled import kernels_available
+from zoo.ops.mixer import cpu_isa
+
+KERNELS, WHY = kernels_available("cpu")
+pytestmark = pytest.mark.skipif(not KERNELS or cpu_isa() != "avx512",
+                                reason=f"needs the CPU kernels ({WHY}) on a CPU with AVX-512")
+
+_SCRIPT = r"""
+import sys, timm, torch
+import zoo
+from zoo.ops.mixer import cpu_avx512_kernels
+g = torch.Generator().manual_seed(11)
+outs = {"avx512_kernels": cpu_avx512_kernels()}
+# Vim's scan: wide 32-lane blocks, 16-lane blocks and single lanes left over, with and without dt_proj folded in
+for dim, L, N, R in [(32, 37, 16, 0), (40, 1, 16, 5), (56, 23, 8, 12), (64, 70, 16, 0)]:
+    u, z = torch.randn(2, 2, L, dim, generator=g), torch.randn(2, L, dim, generator=g)
+    x_dbl = torch.randn(2, 2, L, (R or dim) + 2 * N, generator=g)
+    low, B, C = x_dbl[..., :R or dim], x_dbl[..., -2 * N:-N], x_dbl[..., -N:]
+    dt_w = torch.randn(2, dim, R, generator=g) * 0.5 if R else None
+    A = -torch.exp(torch.randn(2, dim, N, generator=g))
+    D, bias = torch.randn(2, dim, generator=g), torch.randn(2, dim, generator=g) - 2
+    outs[f"bimamba_scan {dim} {L} {N} {R}"] = torch.ops.zoo_scan.bimamba_scan(u, low, A, B, C, D, bias, z, True,
+                                                                              0.5, dt_w)
+for M, K, N in [(13, 97, 9), (61, 48, 20), (25, 384, 44)]:  # the 12 x 16, 12 x 32 and 8 x 48 tiles
+    x, w = torch.randn(2, M, K, generator=g), torch.randn(2, N, K, generator=g)
+    outs[f"grouped_linear {M} {K} {N}"] = torch.ops.zoo_scan.grouped_linear(x, w)
+# the order scans of d_state 1 through whole models (their CPU row paths)
+for name in ("msvmamba_nano", "vmamba_tiny"):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        outs[name] = model(torch.randn(1, 3, 64, 64, generator=g))
+torch.save(outs, sys.argv[1])
+"""
+
+
+def test_avx512_paths_equal_the_portable_code(tmp_path):
+    results = {}
+    for switch in ("1", "0"):
+        path = tmp_path / f"avx512_{switch}.pt"
+        subprocess.run([sys.executable, "-c", _SCRIPT, str(path)], check=True, timeout=900,
+                       env={**os.environ, "ZOO_CPU_AVX512": switch})
+        results[switch] = torch.load(path, weights_only=True)
+    assert results["1"].pop("avx512_kernels") is True
+    assert results["0"].pop("avx512_kernels") is False
+    assert results["1"].keys() == results["0"].keys()
+    for key, fast in results["1"].items():
+        assert fast.abs().max() > 0, key
+        torch.testing.assert_close(fast, results["0"][key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
