@@ -164,6 +164,12 @@ ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_
     const StepRows rows{a.u + (row0 + t0) * dim + c0, step * dim, Bb + t0 * a.bc_st, Cb + t0 * a.bc_st,
                         step * a.bc_st};
     float* ys = dir == 0 ? ybuf + s0 * W : buf.ys.data();  // forward steps run in t order, so ybuf takes them
+    if (dir == 1) {  // the gate's z rows and output rows of these steps, fetched while the scan runs
+      for (int64_t s = 0; s < steps; ++s) {
+        zoo_vec::prefetch_span(a.z + b * a.z_sb + (t0 - s) * a.z_st + c0, W * int64_t(sizeof(float)));
+        zoo_vec::prefetch_span<true>(a.out + (b * L + t0 - s) * dim + c0, W * int64_t(sizeof(float)));
+      }
+    }
 #if ZOO_AVX512_KERNELS
     if constexpr (W == kAvx512Lanes && Decaying) {
       scan_run_avx512(rows, steps, dt, Dd, At, h, N, ys);
