@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import zoo  # noqa: F401
+import zoo
 from _train_data import PYTHON, as_flags, load_script, subprocess_env, tiny_run_config, write_imagefolder
 from zoo.train import ConfigError, NonFiniteLossError, make_config, run
 
@@ -93,8 +93,10 @@ def test_non_finite_weights_are_never_saved_over_the_last_good_checkpoint(tmp_pa
         return optimizer, scheduler
 
     monkeypatch.setattr(runner, "build_optimizer_and_scheduler", poisoned)
-    with pytest.raises(NonFiniteLossError, match="non-finite"):
+    with pytest.raises(NonFiniteLossError, match="non-finite") as err:
         run(make_config(tiny_run_config(data, tmp_path, "div", save_every_steps=1, ema=False)))
+    poisoned_name = next(zoo.create_model("test_vim", img_size=16, num_classes=3).named_parameters())[0]
+    assert f"non-finite on this rank: model.{poisoned_name}" in str(err.value)  # the error names the tensor
     ckpt = torch.load(tmp_path / "div" / "last.pth", weights_only=True)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())

@@ -79,8 +79,10 @@ def local_rows(t: torch.Tensor) -> Tuple[int, int]:
     return offset[0], offset[0] + shape[0]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, or the tensor itself."""
     return t.to_local() if _is_dtensor(t) else t
+
 
 
 class FullSource:
@@ -229,7 +231,7 @@ def save_shards(folder: Path, tensors: Dict[str, torch.Tensor], rank: int, world
 
     pieces, offsets, shapes = {}, {}, {}
     for key, t in tensors.items():
-        pieces[key] = _local(t).detach().cpu().clone()
+        pieces[key] = local_tensor(t).detach().cpu().clone()
         offsets[key] = local_rows(t)[0]
         shapes[key] = list(t.shape)
     atomic_save({"tensors": pieces, "offsets": offsets, "shapes": shapes, "format": "zoo-shard-v1"},
@@ -245,7 +247,7 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 def all_finite(tensors: Iterable[torch.Tensor], device: torch.device) -> bool:
     """Whether every floating tensor is finite on every rank (one reduction for all of them)."""
-    flags = [torch.isfinite(_local(t)).all() for t in tensors if t.is_floating_point()]
+    flags = [torch.isfinite(local_tensor(t)).all() for t in tensors if t.is_floating_point()]
     ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
     ok = ok.to(device=device, dtype=torch.int32)
     if dist.is_available() and dist.is_initialized():

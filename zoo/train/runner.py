@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -215,7 +215,13 @@ class _Training:
             raise NonFiniteLossError(
                 f"weights became non-finite by global step {self.state.global_step} (epoch {self.state.epoch}); "
                 f"not saving them, so {self.out_dir / 'last.pth'} keeps the last finite state; lower the lr "
-                "or enable --clip-grad")
+                f"or enable --clip-grad (non-finite on this rank: {', '.join(self._non_finite_names()) or 'none'})")
+
+    def _non_finite_names(self, most: int = 8) -> List[str]:
+        """The state-dict keys (``model.`` / ``model_ema.``) of this rank's non-finite tensors, the first `most`."""
+        names = [f"{prefix}.{key}" for prefix, m in self._modules() for key, t in m.state_dict().items()
+                 if t.is_floating_point() and not bool(torch.isfinite(fsdp.local_tensor(t)).all())]
+        return names[:most] + ([f"... {len(names) - most} more"] if len(names) > most else [])
 
     def save_last(self) -> None:
         self._check_finite()
