@@ -241,7 +241,7 @@ def rows_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     the faster one on this CPU (``_blas_beats_own_tiles``), then ``torch.bmm``; on other devices ``torch.bmm``
     with the outputs zero-padded to a multiple of 16 and cut back."""
     if x.device.type == "cpu" and x.dtype == torch.float32:
-        if _row_kernel_built("cpu", "grouped_linear") and not _blas_beats_own_tiles():
+        if _row_kernel_built("cpu", "grouped_linear"):
             return torch.ops.zoo_scan.grouped_linear(x, weight)
         return torch.bmm(x, weight.transpose(1, 2))
     n = weight.shape[1]
