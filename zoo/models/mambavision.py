@@ -34,6 +34,7 @@ from timm.layers import Attention, ClassifierHead, DropPath, LayerScale, LayerSc
 from timm.models import generate_default_cfgs, register_model
 
 from ..checkpoint import extract_state_dict, load_pretrained_file
+from ..layers.conv import StridedConv2d
 from ..layers.ssm import (
     ScanInputs,
     dt_bc_projection,
@@ -234,7 +235,7 @@ class MambaVisionStage(nn.Module):
         super().__init__()
         if window_size < 1:
             raise ValueError(f"MambaVisionStage: window_size must be >= 1, got {window_size}")
-        self.downsample = nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, bias=False) if downsample else nn.Identity()
+        self.downsample = StridedConv2d(in_dim, dim, 3, stride=2, padding=1, bias=False) if downsample else nn.Identity()
         self.conv = conv
         self.window_size = window_size
         if conv:
@@ -322,10 +323,10 @@ class MambaVision(HierarchicalMixin, nn.Module):
         self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False),
+            StridedConv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(stem_width, eps=1e-4),
             nn.ReLU(),
-            nn.Conv2d(stem_width, dims[0], 3, stride=2, padding=1, bias=False),
+            StridedConv2d(stem_width, dims[0], 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(dims[0], eps=1e-4),
             nn.ReLU(),
         )

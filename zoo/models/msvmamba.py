@@ -34,6 +34,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 
 from ..checkpoint import extract_state_dict, load_pretrained_file
+from ..layers.conv import StridedConv2d
 from ..layers.helpers import leaf_function
 from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal,
                            raise_official_problems, stage_widths)
@@ -115,7 +116,7 @@ class MultiScaleSS2D(nn.Module):
         self.conv_full = nn.Conv2d(
             d_inner, d_inner, conv_kernel, padding=(conv_kernel - 1) // 2, groups=d_inner, bias=conv_bias
         )
-        self.conv_low = nn.Conv2d(
+        self.conv_low = StridedConv2d(
             d_inner, d_inner, low_res_kernel, stride=2, padding=(low_res_kernel - 1) // 2, groups=d_inner,
             bias=conv_bias,
         )

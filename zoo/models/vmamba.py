@@ -34,6 +34,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
 from ..checkpoint import STATE_DICT_KEYS, extract_state_dict, load_pretrained_file
+from ..layers.conv import StridedConv2d
 from ..layers.ssm import (
     ScanInputs,
     cross_merge_2d,
@@ -316,7 +317,7 @@ class ConvDownsample(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int, norm_layer: type):
         super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, stride=2, padding=(kernel_size - 1) // 2)
+        self.conv = StridedConv2d(in_dim, out_dim, kernel_size, stride=2, padding=(kernel_size - 1) // 2)
         self.norm = norm_layer(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -358,10 +359,10 @@ class PatchEmbed(nn.Module):
             self.norm = make_norm(dim)
         elif stem == "conv2":
             stride = patch_size // 2
-            self.conv1 = nn.Conv2d(in_chans, dim // 2, stride + 1, stride=stride, padding=1)
+            self.conv1 = StridedConv2d(in_chans, dim // 2, stride + 1, stride=stride, padding=1)
             self.norm1 = make_norm(dim // 2)
             self.act = nn.GELU()
-            self.conv2 = nn.Conv2d(dim // 2, dim, stride + 1, stride=stride, padding=1)
+            self.conv2 = StridedConv2d(dim // 2, dim, stride + 1, stride=stride, padding=1)
             self.norm2 = make_norm(dim)
         else:
             raise ValueError(f"PatchEmbed: unknown stem {stem!r}; accepted: 'patch', 'conv2'")
