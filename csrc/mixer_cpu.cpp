@@ -6,7 +6,8 @@
 //   bimamba_scan: per (batch, block of 16 channels, 32 on AVX-512), the forward scan then the reverse
 //                 scan with softplus(delta + bias) (delta optionally from dt_proj's rank-R input, the projection
 //                 done per step), exp(delta * A) vectorised over the lanes, the D skip, and
-//                 scale * (y_fwd + y_rev) * silu(z) written once.
+//                 scale * (y_fwd + y_rev) * silu(z) written once;
+//   rms_norm:     the blocks' RMSNorm, one pass per row for the statistic and one for the output.
 //
 // The conv is an op of its own because its output also feeds x_proj (a matmul over all channels)
 // between the two. Both kernels are ZOO_CPU_DISPATCH (one clone per ISA, picked at load time).
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -248,6 +250,40 @@ at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const 
   return out;
 }
 
+// ---- rms_norm ----
+
+// rows [begin, end) of x (rows, dim): x * (1 / sqrt(mean(x^2) + eps)) * weight, one read of the row for the
+// sum of squares (fp32, as the reference's pow(2).mean()) and one for the output
+ZOO_CPU_DISPATCH void rms_norm_rows(const float* __restrict x, int64_t dim, const float* __restrict w, float eps,
+                                    float* __restrict out, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* __restrict xr = x + r * dim;
+    float* __restrict o = out + r * dim;
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < dim; ++c) squares += xr[c] * xr[c];
+    const float scale = 1.0f / std::sqrt(squares / static_cast<float>(dim) + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < dim; ++c) o[c] = xr[c] * scale * w[c];
+  }
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, "zoo_scan::rms_norm: x must have a last dimension >= 1, got ",
+              x.sizes());
+  check_float_on("rms_norm", x, "x", x.device());
+  check_float_on("rms_norm", weight, "weight", x.device());
+  check_shape("rms_norm", weight, "weight", {x.size(-1)}, "(x.size(-1),)");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  auto out = at::empty_like(xc);
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  at::parallel_for(0, rows, zoo_vec::grain_for(2 * dim), [&](int64_t begin, int64_t end) {
+    rms_norm_rows(xc.data_ptr<float>(), dim, wc.data_ptr<float>(), static_cast<float>(eps), out.data_ptr<float>(),
+                  begin, end);
+  });
+  return out;
+}
+
 // which clone of the dispatched kernels runs here: "avx512", "avx2" or "baseline"
 std::string cpu_isa() {
 #if ZOO_CPU_DISPATCH_ENABLED
@@ -277,6 +313,7 @@ int64_t cpu_parallel_threads() {
 TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
   m.impl("bimamba_conv", &bimamba_conv_cpu);
   m.impl("bimamba_scan", &bimamba_scan_cpu);
+  m.impl("rms_norm", &rms_norm_cpu);
 }
 
 // no tensor arguments, so no dispatch key: a catch-all kernel defined with its schema here

@@ -306,3 +306,54 @@ def test_torch_compile_traces_the_fused_path():
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), m(x), atol=1e-6, rtol=1e-6)
 
+
+
+@pytest.mark.parametrize("dim", [1, 5, 17, 192])
+def test_rms_norm_op_matches_float64(dim):
+    """zoo_scan::rms_norm against x * rsqrt(mean(x^2) + eps) * weight in float64: odd widths (the vector loops'
+    tails), a non-contiguous input, large and tiny rows."""
+    torch.manual_seed(dim)
+    x = torch.randn(3, 2 * dim + 1, 7).transpose(1, 2)[..., :dim] * torch.logspace(-3, 3, 7)[:, None]
+    weight = torch.randn(dim)
+    got = torch.ops.zoo_scan.rms_norm(x, weight, 1e-5)
+    x64 = x.double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-30)
+
+
+def test_rms_norm_op_errors_and_fake():
+    with pytest.raises(RuntimeError, match=r"zoo_scan::rms_norm: weight must be \(x.size\(-1\),\)"):
+        torch.ops.zoo_scan.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="zoo_scan::rms_norm: x must be a float32 tensor on cpu"):
+        torch.ops.zoo_scan.rms_norm(torch.randn(2, 8).double(), torch.randn(8), 1e-5)
+    torch.library.opcheck(torch.ops.zoo_scan.rms_norm, (torch.randn(2, 3, 8), torch.randn(8), 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_vim_blocks_take_the_fused_norm(monkeypatch):
+    """In CPU inference the Vim blocks' and the final RMSNorm run zoo_scan::rms_norm; the model's features equal
+    the reference path's (ZOO_SCAN_BACKEND=reference), and under gradients the reference norm still runs (the
+    op has no backward)."""
+    torch.manual_seed(0)
+    model = zoo.create_model("test_vim", img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    real = torch.ops.zoo_scan.rms_norm
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.zoo_scan, "rms_norm", counted)
+    with torch.no_grad():
+        fused = model.forward_features(x)
+    assert len(calls) == len(model.blocks) + 1  # every block's norm and the final one
+    monkeypatch.setenv("ZOO_SCAN_BACKEND", "reference")
+    with torch.no_grad():
+        reference = model.forward_features(x)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+    monkeypatch.delenv("ZOO_SCAN_BACKEND")
+    calls.clear()
+    model(x).sum().backward()
+    assert not calls and model.blocks[0].norm.weight.grad is not None

@@ -272,7 +272,7 @@ def test_mixer_calls_the_bidirectional_op(monkeypatch):
 
     monkeypatch.setattr(ssm_layers, "selective_scan_bidirectional", spy)
     # the unfused path (training, GPUs); CPU inference takes the row-layout kernels (test_mixer_cpu.py)
-    monkeypatch.setattr(vim_mod, "fused_mixer_enabled", lambda xz: False)
+    monkeypatch.setattr(vim_mod, "fused_mixer_enabled", lambda x, op="bimamba_scan": False)
     m = _small().eval()
     with torch.no_grad():
         m(torch.randn(1, 3, 32, 32))

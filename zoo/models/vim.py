@@ -75,6 +75,8 @@ class FP32RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._norm(x)  # TorchScript has no autocast to step out of
+        if self.weight.dtype == torch.float32 and fused_mixer_enabled(x, "rms_norm"):  # CPU inference, one pass
+            return torch.ops.zoo_scan.rms_norm(x, self.weight, self.eps)
         # devices without autocast (meta, for shape inference) refuse torch.autocast(..., enabled=False)
         if not torch.amp.is_autocast_available(x.device.type):
             return self._norm(x)

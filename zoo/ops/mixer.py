@@ -12,6 +12,8 @@ Here the work between the linear layers is two ops on rows with channels in the 
   z (batch, L, dim); y (batch, L, dim) = scale * (y_fwd + y_rev) * silu(z), the reverse direction
   scanned from the last step to the first. With ``dt_weight`` (2, dim, R) (see below), delta is
   dt_proj's rank-R input (2, batch, L, R).
+* ``zoo_scan::rms_norm(x, weight, eps) -> y``: the blocks' RMSNorm, x (..., dim) float32; y = x * rsqrt(mean(x^2,
+  -1) + eps) * weight, one pass per row for the statistic and one for y (the reference takes five).
 
 MSVMamba's mixer works on the channels-last map its in-projection produces (``csrc/rows_cpu.cpp``):
 
@@ -79,6 +81,7 @@ _lib.define(
 )
 
 
+_lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _lib.define("depthwise_conv2d_silu(Tensor x, Tensor weight, Tensor? bias, int stride) -> Tensor")
 _lib.define("depthwise_conv2d_residual_gelu(Tensor x, Tensor? x_bias, Tensor weight, Tensor? bias) -> Tensor")
 _lib.define(
@@ -136,6 +139,11 @@ def _scan_orders_fake(u, delta, A, B, C, D, delta_bias, orders, delta_softplus, 
     return u.new_empty((u.shape[0], orders.shape[0], *u.shape[1:]))
 
 
+@torch.library.register_fake("zoo_scan::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("zoo_scan::bimamba_conv")
 def _bimamba_conv_fake(x, weight, bias):
     return x.new_empty((2, *x.shape))
@@ -148,16 +156,16 @@ def _bimamba_scan_fake(u, delta, A, B, C, D, delta_bias, z, delta_softplus, scal
 
 def _no_backward(ctx, *grads):
     raise RuntimeError(
-        "zoo_scan's row-layout mixer ops (bimamba_*, depthwise_conv2d_*, scan_orders, scan_cross, "
+        "zoo_scan's row-layout mixer ops (bimamba_*, rms_norm, depthwise_conv2d_*, scan_orders, scan_cross, "
         "norm_merge_gate) are "
         "inference ops without a backward; the Vim, MSVMamba and VMamba mixers use them only when gradients are off "
         "(torch.no_grad / torch.inference_mode)"
     )
 
 
-for _op in ("zoo_scan::bimamba_conv", "zoo_scan::bimamba_scan", "zoo_scan::depthwise_conv2d_silu",
-            "zoo_scan::depthwise_conv2d_residual_gelu", "zoo_scan::scan_orders", "zoo_scan::scan_cross",
-            "zoo_scan::norm_merge_gate", "zoo_scan::grouped_linear"):
+for _op in ("zoo_scan::bimamba_conv", "zoo_scan::bimamba_scan", "zoo_scan::rms_norm",
+            "zoo_scan::depthwise_conv2d_silu", "zoo_scan::depthwise_conv2d_residual_gelu", "zoo_scan::scan_orders",
+            "zoo_scan::scan_cross", "zoo_scan::norm_merge_gate", "zoo_scan::grouped_linear"):
     torch.library.register_autograd(_op, _no_backward)
 
 
