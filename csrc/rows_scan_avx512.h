@@ -3,11 +3,12 @@
 //
 // The portable step spends most of its issue slots on exp2: a round-to-integer by adding and subtracting a
 // shifter, the clamp, and the exponent-field add. AVX-512 has the two instructions that replace them:
-// vreduceps gives f = x - round(x) and vscalefps gives p * 2^k, exact for every k (0 or a denormal below
-// 2^-126, where the portable exp2 clamps). The polynomial and the multiply-adds are the portable step's, in
-// its order, so the outputs equal it wherever 2^x is a normal float. Two registers a state give the
-// out-of-order core two independent exp chains. Measured on a 2-core Xeon (AVX-512): 0.18 ns per state and
-// lane against 0.28 for the portable step's x86-64-v4 clone at 16 lanes (docs/kernels.md).
+// vreduceps gives f = x - floor(x) and vscalefps gives p * 2^floor(x), exact for every x (0 or a denormal
+// below 2^-126, where the portable exp2 clamps); with the polynomial on [0, 1] the step needs no x - f. The
+// multiply-adds are the portable step's, in its order; 2^x differs from the portable one by its polynomials'
+// rounding (both within 2.3e-7 relative). Two registers a state give the out-of-order core two independent exp
+// chains. Measured on a 2-core Xeon (AVX-512): 0.18 ns per state and lane against 0.28 for the portable step's
+// x86-64-v4 clone at 16 lanes (docs/kernels.md), with x - round(x) and one subtraction more.
 //
 // These functions carry their own target attribute, so the ISA-dispatched kernels call them (they are not
 // inlined into the AVX2 and baseline clones) and must check zoo_vec::avx512_kernels() first.
@@ -25,13 +26,19 @@ constexpr int64_t kAvx512Lanes = 32;
 constexpr int64_t kRunPrefetch = 2;  // steps ahead that scan_run_avx512 fetches its rows
 
 #if ZOO_AVX512_KERNELS
-// 2^x for 16 lanes, x <= 0
+// 2^f for f in [0, 1]: a degree-5 polynomial fitted for relative error (< 1.5e-7 evaluated in float32), highest
+// power first. Over [0, 1] instead of the portable step's [-1/2, 1/2] (kExp2Poly, the same width and error), so
+// that vscalefps, which scales by 2^floor(x), takes x itself and no x - f is computed.
+constexpr float kExp2PolyUnit[6] = {1.8775727367028594e-3f, 8.989344350993633e-3f, 5.582631751894951e-2f,
+                                    2.4015361070632935e-1f, 6.931530833244324e-1f, 9.999999403953552e-1f};
+
+// 2^x for 16 lanes, x <= 0: f = x - floor(x), 2^f by the polynomial, times 2^floor(x)
 ZOO_TARGET_AVX512 inline __m512 exp2_avx512(__m512 x) {
-  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT);  // x - round(x), in [-1/2, 1/2]
-  const float* c = zoo_vec::kExp2Poly;
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF);  // in [0, 1] (1 for a tiny negative x)
+  const float* c = kExp2PolyUnit;
   __m512 p = _mm512_set1_ps(c[0]);
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
-  return _mm512_scalef_ps(p, _mm512_sub_ps(x, f));
+  return _mm512_scalef_ps(p, x);
 }
 
 // scan_run<kAvx512Lanes, true> (rows_scan.h), for a scan whose exponents dt * A are all <= 0
