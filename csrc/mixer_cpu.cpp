@@ -294,6 +294,16 @@ std::string cpu_isa() {
   return "baseline";
 }
 
+// the CPU's vendor, "intel", "amd" or "other": whose BLAS tuning torch's MKL gets (rows_projection)
+std::string cpu_vendor() {
+#if ZOO_CPU_DISPATCH_ENABLED
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return "intel";
+  if (__builtin_cpu_is("amd")) return "amd";
+#endif
+  return "other";
+}
+
 // whether the kernels take their hand-written AVX-512 paths here (cpu_vec.h)
 bool cpu_avx512_kernels() { return zoo_vec::avx512_kernels(); }
 
@@ -320,6 +330,7 @@ TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
 TORCH_LIBRARY_FRAGMENT(zoo_scan, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_avx512_kernels() -> bool", &cpu_avx512_kernels);
+  m.def("cpu_vendor() -> str", &cpu_vendor);
   m.def("cpu_parallel_threads() -> int", &cpu_parallel_threads);
 }
 

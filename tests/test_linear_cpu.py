@@ -68,10 +68,23 @@ def test_grouped_linear_schema_and_fake_kernel():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_rows_projection_picks_the_kernel_on_cpu_and_bmm_elsewhere():
-    """float32 CPU: the zoo kernel; float64 (no kernel): torch.bmm with the outputs padded and cut back."""
+def test_rows_projection_picks_the_kernel_or_the_blas_on_cpu_and_bmm_elsewhere(monkeypatch):
+    """float32 CPU: the zoo kernel, or torch.bmm where the BLAS is MKL on an Intel CPU (its tuned paths beat
+    our tiles there); float64 (no kernel): torch.bmm with the outputs padded and cut back."""
+    from zoo.ops import mixer
+
+    assert torch.ops.zoo_scan.cpu_vendor() in ("intel", "amd", "other")
+    assert mixer._blas_beats_own_tiles() == (torch.backends.mkl.is_available()
+                                             and torch.ops.zoo_scan.cpu_vendor() == "intel")
     x, weight = torch.randn(2, 9, 24), torch.randn(2, 44, 24)
-    torch.testing.assert_close(rows_projection(x, weight).double(), _reference(x, weight), rtol=1e-5, atol=1e-5)
+    for blas_faster in (False, True):
+        calls = []
+        real = torch.ops.zoo_scan.grouped_linear
+        monkeypatch.setattr(mixer, "_blas_beats_own_tiles", lambda: blas_faster)
+        monkeypatch.setattr(torch.ops.zoo_scan, "grouped_linear", lambda *a: calls.append(1) or real(*a))
+        out = rows_projection(x, weight)
+        assert len(calls) == (0 if blas_faster else 1)
+        torch.testing.assert_close(out.double(), _reference(x, weight), rtol=1e-5, atol=1e-5)
     out64 = rows_projection(x.double(), weight.double())
     assert out64.shape == (2, 9, 44)
     torch.testing.assert_close(out64, _reference(x, weight))

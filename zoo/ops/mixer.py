@@ -230,14 +230,28 @@ def _stacked(fwd: torch.Tensor, rev: torch.Tensor, dtype: torch.dtype = torch.fl
     return torch.stack([fwd.to(dtype), rev.to(dtype)])
 
 
+_blas_faster: list = []  # _blas_beats_own_tiles' answer, once known
+
+
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing it
+def _blas_beats_own_tiles() -> bool:
+    """Whether torch's BLAS runs x_proj's shapes faster than grouped_linear here: MKL on an Intel CPU, where it
+    takes its tuned paths (ours ran at 0.5-0.8x of it on a 2-core AVX-512 Xeon); on the AMD EPYC of
+    docs/kernels.md our tiles were 1.2-2.9x faster than it. Call only once the CPU kernels are built."""
+    if not _blas_faster:
+        _blas_faster.append(torch.backends.mkl.is_available() and torch.ops.zoo_scan.cpu_vendor() == "intel")
+    return _blas_faster[0]
+
+
 def rows_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x[g] @ weight[g].T`` for x (G, M, K) and weight (G, N, K): the row mixers' x_proj (dt_rank + 2 *
-    d_state = 5..80 outputs). On float32 CPU tensors ``zoo_scan::grouped_linear``, whose register tiles run
-    these few-output shapes 1.2-2.9x faster than the BLAS did on the AMD EPYC of docs/kernels.md; elsewhere
-    ``torch.bmm``, with the outputs zero-padded to a multiple of 16 (1.25x faster for R + 2N = 44 at Vim-Ti on
-    CUDA)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and _row_kernel_built("cpu", "grouped_linear"):
-        return torch.ops.zoo_scan.grouped_linear(x, weight)
+    d_state = 5..80 outputs). On float32 CPU tensors ``zoo_scan::grouped_linear``, unless torch's BLAS is
+    the faster one on this CPU (``_blas_beats_own_tiles``), then ``torch.bmm``; on other devices ``torch.bmm``
+    with the outputs zero-padded to a multiple of 16 and cut back."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        if _row_kernel_built("cpu", "grouped_linear") and not _blas_beats_own_tiles():
+            return torch.ops.zoo_scan.grouped_linear(x, weight)
+        return torch.bmm(x, weight.transpose(1, 2))
     n = weight.shape[1]
     return torch.bmm(x, F.pad(weight, (0, 0, 0, -n % 16)).transpose(1, 2))[..., :n]
 
