@@ -10,7 +10,7 @@
 //   rms_norm:     the blocks' RMSNorm, one pass per row for the statistic and one for the output.
 //
 // The conv is an op of its own because its output also feeds x_proj (a matmul over all channels)
-// between the two. Both kernels are ZOO_CPU_DISPATCH (one clone per ISA, picked at load time).
+// between the two. The kernels are ZOO_CPU_DISPATCH (one clone per ISA, picked at load time).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -121,7 +121,7 @@ struct ScanRowsArgs {
   float* out;  // (batch, L, dim) contiguous
 };
 
-// per-thread buffers, for blocks of up to kBlock lanes: At (N x W), Wt (R x W), h (N x W), dt (kDtSteps x W),
+// per-thread buffers, for blocks of up to the task width (scan_block_width) of lanes: At (N x W), Wt (R x W), h (N x W), dt (kDtSteps x W),
 // ybuf (L x W: the forward outputs), ys (kDtSteps x W: the reverse outputs of a run)
 struct ScanBuffers {
   std::vector<float> At, Wt, h, dt, ybuf, ys;
@@ -239,7 +239,8 @@ at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const 
   const int64_t R = dtw.defined() ? dtw.size(2) : 0;
   const bool decaying = decaying_scan(delta_softplus, Ac.max().item<float>());
   auto out = at::empty({batch, L, dim}, u.options());
-  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying, decaying && zoo_vec::avx512_kernels(), static_cast<float>(scale),
+  const bool wide = decaying && zoo_vec::avx512_kernels();
+  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying, wide, static_cast<float>(scale),
                  uc.data_ptr<float>(), ds.data_ptr<float>(), ds.stride(0), ds.stride(1), ds.stride(2),
                  dtw.defined() ? dtw.data_ptr<float>() : nullptr, Ac.data_ptr<float>(), Bs.data_ptr<float>(),
                  Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1), Bs.stride(2), Dc.data_ptr<float>(),

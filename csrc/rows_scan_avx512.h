@@ -7,8 +7,8 @@
 // below 2^-126, where the portable exp2 clamps); with the polynomial on [0, 1] the step needs no x - f. The
 // multiply-adds are the portable step's, in its order; 2^x differs from the portable one by its polynomials'
 // rounding (both within 2.3e-7 relative). Two registers a state give the out-of-order core two independent exp
-// chains. Measured on a 2-core Xeon (AVX-512): 0.18 ns per state and lane against 0.28 for the portable step's
-// x86-64-v4 clone at 16 lanes (docs/kernels.md), with x - round(x) and one subtraction more.
+// chains. Measured on a 2-core Xeon (AVX-512), when 2^x still took x - round(x) and one subtraction more: 0.18 ns
+// per state and lane against 0.28 for the portable step's x86-64-v4 clone at 16 lanes (docs/kernels.md).
 //
 // These functions carry their own target attribute, so the ISA-dispatched kernels call them (they are not
 // inlined into the AVX2 and baseline clones) and must check zoo_vec::avx512_kernels() first.

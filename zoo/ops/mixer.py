@@ -80,8 +80,8 @@ _lib.define(
     "bool delta_softplus, float scale, Tensor? dt_weight=None) -> Tensor"
 )
 
-
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+
 _lib.define("depthwise_conv2d_silu(Tensor x, Tensor weight, Tensor? bias, int stride) -> Tensor")
 _lib.define("depthwise_conv2d_residual_gelu(Tensor x, Tensor? x_bias, Tensor weight, Tensor? bias) -> Tensor")
 _lib.define(
@@ -230,7 +230,7 @@ def _stacked(fwd: torch.Tensor, rev: torch.Tensor, dtype: torch.dtype = torch.fl
     return torch.stack([fwd.to(dtype), rev.to(dtype)])
 
 
-_blas_faster: list = []  # _blas_beats_own_tiles' answer, once known
+_blas_faster: list = []  # _blas_beats_own_tiles' answer, once known (dynamo refuses a functools.cache wrapper)
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing it

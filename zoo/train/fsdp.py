@@ -84,7 +84,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
-
 class FullSource:
     """Whole tensors (a checkpoint written by an unsharded run) behind the same interface as the shards."""
 
