@@ -265,6 +265,44 @@ def _host_float(value: torch.Tensor) -> float:
     return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
+def _optimizer_step(bare: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    scheduler: Scheduler, ema, state: TrainState) -> None:
+    """The accumulation window's optimizer step, then the counters, the schedule and the EMA after it."""
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    state.step_in_epoch += 1
+    scheduler.step_update(num_updates=state.global_step)
+    if ema is not None:
+        ema.update(bare, step=state.global_step)
+
+
+def _window_info(meter: LossMeter, optimizer: torch.optim.Optimizer, images: int, start: float, grad_norm,
+                 device: torch.device) -> Tuple[Dict[str, Any], float]:
+    """What a logging step reports of the window of `images` since `start`, and the time the next one starts.
+    The loss read is the host sync, so the clock is read after it: the window's device work is then done."""
+    loss = meter.read_window()
+    now = time.perf_counter()
+    info = {
+        "loss": loss,
+        "lr": optimizer.param_groups[0]["lr"],
+        "img_per_s": images / max(now - start, 1e-9),
+        "grad_norm": _host_float(grad_norm) if grad_norm is not None else None,
+        "peak_mem_mb": peak_memory_mb(device),
+    }
+    return info, now
+
+
+def _show_progress(progress, info: Dict[str, Any]) -> None:
+    if progress is None:
+        return
+    progress.update(1)
+    if info:
+        progress.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}", img_s=f"{info['img_per_s']:.0f}",
+                             mem=f"{info['peak_mem_mb']:.0f}MB", refresh=False)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -333,33 +371,13 @@ def train_one_epoch(
         if not do_step:
             continue
         grad_norm = _clip_gradients(bare, clip_grad, clip_mode, scaler, optimizer)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state.global_step += 1
-        state.step_in_epoch += 1
-        scheduler.step_update(num_updates=state.global_step)
-        if ema is not None:
-            ema.update(bare, step=state.global_step)
+        _optimizer_step(bare, optimizer, scaler, scheduler, ema, state)
         info: Dict[str, Any] = {}
         if state.global_step % log_interval == 0 or state.step_in_epoch == steps:
-            mean_loss = meter.read_window()
-            now = time.perf_counter()
-            info = {
-                "loss": mean_loss,
-                "lr": optimizer.param_groups[0]["lr"],
-                "img_per_s": window_images / max(now - window_start, 1e-9),
-                "grad_norm": _host_float(grad_norm) if grad_norm is not None else None,
-                "peak_mem_mb": peak_memory_mb(device),
-            }
-            window_start, window_images = now, 0
+            info, window_start = _window_info(meter, optimizer, window_images, window_start, grad_norm, device)
+            window_images = 0
         state.epoch_seconds = seconds_before + time.perf_counter() - epoch_start
-        if progress is not None:
-            progress.update(1)
-            if info:
-                progress.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}",
-                                     img_s=f"{info['img_per_s']:.0f}", mem=f"{info['peak_mem_mb']:.0f}MB",
-                                     refresh=False)
+        _show_progress(progress, info)
         if on_step is not None:
             on_step(info)
     loss_sum = meter.sync()
