@@ -159,7 +159,9 @@ def main() -> None:
         parts = spec.split("@")
         name, size, batch = parts[0], parts[1] if len(parts) > 1 else "224", parts[2] if len(parts) > 2 else "8"
         calls = record_calls(name, int(batch), int(size))
-        print_table(f"{name} @{size} bs{batch}", compare(calls, libs, args.rounds), "base", "head")
+        with torch.inference_mode():  # as bench_cpu.py runs the models
+            per_op = compare(calls, libs, args.rounds)
+        print_table(f"{name} @{size} bs{batch}", per_op, "base", "head")
 
 
 if __name__ == "__main__":
