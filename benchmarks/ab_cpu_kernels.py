@@ -29,12 +29,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401
+from bench_cpu import build, kernel_isa  # noqa: E402  (this folder, which python puts on sys.path)
 from zoo.ops import _build, compiled  # noqa: E402
 
 Call = Tuple[str, tuple, dict]  # (op name, args, kwargs)
+_SCHEMA_LIBS: List[torch.library.Library] = []  # the renamed namespaces' schemas live as long as the process
 
 
 class _Recorder(TorchDispatchMode):
@@ -52,8 +53,7 @@ class _Recorder(TorchDispatchMode):
 
 
 def record_calls(model_name: str, batch: int, size: int) -> List[Call]:
-    model = timm.create_model(model_name, img_size=size) if size != 224 else timm.create_model(model_name)
-    model.eval()
+    model = build(model_name, size)
     x = torch.randn(batch, 3, size, size)
     with torch.inference_mode():
         model(x)
@@ -89,11 +89,8 @@ def build_namespace(ns: str, csrc: Path) -> object:
         name=f"{ns}_cpu", sources=[str(s) for s in sources], extra_cflags=cflags + [f"-Dzoo_scan={ns}"],
         extra_ldflags=ldflags, extra_include_paths=[str(csrc)], build_directory=str(build_dir),
         is_python_module=False, verbose=False)
-    build_namespace.libs.append(lib)  # the schemas live as long as the process
+    _SCHEMA_LIBS.append(lib)
     return getattr(torch.ops, ns)
-
-
-build_namespace.libs = []
 
 
 def _max_diff(a, b) -> float:
@@ -153,12 +150,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"base": build_namespace("zoo_ab_base", _tree_csrc(args.base, Path(tmp))),
                 "head": build_namespace("zoo_ab_head", REPO / "csrc")}
-    print(f"torch {torch.__version__}, ISA {torch.ops.zoo_scan.cpu_isa()}, {args.threads} thread(s), "
+    print(f"torch {torch.__version__}, zoo kernels: {kernel_isa()}, {args.threads} thread(s), "
           f"base = {args.base}, head = working tree, {args.rounds} rounds")
     for spec in args.models.split(","):
         parts = spec.split("@")
         name, size, batch = parts[0], parts[1] if len(parts) > 1 else "224", parts[2] if len(parts) > 2 else "8"
         calls = record_calls(name, int(batch), int(size))
+        if not calls:
+            print(f"\n{name}: its forward calls no zoo_scan op here (nothing to compare)")
+            continue
         with torch.inference_mode():  # as bench_cpu.py runs the models
             per_op = compare(calls, libs, args.rounds)
         print_table(f"{name} @{size} bs{batch}", per_op, "base", "head")

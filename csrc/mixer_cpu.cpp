@@ -121,8 +121,8 @@ struct ScanRowsArgs {
   float* out;  // (batch, L, dim) contiguous
 };
 
-// per-thread buffers, for blocks of up to the task width (scan_block_width) of lanes: At (N x W), Wt (R x W), h (N x W), dt (kDtSteps x W),
-// ybuf (L x W: the forward outputs), ys (kDtSteps x W: the reverse outputs of a run)
+// per-thread buffers, for blocks of up to the task width (scan_block_width) of lanes: At (N x W), Wt (R x W),
+// h (N x W), dt (kDtSteps x W), ybuf (L x W: the forward outputs), ys (kDtSteps x W: the reverse outputs of a run)
 struct ScanBuffers {
   std::vector<float> At, Wt, h, dt, ybuf, ys;
 };

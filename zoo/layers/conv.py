@@ -22,8 +22,8 @@ __all__ = ["StridedConv2d", "strided_conv2d"]
 
 @torch.fx.wrap
 @leaf_function
-def strided_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             stride: List[int], padding: List[int], groups: int) -> torch.Tensor:
+def strided_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
+                   padding: List[int], groups: int) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, groups=groups)`` (zero padding, no dilation); a
     strided conv with one output along a dimension is computed with stride 1 along it, over the one
     window it reads there."""
@@ -56,4 +56,4 @@ class StridedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return strided_conv2d(x, self.weight, self.bias, [self.stride[0], self.stride[1]],
-                                        [self.padding[0], self.padding[1]], self.groups)
+                              [self.padding[0], self.padding[1]], self.groups)
