@@ -35,6 +35,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..layers.conv import StridedConv2d
+from ..layers.helpers import channels_last
 from ..layers.ssm import (
     ScanInputs,
     dt_bc_projection,
@@ -363,9 +364,10 @@ class MambaVision(HierarchicalMixin, nn.Module):
             raise ValueError(f"MambaVision: expected an image batch of shape (B, {self.in_chans}, H, W), got {shape}")
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W), checked -> the stem's NCHW map at stride 4."""
+        """(B, C_in, H, W), checked -> the stem's map at stride 4, (B, C, H, W) stored channels-last (the conv
+        stages keep that order, and stages 2-3 flatten it to contiguous (B, L, C) tokens)."""
         self._check_input(x)
-        return self.stem(x)
+        return self.stem(channels_last(x))
 
     # --- checkpoints ----------------------------------------------------------------------------
 

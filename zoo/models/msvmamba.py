@@ -35,7 +35,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..layers.conv import StridedConv2d
-from ..layers.helpers import leaf_function
+from ..layers.helpers import channels_last, leaf_function
 from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal,
                            raise_official_problems, stage_widths)
 from ..layers.ssm import (ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, ssm_parameters,
@@ -305,7 +305,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = check_image_batch(x, self.proj.in_channels, self.proj.stride[0])
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.norm(self.proj(channels_last(x)).permute(0, 2, 3, 1))
 
 
 @torch.fx.wrap

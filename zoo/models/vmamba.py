@@ -35,6 +35,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from ..checkpoint import STATE_DICT_KEYS, extract_state_dict, load_pretrained_file
 from ..layers.conv import StridedConv2d
+from ..layers.helpers import channels_last
 from ..layers.ssm import (
     ScanInputs,
     cross_merge_2d,
@@ -378,9 +379,9 @@ class PatchEmbed(nn.Module):
                 f"VMamba: expected an image batch of shape (B, {self.in_chans}, H, W) with H and W "
                 f">= {patch} (the stem patch size), got {tuple(x.shape)}")
         if self.stem == "patch":
-            x = self.norm(self.proj(x).permute(0, 2, 3, 1))
+            x = self.norm(self.proj(channels_last(x)).permute(0, 2, 3, 1))
         else:
-            x = self.norm1(self.conv1(x).permute(0, 2, 3, 1))
+            x = self.norm1(self.conv1(channels_last(x)).permute(0, 2, 3, 1))
             x = self.act(x.permute(0, 3, 1, 2))
             x = self.norm2(self.conv2(x).permute(0, 2, 3, 1))
         if self.pos_embed is None:
