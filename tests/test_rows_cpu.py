@@ -82,7 +82,8 @@ def _scan_inputs(batch: int, L: int, dim: int, n: int, seed: int = 0):
         torch.randn(dim, generator=gen) * 0.3
 
 
-@pytest.mark.parametrize("height, width, dim, n", [(3, 5, 37, 1), (4, 4, 16, 3), (1, 6, 5, 1), (2, 7, 20, 16)])
+@pytest.mark.parametrize("height, width, dim, n", [(3, 5, 37, 1), (4, 4, 16, 3), (1, 6, 5, 1), (2, 7, 20, 16),
+                                                  (2, 3, 300, 1)])
 def test_scan_orders_is_one_sequence_over_the_gathered_orders(height, width, dim, n):
     """Every order of SCAN_ORDERS, the state running from one into the next: equals the naive scan of the
     concatenated reordered copies, each order's outputs put back to row-major positions."""
@@ -101,7 +102,7 @@ def test_scan_orders_is_one_sequence_over_the_gathered_orders(height, width, dim
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("height, width, dim, n", [(3, 5, 37, 1), (4, 4, 16, 3), (2, 7, 70, 16)])
+@pytest.mark.parametrize("height, width, dim, n", [(3, 5, 37, 1), (4, 4, 16, 3), (2, 7, 70, 16), (2, 3, 300, 1)])
 def test_scan_cross_sums_independent_scans_of_each_order(height, width, dim, n):
     """Four orders, each with its own delta, B, C, A, D and bias and a zero initial state: equals the sum of
     four naive scans over the gathered copies, put back to row-major positions (VMamba's scan + merge)."""
