@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu_vec.h"
+#include "dwconv_rows.h"
 #include "mixer_common.h"
 #include "rows_scan.h"
 #include "rows_scan_avx512.h"
@@ -45,63 +46,7 @@ void check_scan_floats(const char* op, const at::Tensor& u, const at::Tensor& de
   for (const auto& [t, name] : floats) check_float_on(op, *t, name, at::kCPU);
 }
 
-// ---- depthwise_conv2d_silu ----
-
-struct DwConvArgs {
-  int64_t batch, H, W, C, K, stride, pad, Ho, Wo;
-  const float* x;
-  int64_t x_sb, x_sh, x_sw;  // channel stride 1
-  const float* w;            // (K, K, C): taps outermost, so the channel loop is contiguous
-  const float* bias;         // (C), or nullptr
-  const float* x_bias;       // (C): added to every input value (residual mode; zeros when the op got none)
-  float* out;                // (batch, Ho, Wo, C)
-};
-
-// what the conv's output becomes: silu(conv + bias), or gelu(x + conv + bias) with x the (stride 1) input
-enum class DwEpilogue { SiLU, ResidualGELU };
-
-// output rows (b, oh) in [begin, end) of the flattened (batch, Ho). Per output pixel the taps are the
-// outer loop and all C channels the inner one: each tap's address math is paid once per pixel, and the
-// pixel's C accumulators stay in L1 while the taps stream through it.
-template <DwEpilogue E>
-ZOO_INLINE void dwconv_rows(const DwConvArgs& a, int64_t begin, int64_t end) {
-  const int64_t C = a.C;
-  constexpr bool residual = E == DwEpilogue::ResidualGELU;
-  const float* __restrict xbias = a.x_bias;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / a.Ho, oh = r % a.Ho;
-    const float* xb = a.x + b * a.x_sb;
-    const int64_t kh0 = std::max<int64_t>(0, a.pad - oh * a.stride);
-    const int64_t kh1 = std::min<int64_t>(a.K, a.H + a.pad - oh * a.stride);
-    for (int64_t ow = 0; ow < a.Wo; ++ow) {
-      float* __restrict o = a.out + (r * a.Wo + ow) * C;
-      if (a.bias != nullptr) {
-        std::copy(a.bias, a.bias + C, o);
-      } else {
-        std::fill(o, o + C, 0.0f);
-      }
-      const int64_t kw0 = std::max<int64_t>(0, a.pad - ow * a.stride);
-      const int64_t kw1 = std::min<int64_t>(a.K, a.W + a.pad - ow * a.stride);
-      for (int64_t kh = kh0; kh < kh1; ++kh) {
-        const float* xrow = xb + (oh * a.stride - a.pad + kh) * a.x_sh;
-        for (int64_t kw = kw0; kw < kw1; ++kw) {
-          const float* __restrict xs = xrow + (ow * a.stride - a.pad + kw) * a.x_sw;
-          const float* __restrict wk = a.w + (kh * a.K + kw) * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * (residual ? xs[c] + xbias[c] : xs[c]);
-        }
-      }
-      if constexpr (residual) {
-        const float* __restrict xs = xb + oh * a.x_sh + ow * a.x_sw;  // stride 1: the centre pixel
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::gelu(o[c] + xs[c] + xbias[c]);
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = zoo_vec::silu(o[c]);
-      }
-    }
-  }
-}
+// ---- depthwise_conv2d_silu / depthwise_conv2d_residual_gelu (the conv itself: dwconv_rows.h) ----
 
 ZOO_CPU_DISPATCH void dwconv_silu_rows(const DwConvArgs& a, int64_t begin, int64_t end) {
   dwconv_rows<DwEpilogue::SiLU>(a, begin, end);

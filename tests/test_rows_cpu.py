@@ -25,10 +25,11 @@ FIXTURES = parity_files("msvmamba", "msvmamba_*.json")
 
 @pytest.mark.parametrize("k, stride, size, channels, bias", [
     (3, 1, (7, 5), 37, True), (7, 2, (14, 9), 16, True), (7, 2, (1, 3), 5, False), (5, 1, (4, 4), 19, False),
+    (3, 1, (5, 6), 85, True), (7, 2, (9, 8), 64, False),
 ])
 def test_depthwise_conv2d_silu_matches_conv2d(k, stride, size, channels, bias):
-    """Odd and even map sizes (stride-2 edges), a channel tail past the 16-lane blocks, no bias, and an input
-    that is a column slice of a wider channels-last tensor (how the mixer passes in_proj's output)."""
+    """Odd and even map sizes (stride-2 edges), 64-channel blocks, 16-channel ones and a tail past them, no bias,
+    and an input that is a column slice of a wider channels-last tensor (how the mixer passes in_proj's output)."""
     torch.manual_seed(0)
     wide = torch.randn(2, *size, 2 * channels + 3)
     x = wide[..., 3:3 + channels]
@@ -39,7 +40,8 @@ def test_depthwise_conv2d_silu_matches_conv2d(k, stride, size, channels, bias):
     torch.testing.assert_close(out, want.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("k, size, channels, biases", [(3, (7, 5), 37, True), (5, (1, 4), 16, False)])
+@pytest.mark.parametrize("k, size, channels, biases", [(3, (7, 5), 37, True), (5, (1, 4), 16, False),
+                                                       (3, (4, 5), 85, True)])
 def test_depthwise_conv2d_residual_gelu_matches_convffn_middle(k, size, channels, biases):
     """gelu(x' + conv(x') + bias), x' = x + x_bias (ConvFFN's fc1 bias moved in), against F.conv2d and exact GELU;
     the input a column slice of a wider map; inputs spanning GELU's tails (|x| up to ~12)."""
