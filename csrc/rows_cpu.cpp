@@ -500,6 +500,17 @@ ZOO_INLINE Tap bilinear_tap(int64_t i, int64_t in, int64_t out) {
 }
 
 // output rows [begin, end) of the flattened (batch, H)
+// merge_rows fetches the y and z rows of the token this many ahead: both are rows of wider tensors (z a column
+// slice of in_proj's output, 2 * d floats apart), whose strides the hardware prefetchers did not follow; the
+// loads of z stalled the gate
+constexpr int64_t kMergePrefetch = 2;
+
+ZOO_INLINE void prefetch_merge_rows(const MergeArgs& a, int64_t b, int64_t t) {
+  const int64_t bytes = a.d * int64_t(sizeof(float));
+  zoo_vec::prefetch_span(a.y + b * a.y_sb + t * a.y_st, bytes);
+  if (a.z != nullptr) zoo_vec::prefetch_span(a.z + b * a.z_sb + t * a.z_st, bytes);
+}
+
 ZOO_CPU_DISPATCH void merge_rows(const MergeArgs& a, int64_t begin, int64_t end) {
   const int64_t d = a.d;
   std::vector<float> v(d);
@@ -514,6 +525,7 @@ ZOO_CPU_DISPATCH void merge_rows(const MergeArgs& a, int64_t begin, int64_t end)
     const Tap th = a.y_low != nullptr ? bilinear_tap(oh, a.lh, a.H) : Tap{0, 0, 0.0f, 0.0f};
     for (int64_t ow = 0; ow < a.W; ++ow) {
       const int64_t t = oh * a.W + ow;
+      if (ow + kMergePrefetch < a.W) prefetch_merge_rows(a, b, t + kMergePrefetch);
       float* __restrict vp = v.data();
       layer_norm_row<false>(a.y + b * a.y_sb + t * a.y_st, d, a.eps, a.w, a.b, vp);
       if (a.y_low != nullptr) {
