@@ -10,6 +10,7 @@ over rounds of its summed time, the ratio head / base, and the largest output di
 
     python benchmarks/ab_cpu_kernels.py --base HEAD                  # working tree against HEAD
     python benchmarks/ab_cpu_kernels.py --base main~3 --models msvmamba_nano --rounds 21
+    perf record -e cpu-clock python benchmarks/ab_cpu_kernels.py --replay --models msvmamba_tiny
 """
 from __future__ import annotations
 
@@ -119,6 +120,20 @@ def compare(calls: List[Call], libs: Dict[str, object], rounds: int) -> Dict[str
     return per_op
 
 
+def replay(calls: List[Call], rounds: int) -> Dict[str, float]:
+    """Per op name: ms per forward (median over rounds) on the installed zoo_scan ops; for a profiler run
+    (``perf record -e cpu-clock ... --replay``), where only the kernels of the working tree should run."""
+    per_round: Dict[str, List[float]] = defaultdict(lambda: [0.0] * rounds)
+    for op, args, kwargs in calls:
+        fn = getattr(torch.ops.zoo_scan, op).default
+        fn(*args, **kwargs)
+        for r in range(rounds):
+            start = time.perf_counter()
+            fn(*args, **kwargs)
+            per_round[op][r] += time.perf_counter() - start
+    return {op: statistics.median(t) * 1e3 for op, t in per_round.items()}
+
+
 def print_table(model: str, per_op: Dict[str, dict], base: str, head: str) -> None:
     print(f"\n{model}: ms per forward (median over rounds), head / base")
     print("| op | calls | base ms | head ms | head / base | max abs diff |\n|---|---|---|---|---|---|")
@@ -142,16 +157,21 @@ def main() -> None:
                    help="comma-separated models; name@size@batch picks another input (default 224 px, batch 8)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--replay", action="store_true",
+                   help="no base: replay the calls on the package's own build only (to run under a profiler)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ok, why = compiled.kernels_available("cpu")
     if not ok:
         sys.exit(f"ab_cpu_kernels: the compiled CPU kernels are needed to record the calls: {why}")
-    with tempfile.TemporaryDirectory() as tmp:
-        libs = {"base": build_namespace("zoo_ab_base", _tree_csrc(args.base, Path(tmp))),
-                "head": build_namespace("zoo_ab_head", REPO / "csrc")}
-    print(f"torch {torch.__version__}, zoo kernels: {kernel_isa()}, {args.threads} thread(s), "
-          f"base = {args.base}, head = working tree, {args.rounds} rounds")
+    libs = {}
+    if not args.replay:
+        with tempfile.TemporaryDirectory() as tmp:
+            libs = {"base": build_namespace("zoo_ab_base", _tree_csrc(args.base, Path(tmp))),
+                    "head": build_namespace("zoo_ab_head", REPO / "csrc")}
+    what = "the package's build only" if args.replay else f"base = {args.base}, head = working tree"
+    print(f"torch {torch.__version__}, zoo kernels: {kernel_isa()}, {args.threads} thread(s), {what}, "
+          f"{args.rounds} rounds")
     for spec in args.models.split(","):
         parts = spec.split("@")
         name, size, batch = parts[0], parts[1] if len(parts) > 1 else "224", parts[2] if len(parts) > 2 else "8"
@@ -160,6 +180,10 @@ def main() -> None:
             print(f"\n{name}: its forward calls no zoo_scan op here (nothing to compare)")
             continue
         with torch.inference_mode():  # as bench_cpu.py runs the models
+            if args.replay:
+                times = replay(calls, args.rounds)
+                print(f"\n{name} @{size} bs{batch}: " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in times.items()))
+                continue
             per_op = compare(calls, libs, args.rounds)
         print_table(f"{name} @{size} bs{batch}", per_op, "base", "head")
 
