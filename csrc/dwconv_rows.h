@@ -1,7 +1,7 @@
 // The depthwise k x k conv of depthwise_conv2d_silu and depthwise_conv2d_residual_gelu (rows_cpu.cpp) on a
 // channels-last map: one output row at a time, in blocks of 64 channels (then 16, then single channels).
 //
-// Why blocks: per block the row's taps read k input rows x W pixels x 256 bytes (11-43 KB for MSVMamba's 3 x 3
+// Why blocks: per block the row's taps read k input rows x W pixels x 256 bytes (5-43 KB for MSVMamba's 3 x 3
 // convs), which stay in L1 across the row's pixels, and the block's sums stay in registers across the taps.
 // The whole-channel loop it replaced read all C channels per tap (k * k * C * 4 bytes of input per pixel, from
 // L2) and kept its sums in the output row. Measured on a 2-core Xeon: the ops at MSVMamba's and VMamba's calls

@@ -499,7 +499,6 @@ ZOO_INLINE Tap bilinear_tap(int64_t i, int64_t in, int64_t out) {
   return {i0, i0 + (i0 < in - 1 ? 1 : 0), 1.0f - l1, l1};
 }
 
-// output rows [begin, end) of the flattened (batch, H)
 // merge_rows fetches the y and z rows of the token this many ahead: both are rows of wider tensors (z a column
 // slice of in_proj's output, 2 * d floats apart), whose strides the hardware prefetchers did not follow; the
 // loads of z stalled the gate
@@ -511,6 +510,7 @@ ZOO_INLINE void prefetch_merge_rows(const MergeArgs& a, int64_t b, int64_t t) {
   if (a.z != nullptr) zoo_vec::prefetch_span(a.z + b * a.z_sb + t * a.z_st, bytes);
 }
 
+// output rows [begin, end) of the flattened (batch, H)
 ZOO_CPU_DISPATCH void merge_rows(const MergeArgs& a, int64_t begin, int64_t end) {
   const int64_t d = a.d;
   std::vector<float> v(d);
