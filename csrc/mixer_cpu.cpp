@@ -127,17 +127,21 @@ struct ScanBuffers {
   std::vector<float> At, Wt, h, dt, ybuf, ys;
 };
 
-// the time scales of steps s0 .. s0 + steps of direction dir into dt (steps x W)
+// the time scales of steps s0 .. s0 + steps of direction dir into dt (steps x W): with dt_proj folded in, the run
+// at once (dt_run_lowrank) where W is whole 8-lane vectors, else per step
 template <int64_t W, bool Softplus>
 ZOO_INLINE void fill_dt_steps(const ScanRowsArgs& a, int dir, int64_t b, int64_t c0, int64_t s0, int64_t steps,
                               const float* bias, const float* Wt, float* dt) {
+  const int64_t t0 = dir == 0 ? s0 : a.L - 1 - s0, step = dir == 0 ? a.d_st : -a.d_st;
+  const float* d0 = a.delta + dir * a.d_sd + b * a.d_sb + t0 * a.d_st;
+  if constexpr (W % kVec8Lanes == 0) {
+    if (a.dt_w != nullptr) return dt_run_lowrank<W, Softplus>(d0, step, steps, a.R, Wt, bias, dt);
+  }
   for (int64_t s = 0; s < steps; ++s) {
-    const int64_t t = dir == 0 ? s0 + s : a.L - 1 - s0 - s;
-    const float* dp = a.delta + dir * a.d_sd + b * a.d_sb + t * a.d_st;
     if (a.dt_w != nullptr)
-      step_dt_lowrank<W, Softplus>(dp, a.R, Wt, bias, dt + s * W);
+      step_dt_lowrank<W, Softplus>(d0 + s * step, a.R, Wt, bias, dt + s * W);
     else
-      step_dt<W, Softplus>(dp + c0, bias, dt + s * W);
+      step_dt<W, Softplus>(d0 + s * step + c0, bias, dt + s * W);
   }
 }
 

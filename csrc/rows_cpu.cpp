@@ -157,9 +157,10 @@ ZOO_INLINE void fill_dt(const OrderScanArgs& a, int64_t b, int64_t c0, int64_t w
   const int64_t full = width / kLanes * kLanes, R = a.R;
   const float* bias = a.bias + k * a.p_sk + c0;
   const float* dp = delta_row(a, b, k, t);
-  if (a.dt_w != nullptr) {
-    for (int64_t j = 0; j < full; j += kLanes) step_dt_lowrank<kLanes, Softplus>(dp, R, Wt + j * R, bias + j, dt + j);
-    for (int64_t j = full; j < width; ++j) step_dt_lowrank<1, Softplus>(dp, R, Wt + j * R, bias + j, dt + j);
+  if (a.dt_w != nullptr) {  // the blocks' sums four at a time (lowrank_sums), then softplus over the row
+    lowrank_sums_all<kLanes / kVec8Lanes>({dp, 0, Wt, kLanes * R, bias, kLanes, dt, kLanes}, full / kLanes, R);
+    for (int64_t j = full; j < width; ++j) step_dt_lowrank<1, false>(dp, R, Wt + j * R, bias + j, dt + j);
+    softplus_in_place<Softplus>(dt, width);
   } else {
     for (int64_t j = 0; j < full; j += kLanes) step_dt<kLanes, Softplus>(dp + c0 + j, bias + j, dt + j);
     for (int64_t j = full; j < width; ++j) step_dt<1, Softplus>(dp + c0 + j, bias + j, dt + j);

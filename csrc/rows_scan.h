@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "cpu_vec.h"
 
@@ -120,6 +121,89 @@ ZOO_INLINE void step_dt_lowrank(const float* __restrict dlow, int64_t R, const f
   }
 #pragma omp simd
   for (int64_t j = 0; j < W; ++j) dt[j] = Softplus ? zoo_vec::softplus(raw[j]) : raw[j];
+}
+
+// Eight lanes as a GCC vector-extension value: one ymm register in the AVX2 and AVX-512 clones, two xmm ones in
+// the baseline, so one implementation serves every clone. (A 16-lane value is lowered badly by the AVX2 clone:
+// its loads and stores went through general registers.)
+using Vec8 = float __attribute__((vector_size(32)));
+constexpr int64_t kVec8Lanes = 8;
+ZOO_INLINE Vec8 load8(const float* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+ZOO_INLINE void store8(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Where the items of lowrank_sums read and write: item i's R low-rank values at dlow + i * dlow_step, its weights
+// (R x 8V, rank-major) at Wt + i * wt_step, its bias at bias + i * bias_step and its sums at raw + i * raw_step.
+// Vim's mixer sums consecutive steps of one channel block (the weights shared); MSVMamba's and VMamba's scans
+// sum one step's channel blocks (the low-rank values shared).
+struct LowRankItems {
+  const float* dlow;
+  int64_t dlow_step;
+  const float* Wt;
+  int64_t wt_step;
+  const float* bias;
+  int64_t bias_step;
+  float* raw;
+  int64_t raw_step;
+};
+
+// step_dt_lowrank's sums bias + sum_r dlow[r] * Wt[r] (before softplus) for S items of V eight-lane vectors at
+// once. The S * V sums advance together, one rank at a time, in rank order: the same multiply-adds in the same
+// order as step_dt_lowrank, whose single sum is a chain of R dependent multiply-adds that left the FMA units
+// idle for most of their latency.
+template <int64_t V, int64_t S>
+ZOO_INLINE void lowrank_sums(const LowRankItems& it, int64_t R) {
+  constexpr int64_t W = V * kVec8Lanes;
+  Vec8 acc[S][V];
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t v = 0; v < V; ++v) acc[s][v] = load8(it.bias + s * it.bias_step + v * kVec8Lanes);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t s = 0; s < S; ++s) {
+      const float d = it.dlow[s * it.dlow_step + r];
+      const float* w = it.Wt + s * it.wt_step + r * W;
+      for (int64_t v = 0; v < V; ++v) acc[s][v] += d * load8(w + v * kVec8Lanes);
+    }
+  }
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t v = 0; v < V; ++v) store8(it.raw + s * it.raw_step + v * kVec8Lanes, acc[s][v]);
+}
+
+// lowrank_sums over `items` items, eight vectors in flight (S * V = 8), then the remainder one item at a time
+template <int64_t V>
+ZOO_INLINE void lowrank_sums_all(LowRankItems it, int64_t items, int64_t R) {
+  constexpr int64_t S = V >= 8 ? 1 : 8 / V;
+  int64_t i = 0;
+  for (; i + S <= items; i += S) {
+    lowrank_sums<V, S>(it, R);
+    it.dlow += S * it.dlow_step, it.Wt += S * it.wt_step, it.bias += S * it.bias_step, it.raw += S * it.raw_step;
+  }
+  for (; i < items; ++i) {
+    lowrank_sums<V, 1>(it, R);
+    it.dlow += it.dlow_step, it.Wt += it.wt_step, it.bias += it.bias_step, it.raw += it.raw_step;
+  }
+}
+
+// softplus in place over n values (or nothing): a pass of its own after the sums, its elements all independent
+template <bool Softplus>
+ZOO_INLINE void softplus_in_place(float* __restrict x, int64_t n) {
+  if constexpr (Softplus) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) x[i] = zoo_vec::softplus(x[i]);
+  }
+}
+
+// the time scales of `steps` consecutive steps (at most kDtSteps) of W lanes into dt (steps x W), dt_proj folded
+// in: step s reads its R low-rank values at dlow + s * dlow_step (negative for a reverse scan). Equal to
+// step_dt_lowrank per step; W a multiple of 8.
+template <int64_t W, bool Softplus>
+ZOO_INLINE void dt_run_lowrank(const float* dlow, int64_t dlow_step, int64_t steps, int64_t R, const float* Wt,
+                               const float* bias, float* dt) {
+  static_assert(W % kVec8Lanes == 0, "dt_run_lowrank takes whole 8-lane vectors");
+  lowrank_sums_all<W / kVec8Lanes>({dlow, dlow_step, Wt, 0, bias, 0, dt, W}, steps, R);
+  softplus_in_place<Softplus>(dt, steps * W);
 }
 
 // dt_proj's weight row of channel c (R values) as step_dt_lowrank reads it: Wt[r * W + lane] = w_row[r]
