@@ -182,6 +182,25 @@ inline bool avx512_kernels() {
 #endif
 }
 
+// Lanes as GCC vector-extension values, so one implementation serves every clone: Vec8 is one ymm register in the
+// AVX2 and AVX-512 clones and two xmm ones in the baseline; Vec16 one zmm register in the AVX-512 clone. The AVX2
+// clone lowers Vec16 badly (its loads and stores went through general registers, 2-3x the time of Vec8 code), so
+// 16-lane code runs only where avx512_kernels() says so.
+using Vec8 = float __attribute__((vector_size(32)));
+using Vec16 = float __attribute__((vector_size(64)));
+template <typename V>
+constexpr int64_t kVecLanes = int64_t(sizeof(V) / sizeof(float));
+template <typename V>
+ZOO_INLINE V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+ZOO_INLINE void vstore(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 // Prefetches the cache lines of `bytes` bytes from p (for reading, or for writing): the scans walk tokens
 // in orders the hardware prefetchers do not follow (a column of a row-major map is one row apart per step).
 template <bool ForWrite = false>

@@ -7,7 +7,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "cpu_vec.h"
 
@@ -123,17 +122,8 @@ ZOO_INLINE void step_dt_lowrank(const float* __restrict dlow, int64_t R, const f
   for (int64_t j = 0; j < W; ++j) dt[j] = Softplus ? zoo_vec::softplus(raw[j]) : raw[j];
 }
 
-// Eight lanes as a GCC vector-extension value: one ymm register in the AVX2 and AVX-512 clones, two xmm ones in
-// the baseline, so one implementation serves every clone. (A 16-lane value is lowered badly by the AVX2 clone:
-// its loads and stores went through general registers.)
-using Vec8 = float __attribute__((vector_size(32)));
-constexpr int64_t kVec8Lanes = 8;
-ZOO_INLINE Vec8 load8(const float* p) {
-  Vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-ZOO_INLINE void store8(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+using zoo_vec::Vec8;
+constexpr int64_t kVec8Lanes = zoo_vec::kVecLanes<Vec8>;
 
 // Where the items of lowrank_sums read and write: item i's R low-rank values at dlow + i * dlow_step, its weights
 // (R x 8V, rank-major) at Wt + i * wt_step, its bias at bias + i * bias_step and its sums at raw + i * raw_step.
@@ -159,16 +149,16 @@ ZOO_INLINE void lowrank_sums(const LowRankItems& it, int64_t R) {
   constexpr int64_t W = V * kVec8Lanes;
   Vec8 acc[S][V];
   for (int64_t s = 0; s < S; ++s)
-    for (int64_t v = 0; v < V; ++v) acc[s][v] = load8(it.bias + s * it.bias_step + v * kVec8Lanes);
+    for (int64_t v = 0; v < V; ++v) acc[s][v] = zoo_vec::vload<Vec8>(it.bias + s * it.bias_step + v * kVec8Lanes);
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t s = 0; s < S; ++s) {
       const float d = it.dlow[s * it.dlow_step + r];
       const float* w = it.Wt + s * it.wt_step + r * W;
-      for (int64_t v = 0; v < V; ++v) acc[s][v] += d * load8(w + v * kVec8Lanes);
+      for (int64_t v = 0; v < V; ++v) acc[s][v] += d * zoo_vec::vload<Vec8>(w + v * kVec8Lanes);
     }
   }
   for (int64_t s = 0; s < S; ++s)
-    for (int64_t v = 0; v < V; ++v) store8(it.raw + s * it.raw_step + v * kVec8Lanes, acc[s][v]);
+    for (int64_t v = 0; v < V; ++v) zoo_vec::vstore(it.raw + s * it.raw_step + v * kVec8Lanes, acc[s][v]);
 }
 
 // lowrank_sums over `items` items, eight vectors in flight (S * V = 8), then the remainder one item at a time
