@@ -57,12 +57,10 @@ def kernel_isa() -> str:
         return "n/a"
     isa = cpu_isa()
     try:
-        from zoo.ops.mixer import cpu_avx512_kernels
-    except ImportError:  # a tree from before the hand-written AVX-512 paths
+        from zoo.ops.mixer import cpu_intrinsics
+    except ImportError:  # a tree from before the ZOO_CPU_INTRINSICS switch
         return isa
-    if isa == "avx512" and not cpu_avx512_kernels():
-        isa += " clones, hand-written AVX-512 paths off (ZOO_CPU_AVX512=0)"
-    return isa
+    return f"{isa} clones, hand-written paths: {cpu_intrinsics()}"
 
 
 def kernel_threads() -> str:

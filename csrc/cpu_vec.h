@@ -21,14 +21,16 @@
 #define ZOO_CPU_DISPATCH_ENABLED 0
 #endif
 
-// Hand-written AVX-512 code (intrinsics, or vector types wider than AVX2's) lives in functions of this
-// target, outside the clones; the dispatched kernels call it where avx512_kernels() says so.
+// Hand-written AVX-512 and AVX2 code (intrinsics, or vector types wider than AVX2's) lives in functions of these
+// targets, outside the clones; the dispatched kernels call it where avx512_kernels() / avx2_kernels() say so.
 #if ZOO_CPU_DISPATCH_ENABLED
-#define ZOO_AVX512_KERNELS 1
+#define ZOO_INTRINSICS 1
 #define ZOO_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define ZOO_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #else
-#define ZOO_AVX512_KERNELS 0
+#define ZOO_INTRINSICS 0
 #define ZOO_TARGET_AVX512
+#define ZOO_TARGET_AVX2
 #endif
 
 // callees of dispatched kernels must be inlined into each clone, or they run as baseline code
@@ -166,15 +168,36 @@ ZOO_INLINE float gelu(float x) {
   return x * (x < 0.0f ? tail : 1.0f - tail);
 }
 
-// Whether the kernels take their hand-written AVX-512 paths: the CPU has x86-64-v4 (AVX-512 F/BW/CD/DQ/VL) and
-// the environment does not set ZOO_CPU_AVX512=0, the one switch to the portable code on such a CPU (to time or
-// check it). Read once per process.
+// Whether the environment allows the hand-written paths: it does unless it sets ZOO_CPU_INTRINSICS=0, the one
+// switch that sends every kernel to its portable code (to time or check it). Read once per process.
+inline bool intrinsics_allowed() {
+  static const bool allowed = [] {
+    const char* env = std::getenv("ZOO_CPU_INTRINSICS");
+    return !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return allowed;
+}
+
+// whether the kernels take their hand-written AVX-512 paths: the CPU has x86-64-v4 (AVX-512 F/BW/CD/DQ/VL)
 inline bool avx512_kernels() {
-#if ZOO_AVX512_KERNELS
+#if ZOO_INTRINSICS
   static const bool on = [] {
     __builtin_cpu_init();
-    const char* env = std::getenv("ZOO_CPU_AVX512");
-    return __builtin_cpu_supports("x86-64-v4") && !(env != nullptr && std::strcmp(env, "0") == 0);
+    return intrinsics_allowed() && __builtin_cpu_supports("x86-64-v4");
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+// whether the kernels take their hand-written AVX2 paths: the CPU has x86-64-v3 (AVX2 + FMA). On an AVX-512 CPU
+// they serve the work its AVX-512 paths leave to 16-lane blocks.
+inline bool avx2_kernels() {
+#if ZOO_INTRINSICS
+  static const bool on = [] {
+    __builtin_cpu_init();
+    return intrinsics_allowed() && __builtin_cpu_supports("x86-64-v3");
   }();
   return on;
 #else

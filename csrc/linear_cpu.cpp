@@ -139,7 +139,7 @@ TileChoice choice(TileKernel kernel) {
 // sweep x for); N <= 8 keeps the narrow AVX2 tile, which measured no slower than a half-empty 16-wide one.
 TileChoice pick_tile(int64_t N) {
   if (N <= NarrowTile::kCols) return choice<NarrowTile>(&narrow_tiles);
-#if ZOO_AVX512_KERNELS
+#if ZOO_INTRINSICS
   if (zoo_vec::avx512_kernels()) {
     const TileChoice options[] = {choice<Avx512Tile48>(&avx512_tiles<Avx512Tile48>),
                                   choice<Avx512Tile32>(&avx512_tiles<Avx512Tile32>),

@@ -22,6 +22,7 @@
 #include "cpu_vec.h"
 #include "mixer_common.h"
 #include "rows_scan.h"
+#include "rows_scan_avx2.h"
 #include "rows_scan_avx512.h"
 
 namespace zoo_scan {
@@ -29,6 +30,7 @@ namespace {
 
 // channels per block: one AVX-512 register, two AVX2 ones (independent chains for the pipelines)
 constexpr int64_t kLanes = 16;
+static_assert(kLanes == kAvx2Lanes, "the portable blocks are the AVX2 runs' width");
 
 // ---- bimamba_conv ----
 
@@ -108,6 +110,7 @@ struct ScanRowsArgs {
   int64_t batch, L, dim, N, R;  // R: dt_proj's rank when it is folded in (dt_w), else 0
   bool softplus, decaying;      // decaying: see rows_scan.h
   bool wide;                    // blocks of kAvx512Lanes on AVX-512 (a decaying scan and zoo_vec::avx512_kernels())
+  bool avx2;                    // blocks of kLanes by scan_run_avx2 (a decaying scan and zoo_vec::avx2_kernels())
   float scale;
   const float *u, *delta;  // u (2, batch, L, dim) contiguous; delta the same size, or (2, batch, L, R) with dt_w
   int64_t d_sd, d_sb, d_st;  // delta's direction / batch / step strides (channel stride 1)
@@ -145,6 +148,23 @@ ZOO_INLINE void fill_dt_steps(const ScanRowsArgs& a, int dir, int64_t b, int64_t
   }
 }
 
+// one run of scan steps: the hand-written AVX-512 (W = kAvx512Lanes) or AVX2 (W = kLanes) run where a.wide /
+// a.avx2 say so, the AVX2 one without 2^x's clamp where the run's exponents allow it, else the portable run
+template <int64_t W, bool Decaying>
+ZOO_INLINE void scan_run_dispatch(const ScanRowsArgs& a, const StepRows& rows, int64_t steps, const float* dt,
+                                  const float* Dd, const float* At, float* h, float* ys, float min_At) {
+#if ZOO_INTRINSICS
+  if constexpr (W == kAvx512Lanes && Decaying) return scan_run_avx512(rows, steps, dt, Dd, At, h, a.N, ys);
+  if constexpr (W == kAvx2Lanes && Decaying) {
+    if (a.avx2) {
+      if (exponents_bounded(max_time_scale(dt, steps * W), min_At)) return scan_run_avx2<true>(rows, steps, dt, Dd, At, h, a.N, ys);
+      return scan_run_avx2<false>(rows, steps, dt, Dd, At, h, a.N, ys);
+    }
+  }
+#endif
+  scan_run<W, Decaying>(rows, steps, dt, Dd, At, h, a.N, ys);
+}
+
 // One direction over the W channels c0 .. c0 + W of batch b, in runs of kDtSteps steps. Forward: y (D skip
 // included) goes to ybuf (L x W). Reverse: combined with ybuf, gated and written to out. W = kAvx512Lanes runs
 // on AVX-512 (scan_blocks picks it only for decaying scans on such a CPU).
@@ -161,6 +181,7 @@ ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_
     if (a.dt_w != nullptr) load_dt_weight(a.dt_w + c * a.R, a.R, W, j, Wt);
   }
   std::fill(h, h + N * W, 0.0f);
+  const float min_At = min_scaled_A(At, N * W);
   const int64_t row0 = (dir * a.batch + b) * L, step = dir == 0 ? 1 : -1;
   const float* Bb = a.B + dir * a.bc_sd + b * a.bc_sb;
   const float* Cb = a.C + dir * a.bc_sd + b * a.bc_sb;
@@ -176,14 +197,7 @@ ZOO_INLINE void scan_direction(const ScanRowsArgs& a, int dir, int64_t b, int64_
         zoo_vec::prefetch_span<true>(a.out + (b * L + t0 - s) * dim + c0, W * int64_t(sizeof(float)));
       }
     }
-#if ZOO_AVX512_KERNELS
-    if constexpr (W == kAvx512Lanes && Decaying) {
-      scan_run_avx512(rows, steps, dt, Dd, At, h, N, ys);
-    } else
-#endif
-    {
-      scan_run<W, Decaying>(rows, steps, dt, Dd, At, h, N, ys);
-    }
+    scan_run_dispatch<W, Decaying>(a, rows, steps, dt, Dd, At, h, ys, min_At);
     if (dir == 0) continue;
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = t0 - s;
@@ -243,8 +257,8 @@ at::Tensor bimamba_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const 
   const int64_t R = dtw.defined() ? dtw.size(2) : 0;
   const bool decaying = decaying_scan(delta_softplus, Ac.max().item<float>());
   auto out = at::empty({batch, L, dim}, u.options());
-  const bool wide = decaying && zoo_vec::avx512_kernels();
-  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying, wide, static_cast<float>(scale),
+  const bool wide = decaying && zoo_vec::avx512_kernels(), avx2 = decaying && zoo_vec::avx2_kernels();
+  ScanRowsArgs a{batch, L, dim, N, R, delta_softplus, decaying, wide, avx2, static_cast<float>(scale),
                  uc.data_ptr<float>(), ds.data_ptr<float>(), ds.stride(0), ds.stride(1), ds.stride(2),
                  dtw.defined() ? dtw.data_ptr<float>() : nullptr, Ac.data_ptr<float>(), Bs.data_ptr<float>(),
                  Cs.data_ptr<float>(), Bs.stride(0), Bs.stride(1), Bs.stride(2), Dc.data_ptr<float>(),
@@ -309,8 +323,11 @@ std::string cpu_vendor() {
   return "other";
 }
 
-// whether the kernels take their hand-written AVX-512 paths here (cpu_vec.h)
-bool cpu_avx512_kernels() { return zoo_vec::avx512_kernels(); }
+// the widest hand-written paths the kernels take here (cpu_vec.h): "avx512", "avx2" or "none"
+std::string cpu_intrinsics() {
+  if (zoo_vec::avx512_kernels()) return "avx512";
+  return zoo_vec::avx2_kernels() ? "avx2" : "none";
+}
 
 // how many threads one at::parallel_for of these kernels runs on here, with torch's thread count as it is: 1
 // when the library was built without OpenMP (at::parallel_for is an OpenMP loop compiled into the caller)
@@ -334,7 +351,7 @@ TORCH_LIBRARY_IMPL(zoo_scan, CPU, m) {
 // no tensor arguments, so no dispatch key: a catch-all kernel defined with its schema here
 TORCH_LIBRARY_FRAGMENT(zoo_scan, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
-  m.def("cpu_avx512_kernels() -> bool", &cpu_avx512_kernels);
+  m.def("cpu_intrinsics() -> str", &cpu_intrinsics);
   m.def("cpu_vendor() -> str", &cpu_vendor);
   m.def("cpu_parallel_threads() -> int", &cpu_parallel_threads);
 }

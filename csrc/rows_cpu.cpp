@@ -205,7 +205,7 @@ template <bool Decaying>
 ZOO_INLINE void step_blocks(const OrderScanArgs& a, const float* up, const float* dt, const float* D,
                             const float* At, float* h, const float* Bt, const float* Ct, int64_t full, float* y) {
   const int64_t N = a.N;
-#if ZOO_AVX512_KERNELS
+#if ZOO_INTRINSICS
   if constexpr (Decaying) {
     if (a.avx512) {
       if (N == 1)

@@ -6,6 +6,7 @@
 // lower clamp). decaying_scan() is that check, made once per op call.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cpu_vec.h"
@@ -62,6 +63,30 @@ struct StepRows {
   const float *B, *C;
   int64_t bc_step;
 };
+
+// The most negative exponent 2^x takes before its clamp (a normal float: exp2_clamped's exponent-field add).
+constexpr float kExp2Floor = -126.0f;
+
+// the smallest of At's n values (At = A * log2(e), <= 0 in a decaying scan)
+ZOO_INLINE float min_scaled_A(const float* __restrict At, int64_t n) {
+  float m = 0.0f;
+#pragma omp simd reduction(min : m)
+  for (int64_t i = 0; i < n; ++i) m = std::min(m, At[i]);
+  return m;
+}
+
+// the largest of n time scales (0 if none is larger; a NaN is skipped, its lanes come out NaN either way)
+ZOO_INLINE float max_time_scale(const float* __restrict dt, int64_t n) {
+  float m = 0.0f;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, dt[i]);
+  return m;
+}
+
+// whether every exponent dt * At of a run lies at or above kExp2Floor, so that 2^x needs no clamp: the run's
+// largest time scale times min_At (min_scaled_A). Float rounding is monotone, so the bound holds for the products
+// as computed.
+ZOO_INLINE bool exponents_bounded(float max_dt, float min_At) { return max_dt * min_At >= kExp2Floor; }
 
 // `steps` steps of scan_step_dt: step s takes its time scales from dt + s * W and writes its W outputs to y + s * W
 template <int64_t W, bool Decaying, int64_t States = 0>

@@ -16,7 +16,7 @@
 
 #include "rows_scan.h"
 
-#if ZOO_AVX512_KERNELS
+#if ZOO_INTRINSICS
 #include <immintrin.h>
 #endif
 
@@ -25,7 +25,7 @@ namespace zoo_scan {
 constexpr int64_t kAvx512Lanes = 32;
 constexpr int64_t kRunPrefetch = 2;  // steps ahead that scan_run_avx512 fetches its rows
 
-#if ZOO_AVX512_KERNELS
+#if ZOO_INTRINSICS
 // 2^f for f in [0, 1]: a degree-5 polynomial fitted for relative error (< 1.5e-7 evaluated in float32), highest
 // power first. Over [0, 1] instead of the portable step's [-1/2, 1/2] (kExp2Poly, the same width and error), so
 // that vscalefps, which scales by 2^floor(x), takes x itself and no x - f is computed.

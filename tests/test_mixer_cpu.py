@@ -108,6 +108,32 @@ def test_scan_op_matches_naive_scans_with_strided_inputs():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_scan_op_decays_past_the_float_range():
+    """Time-scale spikes at a few steps push dt * A far below 2^-126: those 16-step runs take the clamped 2^x,
+    the others the unclamped one (exponents_bounded); both must match the naive scan."""
+    g = torch.Generator().manual_seed(8)
+    batch, L, dim, N = 2, 53, 40, 16  # 40 channels: two lane blocks and 8 single lanes
+    u, z = torch.randn(2, batch, L, dim, generator=g), torch.randn(batch, L, dim, generator=g)
+    delta = torch.randn(2, batch, L, dim, generator=g) * 0.5 - 2
+    delta[:, :, [5, 40]] += 90.0  # softplus ~ 90: exponents down to -90 * 16 * log2(e)
+    A = -torch.randint(1, 17, (2, dim, N), generator=g).float()
+    B, C = torch.randn(2, batch, L, N, generator=g), torch.randn(2, batch, L, N, generator=g)
+    D, bias = torch.randn(2, dim, generator=g), torch.zeros(2, dim)
+    out = torch.ops.zoo_scan.bimamba_scan(u, delta, A, B, C, D, bias, z, True, 0.5)
+
+    def scan(k: int, flip: bool) -> torch.Tensor:
+        def cl(t):
+            t = t.transpose(1, 2).double()
+            return t.flip(-1) if flip else t
+
+        y = selective_scan_naive(cl(u[k]), cl(delta[k]), A[k].double(), cl(B[k]).unsqueeze(1),
+                                 cl(C[k]).unsqueeze(1), D[k].double(), None, bias[k].double(), True)
+        return (y.flip(-1) if flip else y).transpose(1, 2)
+
+    expected = 0.5 * (scan(0, False) + scan(1, True)) * F.silu(z.double())
+    torch.testing.assert_close(out.double(), expected, atol=5e-5, rtol=5e-5)
+
+
 def test_scan_op_folds_dt_proj_per_step():
     """With dt_weight, delta is dt_proj's rank-R input (here a column slice of x_proj's output, as the mixer
     passes it): the same result as the full-width delta = delta_low @ dt_weight^T."""

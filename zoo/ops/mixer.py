@@ -71,7 +71,7 @@ from ._build import cuda_scan_lparallel
 from .selective_scan import resolve_backend
 
 __all__ = ["bimamba_rows", "fused_mixer_enabled", "in_image_chunks", "rows_projection", "cpu_isa",
-           "cpu_avx512_kernels", "cpu_parallel_threads"]
+           "cpu_intrinsics", "cpu_parallel_threads"]
 
 _lib = torch.library.Library("zoo_scan", "FRAGMENT")
 _lib.define("bimamba_conv(Tensor x, Tensor weight, Tensor bias) -> Tensor")
@@ -297,13 +297,13 @@ def cpu_isa() -> str:
     return torch.ops.zoo_scan.cpu_isa() if ok else "unavailable"
 
 
-def cpu_avx512_kernels() -> bool:
-    """Whether the CPU kernels take their hand-written AVX-512 paths here (the scan steps of Vim, MSVMamba and
-    VMamba, grouped_linear's wide tiles): the CPU has AVX-512 (x86-64-v4) and the environment does not set
-    ``ZOO_CPU_AVX512=0``, the one switch back to the portable code (read once a process). False when the
-    kernels cannot be built."""
+def cpu_intrinsics() -> str:
+    """The widest hand-written (intrinsics) paths the CPU kernels take here: 'avx512' (the scan steps of Vim,
+    MSVMamba and VMamba, grouped_linear's wide tiles, 16-lane depthwise convs), 'avx2' (Vim's scan step) or
+    'none'. The environment variable ``ZOO_CPU_INTRINSICS=0`` is the one switch back to the portable code (read
+    once a process); 'none' also where the kernels cannot be built."""
     ok, _ = compiled.kernels_available("cpu")
-    return bool(torch.ops.zoo_scan.cpu_avx512_kernels()) if ok else False
+    return str(torch.ops.zoo_scan.cpu_intrinsics()) if ok else "none"
 
 
 def cpu_parallel_threads() -> int:

@@ -1,10 +1,12 @@
-"""The hand-written AVX-512 paths of the CPU kernels against the portable code on the same CPU.
+"""The hand-written (intrinsics) paths of the CPU kernels against the portable code on the same CPU.
 
 On a CPU with AVX-512 the decaying scans (Vim's bimamba_scan, MSVMamba's scan_orders, VMamba's scan_cross)
-take intrinsics steps (vreduceps / vscalefps for 2^x) and grouped_linear takes 16-wide tiles;
-ZOO_CPU_AVX512=0 sends a process to the portable code. The two run the multiply-adds in the same order and
-differ by their 2^x polynomials' rounding (each within 2.3e-7 relative), so they agree to 1e-5. Each side
-runs in its own process: the switch is read once.
+take intrinsics steps (vreduceps / vscalefps for 2^x), grouped_linear takes 16-wide tiles and the depthwise
+convs 16-lane sums; on an AVX2 CPU Vim's scan takes its AVX2 run (vroundps for 2^x, no clamp where a run's
+exponents allow). ZOO_CPU_INTRINSICS=0 sends a process to the portable code. The two run the multiply-adds in
+the same order: the AVX2 run equals the portable step bit for bit, the AVX-512 steps differ by their 2^x
+polynomials' rounding (each within 2.3e-7 relative), so they agree to 1e-5. Each side runs in its own process:
+the switch is read once.
 """
 from __future__ import annotations
 
@@ -19,15 +21,15 @@ from zoo.ops.compiled import kernels_available
 from zoo.ops.mixer import cpu_isa
 
 KERNELS, WHY = kernels_available("cpu")
-pytestmark = pytest.mark.skipif(not KERNELS or cpu_isa() != "avx512",
-                                reason=f"needs the CPU kernels ({WHY}) on a CPU with AVX-512")
+pytestmark = pytest.mark.skipif(not KERNELS or cpu_isa() not in ("avx512", "avx2"),
+                                reason=f"needs the CPU kernels ({WHY}) on a CPU with AVX2 or AVX-512")
 
 _SCRIPT = r"""
 import sys, timm, torch
 import zoo
-from zoo.ops.mixer import cpu_avx512_kernels
+from zoo.ops.mixer import cpu_intrinsics
 g = torch.Generator().manual_seed(11)
-outs = {"avx512_kernels": cpu_avx512_kernels()}
+outs = {"intrinsics": cpu_intrinsics()}
 # Vim's scan: wide 32-lane blocks, 16-lane blocks and single lanes left over, with and without dt_proj folded in
 for dim, L, N, R in [(32, 37, 16, 0), (40, 1, 16, 5), (56, 23, 8, 12), (64, 70, 16, 0)]:
     u, z = torch.randn(2, 2, L, dim, generator=g), torch.randn(2, L, dim, generator=g)
@@ -51,16 +53,18 @@ torch.save(outs, sys.argv[1])
 """
 
 
-def test_avx512_paths_equal_the_portable_code(tmp_path):
+def test_intrinsics_paths_equal_the_portable_code(tmp_path):
     results = {}
     for switch in ("1", "0"):
-        path = tmp_path / f"avx512_{switch}.pt"
+        path = tmp_path / f"intrinsics_{switch}.pt"
         subprocess.run([sys.executable, "-c", _SCRIPT, str(path)], check=True, timeout=900,
-                       env={**os.environ, "ZOO_CPU_AVX512": switch})
+                       env={**os.environ, "ZOO_CPU_INTRINSICS": switch})
         results[switch] = torch.load(path, weights_only=True)
-    assert results["1"].pop("avx512_kernels") is True
-    assert results["0"].pop("avx512_kernels") is False
+    assert results["1"].pop("intrinsics") == cpu_isa()
+    assert results["0"].pop("intrinsics") == "none"
     assert results["1"].keys() == results["0"].keys()
+    exact = cpu_isa() == "avx2"  # the AVX2 run computes what the portable step does, in its order
     for key, fast in results["1"].items():
         assert fast.abs().max() > 0, key
-        torch.testing.assert_close(fast, results["0"][key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        tol = 0.0 if exact else 1e-5
+        torch.testing.assert_close(fast, results["0"][key], atol=tol, rtol=tol, msg=lambda m: f"{key}: {m}")
