@@ -178,31 +178,29 @@ inline bool intrinsics_allowed() {
   return allowed;
 }
 
-// whether the kernels take their hand-written AVX-512 paths: the CPU has x86-64-v4 (AVX-512 F/BW/CD/DQ/VL)
-inline bool avx512_kernels() {
+// whether the CPU has x86-64-v4 (AVX-512 F/BW/CD/DQ/VL; v4 = true) or x86-64-v3 (AVX2 + FMA), and the hand-written
+// paths are compiled in and allowed (intrinsics_allowed)
+inline bool intrinsics_for(bool v4) {
 #if ZOO_INTRINSICS
-  static const bool on = [] {
-    __builtin_cpu_init();
-    return intrinsics_allowed() && __builtin_cpu_supports("x86-64-v4");
-  }();
-  return on;
+  __builtin_cpu_init();
+  return intrinsics_allowed() && (v4 ? __builtin_cpu_supports("x86-64-v4") : __builtin_cpu_supports("x86-64-v3"));
 #else
+  (void)v4;
   return false;
 #endif
 }
 
-// whether the kernels take their hand-written AVX2 paths: the CPU has x86-64-v3 (AVX2 + FMA). On an AVX-512 CPU
-// they serve the work its AVX-512 paths leave to 16-lane blocks.
-inline bool avx2_kernels() {
-#if ZOO_INTRINSICS
-  static const bool on = [] {
-    __builtin_cpu_init();
-    return intrinsics_allowed() && __builtin_cpu_supports("x86-64-v3");
-  }();
+// whether the kernels take their hand-written AVX-512 paths
+inline bool avx512_kernels() {
+  static const bool on = intrinsics_for(true);
   return on;
-#else
-  return false;
-#endif
+}
+
+// whether the kernels take their hand-written AVX2 paths; on an AVX-512 CPU they serve the work its AVX-512 paths
+// leave to 16-lane blocks
+inline bool avx2_kernels() {
+  static const bool on = intrinsics_for(false);
+  return on;
 }
 
 // Lanes as GCC vector-extension values, so one implementation serves every clone: Vec8 is one ymm register in the
