@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -19,17 +20,10 @@
 namespace zoo_scan {
 namespace {
 
-// vectors of W floats (GCC vector extension: split into narrower registers where the clone has none this wide)
+// vectors of W floats (zoo_vec's vector-extension types: split into narrower registers where the clone has none
+// this wide)
 template <int64_t W>
-struct Vec;
-template <>
-struct Vec<8> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<16> {
-  typedef float type __attribute__((vector_size(64)));
-};
+using LaneVec = std::conditional_t<W == 16, zoo_vec::Vec16, zoo_vec::Vec8>;
 
 // A register tile: Rows x (Width * Vecs) outputs, Rows * Vecs accumulators of Width floats. Portable (AVX2
 // registers): 6 x 16 in general, 12 x 8 where N <= 8 (x_proj of a d_state-1 model: dt_rank + 2 outputs),
@@ -61,7 +55,8 @@ ZOO_INLINE void tile(const float* __restrict x, int64_t lda, const float* __rest
                      float* __restrict out) {
   constexpr int64_t R = T::kRows, V = T::kVecs, W = T::kWidth;
   static_assert(V >= 1 && V <= 3, "tile() loads one to three weight vectors a step");
-  typedef typename Vec<W>::type vec;
+  static_assert(W == 8 || W == 16, "tiles of 8- or 16-lane vectors");
+  using vec = LaneVec<W>;
   vec acc[R][V];
 #pragma GCC unroll 12
   for (int64_t i = 0; i < R; ++i)

@@ -26,7 +26,7 @@ constexpr int64_t kAvx2Lanes = 16;  // two registers a state: two independent ex
 // 2^x for x <= 0 (and x >= -126 where Bounded), equal to zoo_vec::exp2_nonpositive
 template <bool Bounded>
 ZOO_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
-  if constexpr (!Bounded) x = _mm256_max_ps(_mm256_set1_ps(-126.0f), x);  // this operand order keeps a NaN
+  if constexpr (!Bounded) x = _mm256_max_ps(_mm256_set1_ps(kExp2Floor), x);  // this operand order keeps a NaN
   const __m256 k = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(x, k);
   const float* c = zoo_vec::kExp2Poly;
