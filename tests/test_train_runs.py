@@ -143,7 +143,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_imagefolder):
 
 
 def test_bf16_autocast_vim_tiny_blocks_stay_finite():
-    """Vim-Ti-width blocks (dim 192, d_state 16, expand 2) under bf16 autocast for 300 AdamW steps at a
+    """Vim-Ti-width blocks (dim 192, d_state 16, expand 2) under bf16 autocast for 200 AdamW steps at a
     high learning rate on random data: loss, weights and gradients stay finite, and the loss falls."""
     from zoo.train.engine import TrainState, autocast_context, train_one_epoch
     from timm.optim import create_optimizer_v2
@@ -153,7 +153,7 @@ def test_bf16_autocast_vim_tiny_blocks_stay_finite():
     assert model.embed_dim == 192
     images = torch.randn(64, 3, 32, 32)
     labels = torch.randint(0, 10, (64,))
-    batches = [(images[i % 16 * 4: i % 16 * 4 + 4], labels[i % 16 * 4: i % 16 * 4 + 4]) for i in range(300)]
+    batches = [(images[i % 16 * 4: i % 16 * 4 + 4], labels[i % 16 * 4: i % 16 * 4 + 4]) for i in range(200)]
 
     class _Sched:
         def step_update(self, num_updates):
@@ -164,9 +164,9 @@ def test_bf16_autocast_vim_tiny_blocks_stay_finite():
     losses = []
     stats = train_one_epoch(
         model, batches, criterion=torch.nn.CrossEntropyLoss(), optimizer=optimizer, scheduler=_Sched(),
-        scaler=torch.amp.GradScaler("cpu", enabled=False), state=state, steps=300, accum_steps=1,
+        scaler=torch.amp.GradScaler("cpu", enabled=False), state=state, steps=200, accum_steps=1,
         device=torch.device("cpu"), dtype=torch.bfloat16, clip_grad=5.0, on_step=lambda i: losses.append(i["loss"]))
-    assert state.global_step == 300 and stats["samples"] == 1200
+    assert state.global_step == 200 and stats["samples"] == 800
     assert all(np.isfinite(losses))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert np.mean(losses[-30:]) < 0.5 * np.mean(losses[:30])
