@@ -153,7 +153,9 @@ def test_bf16_autocast_vim_tiny_blocks_stay_finite():
     assert model.embed_dim == 192
     images = torch.randn(64, 3, 32, 32)
     labels = torch.randint(0, 10, (64,))
-    batches = [(images[i % 16 * 4: i % 16 * 4 + 4], labels[i % 16 * 4: i % 16 * 4 + 4]) for i in range(200)]
+    steps, batch = 200, 4
+    batches = [(images[i % 16 * batch: i % 16 * batch + batch], labels[i % 16 * batch: i % 16 * batch + batch])
+               for i in range(steps)]
 
     class _Sched:
         def step_update(self, num_updates):
@@ -164,9 +166,9 @@ def test_bf16_autocast_vim_tiny_blocks_stay_finite():
     losses = []
     stats = train_one_epoch(
         model, batches, criterion=torch.nn.CrossEntropyLoss(), optimizer=optimizer, scheduler=_Sched(),
-        scaler=torch.amp.GradScaler("cpu", enabled=False), state=state, steps=200, accum_steps=1,
+        scaler=torch.amp.GradScaler("cpu", enabled=False), state=state, steps=steps, accum_steps=1,
         device=torch.device("cpu"), dtype=torch.bfloat16, clip_grad=5.0, on_step=lambda i: losses.append(i["loss"]))
-    assert state.global_step == 200 and stats["samples"] == 800
+    assert state.global_step == steps and stats["samples"] == steps * batch
     assert all(np.isfinite(losses))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert np.mean(losses[-30:]) < 0.5 * np.mean(losses[:30])
