@@ -1,6 +1,7 @@
-// grouped_linear: y[g] = x[g] @ weight[g]^T on the CPU, for the projections of the row-layout mixers whose
-// shapes sit outside what the BLAS is tuned for: x_proj's few outputs (dt_rank + 2 * d_state = 5..80), where
-// MKL ran at 5-25 GMAC/s on the 2-core AVX2 machine of docs/kernels.md against 32-38 on the large GEMMs.
+// grouped_linear: y[g] = x[g] @ weight[g]^T (+ bias[g]) on the CPU. First for the projections of the row-layout
+// mixers whose shapes sit outside what the BLAS is tuned for: x_proj's few outputs (dt_rank + 2 * d_state =
+// 5..80), where MKL ran at 5-25 GMAC/s on the 2-core AVX2 machine of docs/kernels.md against 32-38 on the large
+// GEMMs. With AVX-512 tiles it also beats MKL's Zen kernels on the models' own linear layers (zoo.ops.linear).
 //
 // A register tile of accumulators (12 AVX2 registers, or up to 24 AVX-512 ones) stays put over the whole inner
 // dimension; the weight is repacked per call into panels of the tile's columns (K x cols, zero-padded past N),
@@ -44,24 +45,31 @@ struct LinearArgs {
   const float* x;  // (groups, M, K), unit inner stride
   int64_t x_sg, x_sm;
   const float* wp;  // (groups, panels, K, cols): the packed weight, cols = the tile's columns
+  const float* bp;  // (groups, panels, cols): the bias, zero-padded past N; nullptr without one
   float* y;         // (groups, M, N) contiguous
 };
 
-// out[i * cols + j] = sum_k x[i * lda + k] * panel[k * cols + j], summed in k order. The accumulators are
+// out[i * cols + j] = bias[j] + sum_k x[i * lda + k] * panel[k * cols + j], summed in k order after the bias
+// (bias may be nullptr: 0). The accumulators are
 // locals that never escape (only their final values are copied out) and the weight vectors are named
 // scalars, not an array (GCC copied an array through the stack every step), so all stay in registers.
 template <typename T>
-ZOO_INLINE void tile(const float* __restrict x, int64_t lda, const float* __restrict panel, int64_t K,
-                     float* __restrict out) {
+ZOO_INLINE void tile(const float* __restrict x, int64_t lda, const float* __restrict panel,
+                     const float* __restrict bias, int64_t K, float* __restrict out) {
   constexpr int64_t R = T::kRows, V = T::kVecs, W = T::kWidth;
   static_assert(V >= 1 && V <= 3, "tile() loads one to three weight vectors a step");
   static_assert(W == 8 || W == 16, "tiles of 8- or 16-lane vectors");
   using vec = LaneVec<W>;
+  vec start[V] = {};
+  if (bias) {
+#pragma GCC unroll 3
+    for (int64_t v = 0; v < V; ++v) std::memcpy(&start[v], bias + v * W, sizeof(vec));
+  }
   vec acc[R][V];
 #pragma GCC unroll 12
   for (int64_t i = 0; i < R; ++i)
 #pragma GCC unroll 3
-    for (int64_t v = 0; v < V; ++v) acc[i][v] = vec{};
+    for (int64_t v = 0; v < V; ++v) acc[i][v] = start[v];
   for (int64_t k = 0; k < K; ++k) {
     vec w0, w1{}, w2{};
     std::memcpy(&w0, panel + k * T::kCols, sizeof(vec));
@@ -99,7 +107,8 @@ ZOO_INLINE void linear_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
     float* y = a.y + (g * a.M + r0) * N;
     for (int64_t p = 0; p < a.panels; ++p) {
       float out[R * cols_per_panel];
-      tile<T>(x, lda, a.wp + (g * a.panels + p) * K * cols_per_panel, K, out);
+      const float* bias = a.bp ? a.bp + (g * a.panels + p) * cols_per_panel : nullptr;
+      tile<T>(x, lda, a.wp + (g * a.panels + p) * K * cols_per_panel, bias, K, out);
       const int64_t cols = std::min(cols_per_panel, N - p * cols_per_panel);
       for (int64_t i = 0; i < rows; ++i)
         std::memcpy(y + i * N + p * cols_per_panel, out + i * cols_per_panel, cols * sizeof(float));
@@ -156,7 +165,7 @@ at::Tensor pack_panels(const at::Tensor& weight, int64_t cols) {
       .contiguous();
 }
 
-at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
+at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const char* op = "grouped_linear";
   check_float_on(op, x, "x", at::kCPU);
   check_float_on(op, weight, "weight", at::kCPU);
@@ -164,14 +173,21 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
               "(groups, N, K), got ", x.sizes(), " and ", weight.sizes());
   const int64_t groups = x.size(0), M = x.size(1), K = x.size(2), N = weight.size(1);
   check_shape(op, weight, "weight", {groups, N, K}, "(groups, N, K)");
+  if (bias) {
+    check_float_on(op, *bias, "bias", at::kCPU);
+    check_shape(op, *bias, "bias", {groups, N}, "(groups, N)");
+  }
   const at::Tensor xs = unit_last(x);
   auto y = at::empty({groups, M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  if (K == 0) return y.zero_();
+  if (K == 0) return bias ? y.copy_(bias->unsqueeze(1).expand({groups, M, N})) : y.zero_();
   const TileChoice t = pick_tile(N);
   const at::Tensor wp = pack_panels(weight, t.cols);
-  LinearArgs a{groups, M, K, N, wp.size(1), xs.data_ptr<float>(), xs.stride(0), xs.stride(1), wp.data_ptr<float>(),
-               y.data_ptr<float>()};
+  const int64_t panels = wp.size(1);
+  // (groups, N) -> (groups, panels, cols), zero past N
+  const at::Tensor bp = bias ? at::constant_pad_nd(*bias, {0, panels * t.cols - N}).contiguous() : at::Tensor();
+  LinearArgs a{groups, M, K, N, panels, xs.data_ptr<float>(), xs.stride(0), xs.stride(1), wp.data_ptr<float>(),
+               bias ? bp.data_ptr<float>() : nullptr, y.data_ptr<float>()};
   const int64_t tasks = groups * ((M + t.rows - 1) / t.rows);
   at::parallel_for(0, tasks, zoo_vec::grain_for(t.rows * K * N / 8),
                    [&](int64_t begin, int64_t end) { t.kernel(a, begin, end); });

@@ -1,4 +1,5 @@
-"""``zoo_scan::grouped_linear`` (csrc/linear_cpu.cpp), the row mixers' x_proj on CPU, against a float64 matmul."""
+"""``zoo_scan::grouped_linear`` (csrc/linear_cpu.cpp), the row mixers' x_proj on CPU, against a float64 matmul; and
+``zoo.layers.Linear`` / ``zoo.ops.mixer.linear``, which run the models' linear layers on it where it beats the BLAS."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,12 @@ import sys
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+from zoo.layers import Linear
+from zoo.ops import mixer
 from zoo.ops.compiled import kernels_available
-from zoo.ops.mixer import cpu_isa, rows_projection
+from zoo.ops.mixer import batched_linear, cpu_intrinsics, cpu_isa, rows_projection
 
 KERNELS, WHY = kernels_available("cpu")
 pytestmark = pytest.mark.skipif(not KERNELS, reason=f"compiled CPU kernels unavailable: {WHY}")
@@ -36,6 +41,16 @@ def test_grouped_linear_matches_a_float64_matmul(groups, M, K, N):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * K ** 0.5 * 4)
 
 
+@pytest.mark.parametrize("M, K, N", [(13, 48, 9), (61, 97, 20), (25, 384, 44), (12, 5, 81), (7, 33, 96)])
+def test_grouped_linear_adds_the_bias(M, K, N):
+    """bias (G, N) through every tile width, including the zero-padded columns of the last panel."""
+    g = torch.Generator().manual_seed(M + N)
+    x, weight, bias = torch.randn(2, M, K, generator=g), torch.randn(2, N, K, generator=g), torch.randn(2, N, generator=g)
+    got = torch.ops.zoo_scan.grouped_linear(x, weight, bias)
+    ref = _reference(x, weight) + bias.double()[:, None, :]
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * K ** 0.5 * 4)
+
+
 def test_grouped_linear_reads_strided_rows_in_place():
     """x as the models pass it: a column slice (row stride > K) and a group stride that is not M * K."""
     base = torch.randn(3, 40, 100)
@@ -50,6 +65,9 @@ def test_grouped_linear_empty_sizes():
     assert torch.ops.zoo_scan.grouped_linear(torch.randn(2, 4, 5), torch.randn(2, 0, 5)).shape == (2, 4, 0)
     out = torch.ops.zoo_scan.grouped_linear(torch.randn(1, 4, 0), torch.randn(1, 3, 0))
     assert out.shape == (1, 4, 3) and bool((out == 0).all())
+    bias = torch.randn(1, 3)
+    out = torch.ops.zoo_scan.grouped_linear(torch.randn(1, 4, 0), torch.randn(1, 3, 0), bias)
+    assert torch.equal(out, bias[:, None, :].expand(1, 4, 3))
 
 
 def test_grouped_linear_refuses_bad_input():
@@ -61,10 +79,15 @@ def test_grouped_linear_refuses_bad_input():
         torch.ops.zoo_scan.grouped_linear(torch.randn(2, 4, 5), torch.randn(1, 3, 5))
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.zoo_scan.grouped_linear(torch.randn(1, 4, 5).double(), torch.randn(1, 3, 5).double())
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.zoo_scan.grouped_linear(torch.randn(2, 4, 5), torch.randn(2, 3, 5), torch.randn(3))
 
 
 def test_grouped_linear_schema_and_fake_kernel():
     torch.library.opcheck(torch.ops.zoo_scan.grouped_linear, (torch.randn(2, 13, 48)[:, :, :40], torch.randn(2, 44, 40)),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.zoo_scan.grouped_linear,
+                          (torch.randn(1, 13, 40), torch.randn(1, 44, 40), torch.randn(1, 44)),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -122,3 +145,86 @@ def test_portable_tiles_on_an_avx512_cpu():
     subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], check=True,
                    env={**os.environ, "ZOO_CPU_INTRINSICS": "0"},
                    timeout=600)
+
+
+def test_tiles_serve_linear_layers_only_with_avx512_and_without_intel_mkl():
+    assert mixer._tiles_beat_blas_gemm() == (cpu_intrinsics() == "avx512" and not mixer._blas_beats_own_tiles())
+
+
+def _count_tile_calls(monkeypatch, tiles_faster: bool) -> list:
+    calls = []
+    real = torch.ops.zoo_scan.grouped_linear
+    monkeypatch.setattr(mixer, "_tiles_beat_blas_gemm", lambda: tiles_faster)
+    monkeypatch.setattr(torch.ops.zoo_scan, "grouped_linear", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(37, 48), (2, 61, 48), (2, 5, 7, 48)])
+def test_linear_layer_on_the_tiles_matches_f_linear(monkeypatch, shape, bias):
+    """Inference: the tiles (when they are the faster here, forced on) give F.linear's result for 2-D to 4-D
+    inputs, contiguous or a column slice, with and without a bias."""
+    calls = _count_tile_calls(monkeypatch, True)
+    layer = Linear(48, 81, bias=bias)
+    x = torch.randn(*shape[:-1], 100)[..., 20:68]
+    with torch.inference_mode():
+        got = layer(x)
+    assert len(calls) == 1 and got.shape == (*shape[:-1], 81)
+    ref = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_layer_keeps_f_linear_for_training_other_dtypes_and_autocast(monkeypatch):
+    """Gradients on, float64, bf16 autocast, or tiles that lose to the BLAS here: F.linear, and gradients flow."""
+    calls = _count_tile_calls(monkeypatch, True)
+    layer = Linear(24, 40)
+    x = torch.randn(3, 9, 24, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+    with torch.no_grad():
+        layer.double()(x.double().detach())
+        layer.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x.detach()).dtype == torch.bfloat16
+    assert calls == []
+    monkeypatch.setattr(mixer, "_tiles_beat_blas_gemm", lambda: False)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert calls == []
+
+
+def test_linear_layer_keeps_the_state_dict_and_scripts():
+    layer = Linear(8, 4)
+    assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(torch.jit.script(layer)(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("tiles_faster", [True, False])
+def test_batched_linear_takes_the_tiles_or_bmm(monkeypatch, tiles_faster):
+    calls = _count_tile_calls(monkeypatch, tiles_faster)
+    x, weight = torch.randn(3, 29, 40), torch.randn(3, 50, 40)
+    with torch.no_grad():
+        got = batched_linear(x, weight)
+    assert len(calls) == (1 if tiles_faster else 0)
+    torch.testing.assert_close(got.double(), _reference(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["test_vim", "msvmamba_nano", "vmamba_tiny", "mambavision_tiny"])
+def test_models_give_the_blas_result_on_the_tiles(monkeypatch, name):
+    """A whole model's inference with its linear layers on the tiles (forced on, whatever this CPU is) against
+    the same model on F.linear: Vim's in/out_proj, MSVMamba's, its ConvFFN and the SE-scaled out_proj."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, 64, 64)
+    layer_weights = {m.weight.data_ptr() for m in model.modules() if isinstance(m, (Linear, torch.nn.Conv2d))}
+    outs = {}
+    for tiles_faster in (False, True):
+        calls = _count_tile_calls(monkeypatch, tiles_faster)
+        with torch.inference_mode():
+            outs[tiles_faster] = model(x)
+        on_tiles = [a for a in calls if a[1].data_ptr() in layer_weights]  # not x_proj (rows_projection)
+        assert bool(on_tiles) == tiles_faster
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)

@@ -6,9 +6,13 @@ projection, a 1-D scan-direction block, 2-D cross-scan/merge, and the scan entry
 
 ``zoo.layers.conv``: :class:`StridedConv2d`, the ``nn.Conv2d`` for strided, zero-padded convs (it steers
 around a oneDNN bf16 weight-gradient bug at one-position outputs; see that module's docstring).
+
+``zoo.layers.linear``: :class:`Linear`, the models' ``nn.Linear``, whose float32 CPU inference runs on the zoo's
+GEMM tiles where those beat torch's BLAS.
 """
-from . import conv, ssm
+from . import conv, linear, ssm
 from .conv import StridedConv2d, strided_conv2d
+from .linear import Linear
 from .ssm import *  # noqa: F401,F403 - the public names are ssm.__all__
 
-__all__ = list(conv.__all__) + list(ssm.__all__)
+__all__ = list(conv.__all__) + list(linear.__all__) + list(ssm.__all__)

@@ -36,6 +36,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..layers.conv import StridedConv2d
 from ..layers.helpers import channels_last
+from ..layers.linear import Linear
 from ..layers.ssm import (
     ScanInputs,
     dt_bc_projection,
@@ -120,14 +121,14 @@ class MambaVisionMixer(nn.Module):
         self.d_state = d_state
         self.d_half = half = d_inner // 2
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
-        self.in_proj = nn.Linear(dim, d_inner, bias=bias)
+        self.in_proj = Linear(dim, d_inner, bias=bias)
         self.conv1d_x = nn.Conv1d(half, half, d_conv, padding="same", groups=half, bias=conv_bias)
         self.conv1d_z = nn.Conv1d(half, half, d_conv, padding="same", groups=half, bias=conv_bias)
         self.x_proj = nn.Linear(half, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, half, bias=True)
         self.A_log = nn.Parameter(torch.empty(half, d_state))
         self.D = nn.Parameter(torch.empty(half))
-        self.out_proj = nn.Linear(d_inner, dim, bias=bias)
+        self.out_proj = Linear(d_inner, dim, bias=bias)
         self._dt_init = (dt_min, dt_max, dt_init_floor)
         self.reset_ssm_parameters()
 

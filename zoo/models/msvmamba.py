@@ -36,11 +36,12 @@ from timm.models.swin_transformer import PatchMerging
 from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..layers.conv import StridedConv2d
 from ..layers.helpers import channels_last, leaf_function
+from ..layers.linear import Linear
 from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal,
                            raise_official_problems, stage_widths)
 from ..layers.ssm import (ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, ssm_parameters,
                           stacked_ssm_inputs)
-from ..ops.mixer import fused_mixer_enabled, in_image_chunks, rows_projection
+from ..ops.mixer import batched_linear, fused_mixer_enabled, in_image_chunks, linear, rows_projection
 from ..ops.multi_direction import MSVMAMBA_LOW_RES_ORDERS, ROW_MAJOR, SCAN_ORDERS, scan_order_indices
 
 __all__ = [
@@ -111,7 +112,7 @@ class MultiScaleSS2D(nn.Module):
         # as attributes: TorchScript reads no int globals
         self.low_res_slot, self.full_res_slot = LOW_RES_SLOT, FULL_RES_SLOT
 
-        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.in_proj = Linear(dim, 2 * d_inner, bias=False)
         self.act = nn.SiLU()
         self.conv_full = nn.Conv2d(
             d_inner, d_inner, conv_kernel, padding=(conv_kernel - 1) // 2, groups=d_inner, bias=conv_bias
@@ -128,7 +129,7 @@ class MultiScaleSS2D(nn.Module):
         self.Ds = nn.Parameter(torch.empty(num_slots * d_inner))
         self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps)
         self.se = SqueezeExcite(d_inner, se_reduction) if se_reduction else nn.Identity()
-        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self.out_proj = Linear(d_inner, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self._dt_init = (dt_min, dt_max, dt_init_floor)
         self.reset_ssm_parameters()
@@ -197,7 +198,7 @@ class MultiScaleSS2D(nn.Module):
             gate = self.se.gate(sums / (height * width))  # (B, D): se(v) * silu(z) = v * silu(z) * gate
             if height * width > self.out_proj.out_features:  # more pixels than outputs: scale the weight's columns
                 weight = self.out_proj.weight * gate[:, None, :]
-                return torch.bmm(y, weight.transpose(1, 2)).view(batch, height, width, -1)
+                return batched_linear(y, weight).view(batch, height, width, -1)
             y = y.mul_(gate[:, None, :])
         return self.out_proj(y).view(batch, height, width, -1)
 
@@ -246,9 +247,9 @@ class ConvFFN(nn.Module):
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """CPU inference (no dropout): fc1's bias, the depthwise conv, the residual and GELU in one pass."""
-        x = F.linear(x, self.fc1.weight.flatten(1))
+        x = linear(x, self.fc1.weight.flatten(1))
         x = torch.ops.zoo_scan.depthwise_conv2d_residual_gelu(x, self.fc1.bias, self.dwconv.weight, self.dwconv.bias)
-        return F.linear(x, self.fc2.weight.flatten(1), self.fc2.bias)
+        return linear(x, self.fc2.weight.flatten(1), self.fc2.bias)
 
 
 class MSVMambaBlock(nn.Module):

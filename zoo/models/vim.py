@@ -38,6 +38,7 @@ from timm.models._features import feature_take_indices
 
 from zoo.checkpoint import extract_state_dict
 from zoo.layers.helpers import leaf_function
+from zoo.layers.linear import Linear
 from zoo.layers.ssm import ScanDirection1d, fp32_or_wider, init_dt_bias_, init_dt_proj_weight_, scan_bidirectional
 from zoo.ops.mixer import bimamba_rows, fused_mixer_enabled
 
@@ -148,10 +149,10 @@ class BiMambaMixer(nn.Module):
         self.d_inner = int(expand * dim)
         self.dt_rank = math.ceil(dim / 16) if dt_rank is None else int(dt_rank)
         self.out_scale = 0.5 if divide_out else 1.0
-        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        self.in_proj = Linear(dim, 2 * self.d_inner, bias=False)
         self.fwd = ScanDirection1d(self.d_inner, d_state, self.dt_rank, d_conv, reverse=False)
         self.bwd = ScanDirection1d(self.d_inner, d_state, self.dt_rank, d_conv, reverse=True)
-        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        self.out_proj = Linear(self.d_inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)

@@ -36,6 +36,7 @@ from timm.models.swin_transformer import PatchMerging
 from ..checkpoint import STATE_DICT_KEYS, extract_state_dict, load_pretrained_file
 from ..layers.conv import StridedConv2d
 from ..layers.helpers import channels_last
+from ..layers.linear import Linear
 from ..layers.ssm import (
     ScanInputs,
     cross_merge_2d,
@@ -170,7 +171,7 @@ class SS2D(nn.Module):
         self.rows_layout = conv_kernel >= 2 and act_layer is nn.SiLU
         num_dirs = len(self.orders)
 
-        self.in_proj = nn.Linear(dim, 2 * d_inner if gate else d_inner, bias=False)
+        self.in_proj = Linear(dim, 2 * d_inner if gate else d_inner, bias=False)
         self.act = act_layer()
         self.conv = nn.Conv2d(
             d_inner, d_inner, conv_kernel, padding=(conv_kernel - 1) // 2, groups=d_inner, bias=conv_bias,
@@ -183,7 +184,7 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.empty(num_dirs * d_inner))
         self.out_norm = _make_out_norm(out_norm, d_inner, norm_eps)
         self.out_act = nn.GELU() if out_act else nn.Identity()
-        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self.out_proj = Linear(d_inner, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.init = init
         self.reset_ssm_parameters()

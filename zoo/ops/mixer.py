@@ -43,9 +43,10 @@ MSVMamba's epilogue, between the scans and out_proj (VMamba's without ``y_low``)
 
 The x_proj of all three row paths (``rows_projection``), on CPU:
 
-* ``zoo_scan::grouped_linear(x, weight) -> y``: x (G, M, K) with a unit last stride, weight (G, N, K); y (G, M, N)
-  = x[g] @ weight[g].T, float32 (``csrc/linear_cpu.cpp``: register tiles for the few-output shapes where the
-  BLAS runs far below its large-GEMM rate).
+* ``zoo_scan::grouped_linear(x, weight, bias=None) -> y``: x (G, M, K) with a unit last stride, weight (G, N, K),
+  bias None or (G, N); y (G, M, N) = x[g] @ weight[g].T + bias[g], float32 (``csrc/linear_cpu.cpp``: register
+  tiles for the few-output shapes where the BLAS runs far below its large-GEMM rate). Through :func:`linear`
+  (``zoo.layers.Linear``) it also runs the models' linear layers on CPUs where its AVX-512 tiles beat the BLAS.
 
 The scans take an optional ``dt_weight``, dt_proj's weight ((dim, R); (K, dim, R) for ``scan_cross``, (2, dim, R)
 for ``bimamba_scan``): delta is then the rank-R input of dt_proj ((batch, L, R) / (K, batch, L, R) / (2, batch,
@@ -60,7 +61,7 @@ also float16 / bfloat16 activations and serve the mixer only under ``ZOO_CUDA_SC
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -70,7 +71,8 @@ from . import compiled  # noqa: F401  (defines the zoo_scan library these ops jo
 from ._build import cuda_scan_lparallel
 from .selective_scan import resolve_backend
 
-__all__ = ["bimamba_rows", "fused_mixer_enabled", "in_image_chunks", "rows_projection", "cpu_isa",
+__all__ = ["batched_linear", "bimamba_rows", "fused_mixer_enabled", "in_image_chunks", "linear", "rows_projection",
+           "cpu_isa",
            "cpu_intrinsics", "cpu_parallel_threads"]
 
 _lib = torch.library.Library("zoo_scan", "FRAGMENT")
@@ -96,8 +98,9 @@ _lib.define(
 )
 
 
-# y[g] = x[g] @ weight[g].T (CPU): the row mixers' x_proj, whose few outputs the BLAS runs slowly
-_lib.define("grouped_linear(Tensor x, Tensor weight) -> Tensor")
+# y[g] = x[g] @ weight[g].T + bias[g] (CPU): the row mixers' x_proj, whose few outputs the BLAS runs slowly, and
+# the models' linear layers where the AVX-512 tiles beat the BLAS (zoo.ops.linear)
+_lib.define("grouped_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 
 
 _lib.define(
@@ -107,7 +110,7 @@ _lib.define(
 
 
 @torch.library.register_fake("zoo_scan::grouped_linear")
-def _grouped_linear_fake(x, weight):
+def _grouped_linear_fake(x, weight, bias=None):
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[1])
 
 
@@ -254,6 +257,46 @@ def rows_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.bmm(x, weight.transpose(1, 2))
     n = weight.shape[1]
     return torch.bmm(x, F.pad(weight, (0, 0, 0, -n % 16)).transpose(1, 2))[..., :n]
+
+
+_tiles_faster: list = []  # _tiles_beat_blas_gemm's answer, once known
+
+
+@torch.compiler.assume_constant_result
+def _tiles_beat_blas_gemm() -> bool:
+    """Whether grouped_linear's AVX-512 tiles run the models' linear layers (K = 48..768 inputs, 96..3072
+    outputs) faster than torch's BLAS: on an AMD CPU with AVX-512, where MKL takes its Zen kernels (AVX2) and
+    the tiles measured 1.1-1.5x its rate (docs/kernels.md); not on Intel, where MKL has its AVX-512 paths,
+    nor with AVX2 tiles, which measured below MKL on these shapes. Call only once the CPU kernels are built."""
+    if not _tiles_faster:
+        _tiles_faster.append(torch.ops.zoo_scan.cpu_intrinsics() == "avx512" and not _blas_beats_own_tiles())
+    return _tiles_faster[0]
+
+
+def _gemm_on_tiles(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`linear` / :func:`batched_linear` run on ``zoo_scan::grouped_linear``: float32 CPU tensors,
+    gradients off and no autocast, the compiled backend in use (as for the fused mixers,
+    :func:`fused_mixer_enabled`) and tiles that beat the BLAS here (:func:`_tiles_beat_blas_gemm`)."""
+    return (not isinstance(x, torch.fx.Proxy) and x.dim() >= 2 and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and not torch.is_autocast_enabled("cpu")
+            and fused_mixer_enabled(x, "grouped_linear") and _tiles_beat_blas_gemm())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, on the zoo's GEMM tiles where :func:`_gemm_on_tiles` allows."""
+    if not _gemm_on_tiles(x, weight, bias):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(1, -1, x.shape[-1])
+    y = torch.ops.zoo_scan.grouped_linear(rows, weight[None], None if bias is None else bias[None])
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x[g] @ weight[g].T`` for x (G, M, K) and weight (G, N, K) (a weight per image, say), on the zoo's GEMM
+    tiles where :func:`_gemm_on_tiles` allows, else ``torch.bmm``."""
+    if not _gemm_on_tiles(x, weight, None):
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.ops.zoo_scan.grouped_linear(x, weight)
 
 
 def bimamba_rows(xz: torch.Tensor, fwd: _Direction, rev: _Direction, scale: float) -> torch.Tensor:

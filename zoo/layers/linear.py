@@ -1,0 +1,25 @@
+"""``Linear``: the ``nn.Linear`` of the zoo's models, with the same parameters and state-dict keys.
+
+Its forward is :func:`zoo.ops.mixer.linear`: ``F.linear`` everywhere, except for float32 CPU inference
+(gradients off, no autocast) on a CPU where the zoo's register-tile GEMM beats torch's BLAS (AVX-512 on AMD,
+where MKL runs its AVX2 Zen kernels; see docs/kernels.md). Training, other dtypes and devices, TorchScript and
+FX tracing always take ``F.linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.mixer import linear
+
+__all__ = ["Linear"]
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose CPU inference may run on ``zoo_scan::grouped_linear`` (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript compiles only the F.linear line
+            return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
