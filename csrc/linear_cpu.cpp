@@ -1,7 +1,7 @@
 // grouped_linear: y[g] = x[g] @ weight[g]^T (+ bias[g]) on the CPU. First for the projections of the row-layout
 // mixers whose shapes sit outside what the BLAS is tuned for: x_proj's few outputs (dt_rank + 2 * d_state =
 // 5..80), where MKL ran at 5-25 GMAC/s on the 2-core AVX2 machine of docs/kernels.md against 32-38 on the large
-// GEMMs. With AVX-512 tiles it also beats MKL's Zen kernels on the models' own linear layers (zoo.ops.linear).
+// GEMMs. On AMD CPUs it also beats MKL's Zen kernels on the models' own linear layers (zoo.ops.mixer.linear).
 //
 // A register tile of accumulators (12 AVX2 registers, or up to 24 AVX-512 ones) stays put over the whole inner
 // dimension; the weight is repacked per call into panels of the tile's columns (K x cols, zero-padded past N),

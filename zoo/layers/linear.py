@@ -1,9 +1,9 @@
 """``Linear``: the ``nn.Linear`` of the zoo's models, with the same parameters and state-dict keys.
 
 Its forward is :func:`zoo.ops.mixer.linear`: ``F.linear`` everywhere, except for float32 CPU inference
-(gradients off, no autocast) on a CPU where the zoo's register-tile GEMM beats torch's BLAS (AVX-512 on AMD,
-where MKL runs its AVX2 Zen kernels; see docs/kernels.md). Training, other dtypes and devices, TorchScript and
-FX tracing always take ``F.linear``.
+(gradients off, no autocast) on a CPU where the zoo's register-tile GEMM beats torch's BLAS: AVX2 or AVX-512
+and not Intel, so MKL runs its Zen kernels (``zoo.ops.mixer._tiles_beat_blas_gemm``, docs/kernels.md).
+Training, other dtypes and devices, TorchScript and FX tracing always take ``F.linear``.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ The x_proj of all three row paths (``rows_projection``), on CPU:
 * ``zoo_scan::grouped_linear(x, weight, bias=None) -> y``: x (G, M, K) with a unit last stride, weight (G, N, K),
   bias None or (G, N); y (G, M, N) = x[g] @ weight[g].T + bias[g], float32 (``csrc/linear_cpu.cpp``: register
   tiles for the few-output shapes where the BLAS runs far below its large-GEMM rate). Through :func:`linear`
-  (``zoo.layers.Linear``) it also runs the models' linear layers on CPUs where its AVX-512 tiles beat the BLAS.
+  (``zoo.layers.Linear``) it also runs the models' linear layers on CPUs where its tiles beat the BLAS.
 
 The scans take an optional ``dt_weight``, dt_proj's weight ((dim, R); (K, dim, R) for ``scan_cross``, (2, dim, R)
 for ``bimamba_scan``): delta is then the rank-R input of dt_proj ((batch, L, R) / (K, batch, L, R) / (2, batch,
@@ -99,7 +99,7 @@ _lib.define(
 
 
 # y[g] = x[g] @ weight[g].T + bias[g] (CPU): the row mixers' x_proj, whose few outputs the BLAS runs slowly, and
-# the models' linear layers where the AVX-512 tiles beat the BLAS (zoo.ops.linear)
+# the models' linear layers where the tiles beat the BLAS (zoo.ops.mixer.linear)
 _lib.define("grouped_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 
 
@@ -264,12 +264,13 @@ _tiles_faster: list = []  # _tiles_beat_blas_gemm's answer, once known
 
 @torch.compiler.assume_constant_result
 def _tiles_beat_blas_gemm() -> bool:
-    """Whether grouped_linear's AVX-512 tiles run the models' linear layers (K = 48..768 inputs, 96..3072
-    outputs) faster than torch's BLAS: on an AMD CPU with AVX-512, where MKL takes its Zen kernels (AVX2) and
-    the tiles measured 1.1-1.5x its rate (docs/kernels.md); not on Intel, where MKL has its AVX-512 paths,
-    nor with AVX2 tiles, which measured below MKL on these shapes. Call only once the CPU kernels are built."""
+    """Whether grouped_linear's tiles run the models' linear layers (48..768 inputs, 96..1536 outputs) faster
+    than torch's BLAS: yes on a non-Intel CPU with AVX2 or AVX-512, where MKL takes its Zen kernels; on the
+    2-core Zen 4 of docs/kernels.md the AVX-512 tiles ran at 1.1-1.5x MKL's rate and the AVX2 ones (the same
+    library's x86-64-v3 code) at 1.03-1.46x. No on Intel, where MKL has its tuned paths (our tiles ran at
+    0.5-0.8x of it there), nor on CPUs below AVX2. Call only once the CPU kernels are built."""
     if not _tiles_faster:
-        _tiles_faster.append(torch.ops.zoo_scan.cpu_intrinsics() == "avx512" and not _blas_beats_own_tiles())
+        _tiles_faster.append(torch.ops.zoo_scan.cpu_isa() in ("avx512", "avx2") and not _blas_beats_own_tiles())
     return _tiles_faster[0]
 
 
