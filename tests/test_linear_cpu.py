@@ -11,7 +11,7 @@ import torch
 
 import torch.nn.functional as F
 
-from zoo.layers import Linear
+from zoo.layers import Linear, use_zoo_linear_
 from zoo.ops import mixer
 from zoo.ops.compiled import kernels_available
 from zoo.ops.mixer import batched_linear, cpu_isa, rows_projection
@@ -198,6 +198,24 @@ def test_linear_layer_keeps_the_state_dict_and_scripts():
     assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
     x = torch.randn(2, 8)
     torch.testing.assert_close(torch.jit.script(layer)(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_use_zoo_linear_swaps_plain_linears_in_place():
+    """timm's Mlp gets the zoo forward on its plain nn.Linear layers; parameters and keys are untouched."""
+    from timm.layers import Mlp
+
+    class OwnLinear(torch.nn.Linear):
+        pass
+
+    mlp = Mlp(16, 32)
+    mlp.extra = OwnLinear(4, 4)
+    before = {k: v.data_ptr() for k, v in mlp.state_dict().items()}
+    assert use_zoo_linear_(mlp) is mlp
+    assert type(mlp.fc1) is Linear and type(mlp.fc2) is Linear and type(mlp.extra) is OwnLinear
+    assert {k: v.data_ptr() for k, v in mlp.state_dict().items()} == before
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp.fc2(mlp.act(mlp.fc1(x))), mlp(x))
 
 
 @pytest.mark.parametrize("tiles_faster", [True, False])

@@ -12,7 +12,7 @@ GEMM tiles where those beat torch's BLAS.
 """
 from . import conv, linear, ssm
 from .conv import StridedConv2d, strided_conv2d
-from .linear import Linear
+from .linear import Linear, use_zoo_linear_
 from .ssm import *  # noqa: F401,F403 - the public names are ssm.__all__
 
 __all__ = list(conv.__all__) + list(linear.__all__) + list(ssm.__all__)

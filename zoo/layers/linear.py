@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..ops.mixer import linear
 
-__all__ = ["Linear"]
+__all__ = ["Linear", "use_zoo_linear_"]
 
 
 class Linear(nn.Linear):
@@ -23,3 +23,13 @@ class Linear(nn.Linear):
         if not torch.jit.is_scripting():  # TorchScript compiles only the F.linear line
             return linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def use_zoo_linear_(module: nn.Module) -> nn.Module:
+    """Gives every plain ``nn.Linear`` inside ``module`` (timm's ``Mlp`` / ``Attention`` layers, say) the forward
+    of :class:`Linear`, in place: its class becomes ``Linear``, which adds no state, so parameters, state-dict
+    keys and hooks stay as they are. Subclasses of ``nn.Linear`` are left alone. Returns ``module``."""
+    for layer in module.modules():
+        if type(layer) is nn.Linear:
+            layer.__class__ = Linear
+    return module

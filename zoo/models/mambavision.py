@@ -36,7 +36,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..checkpoint import extract_state_dict, load_pretrained_file
 from ..layers.conv import StridedConv2d
 from ..layers.helpers import channels_last
-from ..layers.linear import Linear
+from ..layers.linear import Linear, use_zoo_linear_
 from ..layers.ssm import (
     ScanInputs,
     dt_bc_projection,
@@ -209,6 +209,8 @@ class MambaVisionBlock(nn.Module):
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        use_zoo_linear_(self.mixer)  # timm's Attention (qkv, proj) and Mlp: the zoo's CPU tiles where faster
+        use_zoo_linear_(self.mlp)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

@@ -36,7 +36,7 @@ from timm.models.swin_transformer import PatchMerging
 from ..checkpoint import STATE_DICT_KEYS, extract_state_dict, load_pretrained_file
 from ..layers.conv import StridedConv2d
 from ..layers.helpers import channels_last
-from ..layers.linear import Linear
+from ..layers.linear import Linear, use_zoo_linear_
 from ..layers.ssm import (
     ScanInputs,
     cross_merge_2d,
@@ -298,6 +298,7 @@ class VSSBlock(nn.Module):
                 self.mlp = GluMlp(dim, 2 * hidden, act_layer=mlp_act_layer, drop=mlp_drop)
             else:
                 self.mlp = Mlp(dim, hidden, act_layer=mlp_act_layer, drop=mlp_drop)
+            use_zoo_linear_(self.mlp)  # timm's layers; fc1 / fc2 then run on the zoo's CPU tiles where faster
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mixer is not None:
