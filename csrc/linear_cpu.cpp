@@ -49,13 +49,13 @@ struct LinearArgs {
   float* y;         // (groups, M, N) contiguous
 };
 
-// out[i * cols + j] = bias[j] + sum_k x[i * lda + k] * panel[k * cols + j], summed in k order after the bias
+// out[i * ldo + j] = bias[j] + sum_k x[i * lda + k] * panel[k * cols + j], summed in k order after the bias
 // (bias may be nullptr: 0). The accumulators are
 // locals that never escape (only their final values are copied out) and the weight vectors are named
 // scalars, not an array (GCC copied an array through the stack every step), so all stay in registers.
 template <typename T>
 ZOO_INLINE void tile(const float* __restrict x, int64_t lda, const float* __restrict panel,
-                     const float* __restrict bias, int64_t K, float* __restrict out) {
+                     const float* __restrict bias, int64_t K, float* __restrict out, int64_t ldo) {
   constexpr int64_t R = T::kRows, V = T::kVecs, W = T::kWidth;
   static_assert(V >= 1 && V <= 3, "tile() loads one to three weight vectors a step");
   static_assert(W == 8 || W == 16, "tiles of 8- or 16-lane vectors");
@@ -86,7 +86,7 @@ ZOO_INLINE void tile(const float* __restrict x, int64_t lda, const float* __rest
 #pragma GCC unroll 12
   for (int64_t i = 0; i < R; ++i)
 #pragma GCC unroll 3
-    for (int64_t v = 0; v < V; ++v) std::memcpy(out + i * T::kCols + v * W, &acc[i][v], sizeof(vec));
+    for (int64_t v = 0; v < V; ++v) std::memcpy(out + i * ldo + v * W, &acc[i][v], sizeof(vec));
 }
 
 // tasks [begin, end) of the flattened (groups, row blocks of T::kRows)
@@ -106,10 +106,15 @@ ZOO_INLINE void linear_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
     }
     float* y = a.y + (g * a.M + r0) * N;
     for (int64_t p = 0; p < a.panels; ++p) {
-      float out[R * cols_per_panel];
       const float* bias = a.bp ? a.bp + (g * a.panels + p) * cols_per_panel : nullptr;
-      tile<T>(x, lda, a.wp + (g * a.panels + p) * K * cols_per_panel, bias, K, out);
+      const float* panel = a.wp + (g * a.panels + p) * K * cols_per_panel;
       const int64_t cols = std::min(cols_per_panel, N - p * cols_per_panel);
+      if (rows == R && cols == cols_per_panel) {  // a whole tile of y: the accumulators go straight there
+        tile<T>(x, lda, panel, bias, K, y + p * cols_per_panel, N);
+        continue;
+      }
+      float out[R * cols_per_panel];  // an edge tile: staged, then its rows and columns that exist copied
+      tile<T>(x, lda, panel, bias, K, out, cols_per_panel);
       for (int64_t i = 0; i < rows; ++i)
         std::memcpy(y + i * N + p * cols_per_panel, out + i * cols_per_panel, cols * sizeof(float));
     }
