@@ -124,8 +124,8 @@ class MambaVisionMixer(nn.Module):
         self.in_proj = Linear(dim, d_inner, bias=bias)
         self.conv1d_x = nn.Conv1d(half, half, d_conv, padding="same", groups=half, bias=conv_bias)
         self.conv1d_z = nn.Conv1d(half, half, d_conv, padding="same", groups=half, bias=conv_bias)
-        self.x_proj = nn.Linear(half, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, half, bias=True)
+        self.x_proj = Linear(half, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = Linear(self.dt_rank, half, bias=True)
         self.A_log = nn.Parameter(torch.empty(half, d_state))
         self.D = nn.Parameter(torch.empty(half))
         self.out_proj = Linear(d_inner, dim, bias=bias)
@@ -209,7 +209,8 @@ class MambaVisionBlock(nn.Module):
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
-        use_zoo_linear_(self.mixer)  # timm's Attention (qkv, proj) and Mlp: the zoo's CPU tiles where faster
+        if use_attention:  # timm's Attention (qkv, proj) and Mlp: the zoo's CPU tiles where faster
+            use_zoo_linear_(self.mixer)
         use_zoo_linear_(self.mlp)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -72,8 +72,7 @@ from ._build import cuda_scan_lparallel
 from .selective_scan import resolve_backend
 
 __all__ = ["batched_linear", "bimamba_rows", "fused_mixer_enabled", "in_image_chunks", "linear", "rows_projection",
-           "cpu_isa",
-           "cpu_intrinsics", "cpu_parallel_threads"]
+           "cpu_isa", "cpu_intrinsics", "cpu_parallel_threads"]
 
 _lib = torch.library.Library("zoo_scan", "FRAGMENT")
 _lib.define("bimamba_conv(Tensor x, Tensor weight, Tensor bias) -> Tensor")
@@ -266,8 +265,8 @@ _tiles_faster: list = []  # _tiles_beat_blas_gemm's answer, once known
 def _tiles_beat_blas_gemm() -> bool:
     """Whether grouped_linear's tiles run the models' linear layers (48..768 inputs, 96..1536 outputs) faster
     than torch's BLAS: yes on a non-Intel CPU with AVX2 or AVX-512, where MKL takes its Zen kernels; on the
-    2-core Zen 4 of docs/kernels.md the AVX-512 tiles ran at 1.1-1.5x MKL's rate and the AVX2 ones (the same
-    library's x86-64-v3 code) at 1.03-1.46x. No on Intel, where MKL has its tuned paths (our tiles ran at
+    2-core Zen 4 of docs/kernels.md the AVX-512 tiles ran at 1.02-1.38x MKL's rate and the AVX2 ones (the same
+    source built for x86-64-v3, benchmarks/bench_linear_cpu.py --avx2) at 1.05-1.33x. No on Intel, where MKL has its tuned paths (our tiles ran at
     0.5-0.8x of it there), nor on CPUs below AVX2. Call only once the CPU kernels are built."""
     if not _tiles_faster:
         _tiles_faster.append(torch.ops.zoo_scan.cpu_isa() in ("avx512", "avx2") and not _blas_beats_own_tiles())
