@@ -9,6 +9,10 @@ and inputs. Runs once per thread count (default: 1 thread, then all cores).
     python benchmarks/bench_cpu.py --only vim_tiny --threads 1 --rounds 3
     python benchmarks/bench_cpu.py --only vmamba --threads 1       # VMamba-T vs ConvNeXt-T
     python benchmarks/bench_cpu.py --pair vmamba_v0_tiny,convnext_tiny --threads 1 --rounds 3
+    python benchmarks/bench_cpu.py --threads 1 --as-avx2   # on an AVX-512 CPU: everything as on an AVX2 one
+
+``--as-avx2`` builds the zoo kernels as an AVX2 CPU runs them and caps torch's own libraries (ATen, oneDNN,
+MKL) at AVX2 too (benchmarks/cpu_isa_cap.py), so one AVX-512 machine also gives issue 12's AVX2 table.
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu_isa_cap  # noqa: E402
 
 # (zoo model, baseline model, batch, resolution)
 PAIRS: List[Tuple[str, str, int, int]] = [
@@ -115,7 +122,9 @@ def run_table(pairs: List[Tuple[str, str, int, int]], thread_counts: List[int], 
     """The header line, then one table per thread count."""
     print(f"torch {torch.__version__}, timm {timm.__version__}, CPU: {cpu_name()} ({os.cpu_count()} cores), "
           f"ATen ISA: {torch.backends.cpu.get_cpu_capability()}, zoo kernels: {kernel_isa()}, "
-          f"scan backend: {zoo.ops.resolve_backend('cpu').name}", flush=True)
+          f"scan backend: {zoo.ops.resolve_backend('cpu').name}, oneDNN ISA cap: "
+          f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}, MKL cap: {os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'none')}",
+          flush=True)
     for threads in sorted(set(thread_counts)):
         run(pairs, threads, rounds)
 
@@ -131,7 +140,12 @@ def main() -> None:
     p.add_argument("--only", default="", help="keep pairs whose zoo or baseline name contains this")
     p.add_argument("--pair", action="append", default=[], metavar="ZOO,BASELINE",
                    help="time this pair (batch 8, 224 px) instead of the table; repeatable")
+    p.add_argument("--as-avx2", action="store_true",
+                   help="run everything as on an AVX2 CPU (zoo kernels and torch's libraries; see the docstring)")
     args = p.parse_args()
+    if args.as_avx2:
+        cpu_isa_cap.reexec_as_avx2()
+        cpu_isa_cap.load_zoo_kernels_as_avx2()
     pairs = [pr for pr in PAIRS if args.only in pr[0] or args.only in pr[1]]
     if args.pair:
         names = [tuple(n.strip() for n in pr.split(",")) for pr in args.pair]

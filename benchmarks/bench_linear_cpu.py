@@ -30,19 +30,18 @@ SHAPES = [(1576, 192, 768), (1576, 384, 192), (1576, 384, 1536), (1576, 768, 384
 
 
 def avx2_tiles():
-    """grouped_linear built with every ISA clone forced to x86-64-v3 and the CPU feature checks answering no (so
-    no AVX-512 tile is picked), in the op namespace zoo_avx2tiles."""
+    """grouped_linear built as an AVX2 CPU runs it (csrc/cpu_as_avx2.h: every ISA clone the x86-64-v3 one, no
+    AVX-512 tile picked), in the op namespace zoo_avx2tiles."""
     from torch.utils.cpp_extension import load_inline
 
     lib = torch.library.Library("zoo_avx2tiles", "DEF")
     lib.define("grouped_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
     avx2_tiles.lib = lib  # the schema lives as long as the process
-    src = ('#define target_clones(...) target("arch=x86-64-v3")\n#define __builtin_cpu_supports(feature) 0\n'
-           f'#include "{REPO / "csrc" / "linear_cpu.cpp"}"\n')
+    src = f'#include "{REPO / "csrc" / "linear_cpu.cpp"}"\n'
     cflags, ldflags = _build.cpu_build_flags()
     build_dir = Path(tempfile.gettempdir()) / "zoo_avx2tiles"
     build_dir.mkdir(exist_ok=True)
-    load_inline("zoo_avx2tiles", cpp_sources=[src], extra_cflags=cflags + ["-Dzoo_scan=zoo_avx2tiles"],
+    load_inline("zoo_avx2tiles", cpp_sources=[src], extra_cflags=cflags + _build.AS_AVX2_CFLAGS + ["-Dzoo_scan=zoo_avx2tiles"],
                 extra_ldflags=ldflags, is_python_module=False, build_directory=str(build_dir))
     return torch.ops.zoo_avx2tiles.grouped_linear
 

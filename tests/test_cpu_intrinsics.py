@@ -6,7 +6,8 @@ convs 16-lane sums; on an AVX2 CPU Vim's scan takes its AVX2 run (vroundps for 2
 exponents allow). ZOO_CPU_INTRINSICS=0 sends a process to the portable code. The two run the multiply-adds in
 the same order: the AVX2 run equals the portable step bit for bit, the AVX-512 steps differ by their 2^x
 polynomials' rounding (each within 2.3e-7 relative), so they agree to 1e-5. Each side runs in its own process:
-the switch is read once.
+the switch is read once. On an AVX-512 CPU a third process loads the kernels built as an AVX2 CPU runs them
+(zoo.ops._build.AS_AVX2_CFLAGS), so the AVX2 clones and paths are checked on every x86 machine with AVX2.
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ pytestmark = pytest.mark.skipif(not KERNELS or cpu_isa() not in ("avx512", "avx2
 _SCRIPT = r"""
 import sys, timm, torch
 import zoo
+from zoo.ops import _build
 from zoo.ops.mixer import cpu_intrinsics
+if sys.argv[2] == "as-avx2":
+    _build.load_cpu_variant(_build.AS_AVX2_CFLAGS)
 g = torch.Generator().manual_seed(11)
 outs = {"intrinsics": cpu_intrinsics()}
 # Vim's scan: wide 32-lane blocks, 16-lane blocks and single lanes left over, with and without dt_proj folded in
@@ -53,18 +57,40 @@ torch.save(outs, sys.argv[1])
 """
 
 
-def test_intrinsics_paths_equal_the_portable_code(tmp_path):
-    results = {}
-    for switch in ("1", "0"):
-        path = tmp_path / f"intrinsics_{switch}.pt"
-        subprocess.run([sys.executable, "-c", _SCRIPT, str(path)], check=True, timeout=900,
-                       env={**os.environ, "ZOO_CPU_INTRINSICS": switch})
-        results[switch] = torch.load(path, weights_only=True)
-    assert results["1"].pop("intrinsics") == cpu_isa()
-    assert results["0"].pop("intrinsics") == "none"
-    assert results["1"].keys() == results["0"].keys()
-    exact = cpu_isa() == "avx2"  # the AVX2 run computes what the portable step does, in its order
-    for key, fast in results["1"].items():
-        assert fast.abs().max() > 0, key
-        tol = 0.0 if exact else 1e-5
-        torch.testing.assert_close(fast, results["0"][key], atol=tol, rtol=tol, msg=lambda m: f"{key}: {m}")
+_results: dict = {}
+
+
+def _outputs(mode: str, tmp_path_factory) -> dict:
+    """The script's outputs in a process of its own: "intrinsics" (the default library), "portable"
+    (ZOO_CPU_INTRINSICS=0) or "as-avx2" (the kernels built as for an AVX2 CPU); run once per mode."""
+    if mode not in _results:
+        path = tmp_path_factory.mktemp("intrinsics") / f"{mode}.pt"
+        env = {**os.environ, "ZOO_CPU_INTRINSICS": "0" if mode == "portable" else "1"}
+        subprocess.run([sys.executable, "-c", _SCRIPT, str(path), mode], check=True, timeout=900, env=env)
+        _results[mode] = torch.load(path, weights_only=True)
+    return dict(_results[mode])
+
+
+def _assert_outputs_close(fast: dict, portable: dict, exact: bool) -> None:
+    assert fast.keys() == portable.keys()
+    tol = 0.0 if exact else 1e-5
+    for key, out in fast.items():
+        assert out.abs().max() > 0, key
+        torch.testing.assert_close(out, portable[key], atol=tol, rtol=tol, msg=lambda m: f"{key}: {m}")
+
+
+def test_intrinsics_paths_equal_the_portable_code(tmp_path_factory):
+    fast, portable = _outputs("intrinsics", tmp_path_factory), _outputs("portable", tmp_path_factory)
+    assert fast.pop("intrinsics") == cpu_isa()
+    assert portable.pop("intrinsics") == "none"
+    # the AVX2 run computes what the portable step does, in its order
+    _assert_outputs_close(fast, portable, exact=cpu_isa() == "avx2")
+
+
+@pytest.mark.skipif(cpu_isa() != "avx512", reason="the AVX2 build is the default library on an AVX2 CPU")
+def test_avx2_build_equals_the_portable_code(tmp_path_factory):
+    as_avx2, portable = _outputs("as-avx2", tmp_path_factory), _outputs("portable", tmp_path_factory)
+    assert as_avx2.pop("intrinsics") == "avx2"
+    portable.pop("intrinsics")
+    # the portable side ran the x86-64-v4 clones, whose vectorised sums may group terms otherwise
+    _assert_outputs_close(as_avx2, portable, exact=False)

@@ -22,7 +22,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +34,9 @@ CUDA_SOURCES = ["scan_cuda.cu", "scan_cuda_lpar.cu", "mixer_cuda.cu"]
 # carry one clone per ISA level chosen at load time (csrc/cpu_vec.h), so the library is portable and
 # nothing host-specific belongs in the cache key.
 CPU_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+# extra flags of load_cpu_variant that build the kernels as an AVX2 CPU runs them (csrc/cpu_as_avx2.h), so that a
+# machine with AVX-512 also tests and times the AVX2 clones and hand-written AVX2 paths
+AS_AVX2_CFLAGS = ["-include", str(CSRC / "cpu_as_avx2.h")]
 
 
 def _cxx_is_clang() -> bool:
@@ -159,11 +162,12 @@ def _cpp_extension():
     return cpp_extension
 
 
-def _jit_spec(kind: str) -> Tuple[Path, dict]:
-    """The build directory (one per torch version, target and source hash) and the load() arguments."""
+def _jit_spec(kind: str, extra_cflags: Sequence[str] = ()) -> Tuple[Path, dict]:
+    """The build directory (one per torch version, target, source and flag hash) and the load() arguments."""
     if kind == "cpu":
         sources, cuda = CPU_SOURCES, ""
         cflags, ldflags = cpu_build_flags()
+        cflags = cflags + list(extra_cflags)
         key = f"cpu-{platform.machine()}"
     else:
         archs = cuda_arch_list()
@@ -257,10 +261,10 @@ def _cached_library_ok(kind: str, lib: Path) -> bool:
     return False
 
 
-def _load_or_build(kind: str) -> Optional[str]:
+def _load_or_build(kind: str, extra_cflags: Sequence[str] = ()) -> Optional[str]:
     """Loads the cached library, building it first if needed; returns why it cannot be built (None:
     loaded). Compiler errors raise."""
-    build_dir, kwargs = _jit_spec(kind)
+    build_dir, kwargs = _jit_spec(kind, extra_cflags)
     lib = build_dir / f"{kwargs['name']}.so"
     with _build_lock(build_dir):
         if _cached_library_ok(kind, lib):
@@ -293,6 +297,20 @@ def _toolchain_missing(kind: str) -> Optional[str]:
         if not nvcc.exists() and shutil.which("nvcc") is None:
             return "no CUDA toolkit (nvcc) found; set CUDA_HOME"
     return None
+
+
+def load_cpu_variant(extra_cflags: Sequence[str]) -> None:
+    """Loads the CPU kernels compiled with ``extra_cflags`` in place of the default library (built once and cached
+    like it, under a key of its own). For benchmarks that build the kernels another way, such as the AVX2 mode of
+    benchmarks/bench_cpu.py; call it before any zoo op has run, since a process holds one library of the ops."""
+    with _lock:
+        if _state["cpu"] is not None:
+            raise RuntimeError("zoo.ops: the CPU kernels are loaded (or failed to load) already; "
+                               "load_cpu_variant must run before the first zoo op")
+        missing = _load_or_build("cpu", extra_cflags)
+        if missing is not None:
+            raise RuntimeError(f"zoo.ops: cannot build the CPU kernel variant: {missing}")
+        _state["cpu"] = True
 
 
 # torch.compile / strict export trace the backend probe; dynamo cannot enter the lock (a cold first call
