@@ -10,6 +10,7 @@ over rounds of its summed time, the ratio head / base, and the largest output di
 
     python benchmarks/ab_cpu_kernels.py --base HEAD                  # working tree against HEAD
     python benchmarks/ab_cpu_kernels.py --base main~3 --models msvmamba_nano --rounds 21
+    python benchmarks/ab_cpu_kernels.py --base HEAD --as-avx2   # both built as an AVX2 CPU runs them
     perf record -e cpu-clock python benchmarks/ab_cpu_kernels.py --replay --models msvmamba_tiny
 """
 from __future__ import annotations
@@ -72,9 +73,10 @@ def _tree_csrc(rev: str, into: Path) -> Path:
     return out
 
 
-def build_namespace(ns: str, csrc: Path) -> object:
+def build_namespace(ns: str, csrc: Path, extra_cflags: List[str]) -> object:
     """csrc's CPU kernels as the ops torch.ops.<ns>.*: the zoo_scan schemas copied, the library built with
-    the namespace renamed. Built once per source content, under the zoo extension cache."""
+    the namespace renamed (and ``extra_cflags``). Built once per source content and flags, under the zoo
+    extension cache."""
     lib = torch.library.Library(ns, "FRAGMENT")
     for name in torch._C._dispatch_get_all_op_names():
         if name.startswith("zoo_scan::"):
@@ -82,12 +84,14 @@ def build_namespace(ns: str, csrc: Path) -> object:
             if not schema.startswith("zoo_scan::cpu_"):  # the catch-all ops are defined by the library itself
                 lib.define(schema.split("::", 1)[1])
     cflags, ldflags = _build.cpu_build_flags()
+    cflags = cflags + extra_cflags + [f"-Dzoo_scan={ns}"]
     sources = [csrc / s for s in _build.CPU_SOURCES]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(csrc.iterdir())) + ns.encode()).hexdigest()
+    extra = " ".join(cflags).encode() + b"".join(Path(f).read_bytes() for f in extra_cflags if f.endswith(".h"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(csrc.iterdir())) + extra).hexdigest()
     build_dir = _build._cache_root() / f"ab-{ns}-{digest[:12]}"
     build_dir.mkdir(parents=True, exist_ok=True)
     _build._cpp_extension().load(
-        name=f"{ns}_cpu", sources=[str(s) for s in sources], extra_cflags=cflags + [f"-Dzoo_scan={ns}"],
+        name=f"{ns}_cpu", sources=[str(s) for s in sources], extra_cflags=cflags,
         extra_ldflags=ldflags, extra_include_paths=[str(csrc)], build_directory=str(build_dir),
         is_python_module=False, verbose=False)
     _SCHEMA_LIBS.append(lib)
@@ -159,6 +163,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--replay", action="store_true",
                    help="no base: replay the calls on the package's own build only (to run under a profiler)")
+    p.add_argument("--as-avx2", action="store_true",
+                   help="build both trees as an AVX2 CPU runs them (zoo.ops._build.AS_AVX2_CFLAGS)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ok, why = compiled.kernels_available("cpu")
@@ -167,9 +173,12 @@ def main() -> None:
     libs = {}
     if not args.replay:
         with tempfile.TemporaryDirectory() as tmp:
-            libs = {"base": build_namespace("zoo_ab_base", _tree_csrc(args.base, Path(tmp))),
-                    "head": build_namespace("zoo_ab_head", REPO / "csrc")}
+            extra = _build.AS_AVX2_CFLAGS if args.as_avx2 else []
+            libs = {"base": build_namespace("zoo_ab_base", _tree_csrc(args.base, Path(tmp)), extra),
+                    "head": build_namespace("zoo_ab_head", REPO / "csrc", extra)}
     what = "the package's build only" if args.replay else f"base = {args.base}, head = working tree"
+    if args.as_avx2:
+        what += ", both built as for an AVX2 CPU"
     print(f"torch {torch.__version__}, zoo kernels: {kernel_isa()}, {args.threads} thread(s), {what}, "
           f"{args.rounds} rounds")
     for spec in args.models.split(","):
