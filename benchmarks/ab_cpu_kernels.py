@@ -164,9 +164,12 @@ def main() -> None:
     p.add_argument("--replay", action="store_true",
                    help="no base: replay the calls on the package's own build only (to run under a profiler)")
     p.add_argument("--as-avx2", action="store_true",
-                   help="build both trees as an AVX2 CPU runs them (zoo.ops._build.AS_AVX2_CFLAGS)")
+                   help="build both trees (with --replay: the package) as an AVX2 CPU runs them "
+                        "(zoo.ops._build.AS_AVX2_CFLAGS)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.replay and args.as_avx2:  # the package's kernels, as an AVX2 CPU runs them
+        _build.load_cpu_variant(_build.AS_AVX2_CFLAGS)
     ok, why = compiled.kernels_available("cpu")
     if not ok:
         sys.exit(f"ab_cpu_kernels: the compiled CPU kernels are needed to record the calls: {why}")
