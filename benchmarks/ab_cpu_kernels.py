@@ -3,7 +3,7 @@ forward makes, replayed on the kernels of a base revision and of the working tre
 
 On a shared VM two runs of the same build differ by 20% or more, so separate processes cannot show a
 5% change in a kernel. Here both trees' ``csrc/`` are built into libraries of their own (the op
-namespace renamed at compile time: ``-Dzoo_scan=<ns>``, both with the same flags), the calls a
+namespaces renamed at compile time (rename_flags), both with the same flags), the calls a
 forward makes are recorded once (a dispatch mode sees the op and its arguments), and each call is
 timed on both libraries in turn, the order swapped every round. The table gives per op the median
 over rounds of its summed time, the ratio head / base, and the largest output difference.
@@ -73,6 +73,13 @@ def _tree_csrc(rev: str, into: Path) -> Path:
     return out
 
 
+def rename_flags(ns: str) -> List[str]:
+    """Compile flags that give a second build of csrc/ namespaces of its own: its ops become ``<ns>::*`` and its
+    zoo_vec helpers ``<ns>_vec``. Without the second, two libraries in one process shared the helpers' statics
+    (GCC makes them unique symbols), so a build for another ISA took the first library's dispatch flags."""
+    return [f"-Dzoo_scan={ns}", f"-Dzoo_vec={ns}_vec"]
+
+
 def build_namespace(ns: str, csrc: Path, extra_cflags: List[str]) -> object:
     """csrc's CPU kernels as the ops torch.ops.<ns>.*: the zoo_scan schemas copied, the library built with
     the namespace renamed (and ``extra_cflags``). Built once per source content and flags, under the zoo
@@ -84,7 +91,7 @@ def build_namespace(ns: str, csrc: Path, extra_cflags: List[str]) -> object:
             if not schema.startswith("zoo_scan::cpu_"):  # the catch-all ops are defined by the library itself
                 lib.define(schema.split("::", 1)[1])
     cflags, ldflags = _build.cpu_build_flags()
-    cflags = cflags + extra_cflags + [f"-Dzoo_scan={ns}"]
+    cflags = cflags + extra_cflags + rename_flags(ns)
     sources = [csrc / s for s in _build.CPU_SOURCES]
     extra = " ".join(cflags).encode() + b"".join(Path(f).read_bytes() for f in extra_cflags if f.endswith(".h"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(csrc.iterdir())) + extra).hexdigest()

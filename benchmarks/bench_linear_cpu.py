@@ -24,6 +24,9 @@ sys.path.insert(0, str(REPO))
 from zoo.ops import _build, compiled  # noqa: E402
 from zoo.ops.mixer import cpu_intrinsics, cpu_isa  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from ab_cpu_kernels import rename_flags  # noqa: E402
+
 # (M, K, N): rows = batch 8 x tokens
 SHAPES = [(1576, 192, 768), (1576, 384, 192), (1576, 384, 1536), (1576, 768, 384),  # Vim-Ti / Vim-S in, out
           (25088, 48, 192), (25088, 96, 48), (6272, 96, 384), (1568, 384, 192), (392, 384, 1536)]  # MSVMamba
@@ -41,8 +44,9 @@ def avx2_tiles():
     cflags, ldflags = _build.cpu_build_flags()
     build_dir = Path(tempfile.gettempdir()) / "zoo_avx2tiles"
     build_dir.mkdir(exist_ok=True)
-    load_inline("zoo_avx2tiles", cpp_sources=[src], extra_cflags=cflags + _build.AS_AVX2_CFLAGS + ["-Dzoo_scan=zoo_avx2tiles"],
-                extra_ldflags=ldflags, is_python_module=False, build_directory=str(build_dir))
+    flags = cflags + _build.AS_AVX2_CFLAGS + rename_flags("zoo_avx2tiles")
+    load_inline("zoo_avx2tiles", cpp_sources=[src], extra_cflags=flags, extra_ldflags=ldflags,
+                is_python_module=False, build_directory=str(build_dir))
     return torch.ops.zoo_avx2tiles.grouped_linear
 
 

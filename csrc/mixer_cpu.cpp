@@ -157,7 +157,7 @@ ZOO_INLINE void scan_run_dispatch(const ScanRowsArgs& a, const StepRows& rows, i
   if constexpr (W == kAvx512Lanes && Decaying) return scan_run_avx512(rows, steps, dt, Dd, At, h, a.N, ys);
   if constexpr (W == kAvx2Lanes && Decaying) {
     if (a.avx2) {
-      if (exponents_bounded(max_time_scale(dt, steps * W), min_At))
+      if (exponents_bounded(max_time_scale_avx2(dt, steps * W), min_At))
         return scan_run_avx2<true>(rows, steps, dt, Dd, At, h, a.N, ys);
       return scan_run_avx2<false>(rows, steps, dt, Dd, At, h, a.N, ys);
     }

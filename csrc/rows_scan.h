@@ -75,14 +75,6 @@ ZOO_INLINE float min_scaled_A(const float* __restrict At, int64_t n) {
   return m;
 }
 
-// the largest of n time scales (0 if none is larger; a NaN is skipped, its lanes come out NaN either way)
-ZOO_INLINE float max_time_scale(const float* __restrict dt, int64_t n) {
-  float m = 0.0f;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, dt[i]);
-  return m;
-}
-
 // whether every exponent dt * At of a run lies at or above kExp2Floor, so that 2^x needs no clamp: the run's
 // largest time scale times min_At (min_scaled_A). Float rounding is monotone, so the bound holds for the products
 // as computed.
