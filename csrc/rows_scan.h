@@ -64,6 +64,18 @@ struct StepRows {
   int64_t bc_step;
 };
 
+// Fetches the rows (lanes of u, N of B and C) of step s + kRunPrefetch of a run of `steps`: the hand-written runs
+// walk u at a stride of a whole token row, which the hardware prefetchers do not follow, and otherwise start each
+// step with a load stall (A/B 0.97 on the AVX2 run).
+constexpr int64_t kRunPrefetch = 2;
+ZOO_INLINE void prefetch_run_rows(const StepRows& r, int64_t s, int64_t steps, int64_t lanes, int64_t N) {
+  if (s + kRunPrefetch >= steps) return;
+  const int64_t t = s + kRunPrefetch;
+  zoo_vec::prefetch_span(r.u + t * r.u_step, lanes * int64_t(sizeof(float)));
+  zoo_vec::prefetch_span(r.B + t * r.bc_step, N * int64_t(sizeof(float)));
+  zoo_vec::prefetch_span(r.C + t * r.bc_step, N * int64_t(sizeof(float)));
+}
+
 // The most negative exponent 2^x takes before its clamp (a normal float: exp2_clamped's exponent-field add).
 constexpr float kExp2Floor = -126.0f;
 

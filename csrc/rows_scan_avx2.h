@@ -72,6 +72,7 @@ ZOO_TARGET_AVX2 inline void scan_run_avx2(const StepRows& r, int64_t steps, cons
   for (int64_t s = 0; s < steps; ++s) {
     const float* u = r.u + s * r.u_step;
     const float *Bt = r.B + s * r.bc_step, *Ct = r.C + s * r.bc_step;
+    prefetch_run_rows(r, s, steps, kAvx2Lanes, N);
     const __m256 u0 = _mm256_loadu_ps(u), u1 = _mm256_loadu_ps(u + V);
     const __m256 d0 = _mm256_loadu_ps(dt + s * kAvx2Lanes), d1 = _mm256_loadu_ps(dt + s * kAvx2Lanes + V);
     const __m256 du0 = _mm256_mul_ps(d0, u0), du1 = _mm256_mul_ps(d1, u1);

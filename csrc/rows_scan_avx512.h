@@ -23,7 +23,6 @@
 namespace zoo_scan {
 
 constexpr int64_t kAvx512Lanes = 32;
-constexpr int64_t kRunPrefetch = 2;  // steps ahead that scan_run_avx512 fetches its rows
 
 #if ZOO_INTRINSICS
 // 2^f for f in [0, 1]: a degree-5 polynomial fitted for relative error (< 1.5e-7 evaluated in float32), highest
@@ -50,11 +49,7 @@ ZOO_TARGET_AVX512 inline void scan_run_avx512(const StepRows& r, int64_t steps, 
   for (int64_t s = 0; s < steps; ++s) {
     const float* u = r.u + s * r.u_step;
     const float *Bt = r.B + s * r.bc_step, *Ct = r.C + s * r.bc_step;
-    if (s + kRunPrefetch < steps) {  // the next rows, whose loads otherwise start each step with a stall
-      zoo_vec::prefetch_span(u + kRunPrefetch * r.u_step, kAvx512Lanes * sizeof(float));
-      zoo_vec::prefetch_span(Bt + kRunPrefetch * r.bc_step, N * sizeof(float));
-      zoo_vec::prefetch_span(Ct + kRunPrefetch * r.bc_step, N * sizeof(float));
-    }
+    prefetch_run_rows(r, s, steps, kAvx512Lanes, N);
     const __m512 u0 = _mm512_loadu_ps(u), u1 = _mm512_loadu_ps(u + V);
     const __m512 d0 = _mm512_loadu_ps(dt + s * kAvx512Lanes), d1 = _mm512_loadu_ps(dt + s * kAvx512Lanes + V);
     const __m512 du0 = _mm512_mul_ps(d0, u0), du1 = _mm512_mul_ps(d1, u1);
