@@ -266,8 +266,9 @@ def _tiles_beat_blas_gemm() -> bool:
     """Whether grouped_linear's tiles run the models' linear layers (48..768 inputs, 96..1536 outputs) faster
     than torch's BLAS: yes on a non-Intel CPU with AVX2 or AVX-512, where MKL takes its Zen kernels; on the
     2-core Zen 4 of docs/kernels.md the AVX-512 tiles ran at 1.02-1.38x MKL's rate and the AVX2 ones (the same
-    source built for x86-64-v3, benchmarks/bench_linear_cpu.py --avx2) at 1.05-1.33x. No on Intel, where MKL has its tuned paths (our tiles ran at
-    0.5-0.8x of it there), nor on CPUs below AVX2. Call only once the CPU kernels are built."""
+    source built for x86-64-v3, benchmarks/bench_linear_cpu.py --avx2) at 1.05-1.56x. No on Intel, where MKL
+    has its tuned paths (our tiles ran at 0.5-0.8x of it there), nor on CPUs below AVX2. Call only once the CPU
+    kernels are built."""
     if not _tiles_faster:
         _tiles_faster.append(torch.ops.zoo_scan.cpu_isa() in ("avx512", "avx2") and not _blas_beats_own_tiles())
     return _tiles_faster[0]
