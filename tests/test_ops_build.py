@@ -110,3 +110,19 @@ def test_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
     # CPU-only runs (building or loading) do not trigger torch's CUDA_HOME warning
     for run in (res, again):
         assert "No CUDA runtime is found" not in run.stderr, run.stderr
+
+
+def test_cpu_variant_has_a_cache_key_of_its_own():
+    default_dir, _ = _build._jit_spec("cpu")
+    variant_dir, kwargs = _build._jit_spec("cpu", _build.AS_AVX2_CFLAGS)
+    assert variant_dir != default_dir
+    assert kwargs["extra_cflags"][-len(_build.AS_AVX2_CFLAGS):] == _build.AS_AVX2_CFLAGS
+    assert Path(_build.AS_AVX2_CFLAGS[-1]).is_file()
+
+
+def test_cpu_variant_refuses_once_the_kernels_are_loaded():
+    ok, why = compiled.kernels_available("cpu")
+    if not ok:
+        pytest.skip(f"needs the CPU kernels: {why}")
+    with pytest.raises(RuntimeError, match="before the first zoo op"):
+        _build.load_cpu_variant(_build.AS_AVX2_CFLAGS)
