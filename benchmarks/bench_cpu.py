@@ -122,9 +122,9 @@ def run_table(pairs: List[Tuple[str, str, int, int]], thread_counts: List[int], 
     """The header line, then one table per thread count."""
     print(f"torch {torch.__version__}, timm {timm.__version__}, CPU: {cpu_name()} ({os.cpu_count()} cores), "
           f"ATen ISA: {torch.backends.cpu.get_cpu_capability()}, zoo kernels: {kernel_isa()}, "
-          f"scan backend: {zoo.ops.resolve_backend('cpu').name}, oneDNN ISA cap: "
-          f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}, MKL cap: {os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'none')}",
-          flush=True)
+          f"scan backend: {zoo.ops.resolve_backend('cpu').name}, "
+          f"oneDNN ISA cap: {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}, "
+          f"MKL cap: {os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'none')}", flush=True)
     for threads in sorted(set(thread_counts)):
         run(pairs, threads, rounds)
 

@@ -162,8 +162,8 @@ TileChoice pick_tile(int64_t N) {
 }
 
 // weight (groups, N, K) -> (groups, panels, K, cols): each panel of cols outputs transposed, zero rows past N.
-// One pass, a panel's weight rows (cols x K, in L2) read in blocks of kPackRows: a padded copy then a transposed
-// one cost 2.2% of Vim-S's forward, this per call in every linear layer.
+// One pass over each panel's cols weight rows: a padded copy then a transposed one cost 2.2% of Vim-S's forward,
+// this per call in every linear layer.
 at::Tensor pack_panels(const at::Tensor& weight, int64_t cols) {
   const at::Tensor w = weight.contiguous();
   const int64_t groups = w.size(0), N = w.size(1), K = w.size(2), panels = (N + cols - 1) / cols;
@@ -171,18 +171,14 @@ at::Tensor pack_panels(const at::Tensor& weight, int64_t cols) {
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, groups * panels, zoo_vec::grain_for(K * cols), [&](int64_t begin, int64_t end) {
-    constexpr int64_t kPackRows = 64;  // k values per block: one cache line of each weight row
     for (int64_t gp = begin; gp < end; ++gp) {
       const int64_t g = gp / panels, n0 = (gp % panels) * cols, rows = std::min(cols, N - n0);
       const float* panel_src = src + (g * N + n0) * K;
       float* out = dst + gp * K * cols;
-      for (int64_t k0 = 0; k0 < K; k0 += kPackRows) {
-        const int64_t k1 = std::min(K, k0 + kPackRows);
-        for (int64_t k = k0; k < k1; ++k) {
-          float* row = out + k * cols;
-          for (int64_t j = 0; j < rows; ++j) row[j] = panel_src[j * K + k];
-          for (int64_t j = rows; j < cols; ++j) row[j] = 0.0f;
-        }
+      for (int64_t k = 0; k < K; ++k) {
+        float* row = out + k * cols;
+        for (int64_t j = 0; j < rows; ++j) row[j] = panel_src[j * K + k];
+        for (int64_t j = rows; j < cols; ++j) row[j] = 0.0f;
       }
     }
   });
