@@ -2,8 +2,9 @@
 
 Every pair runs in the same process, interleaved round by round (one timed forward of each model per
 round, so a load change on a shared machine hits all of them alike); the table shows the median
-images/s over the rounds and the zoo / baseline ratio. fp32, ``torch.inference_mode``, random weights
-and inputs. Runs once per thread count (default: 1 thread, then all cores).
+images/s over the rounds and the zoo / baseline ratio, then the ratio round by round (median and
+quartiles). fp32, ``torch.inference_mode``, random weights and inputs. Runs once per thread count
+(default: 1 thread, then all cores).
 
     python benchmarks/bench_cpu.py                      # the full table, 1 and all threads
     python benchmarks/bench_cpu.py --only vim_tiny --threads 1 --rounds 3
@@ -111,11 +112,24 @@ def run(pairs: List[Tuple[str, str, int, int]], threads: int, rounds: int) -> No
     ips = {key: key[1] / statistics.median(t) for key, t in times.items()}
     print(f"\n{threads} thread(s) (the zoo kernels' parallel loops use {kernel_threads()}), fp32, median of {rounds} "
           "interleaved rounds")
-    print("| zoo model | res | batch | img/s | baseline | img/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| zoo model | res | batch | img/s | baseline | img/s | ratio | per round: median [quartiles] |")
+    print("|---|---|---|---|---|---|---|---|")
     for zoo_name, base_name, batch, res in pairs:
+        zoo_t, base_t = times[(zoo_name, batch, res)], times[(base_name, batch, res)]
         a, b = ips[(zoo_name, batch, res)], ips[(base_name, batch, res)]
-        print(f"| {zoo_name} | {res} | {batch} | {a:.2f} | {base_name} | {b:.2f} | {a / b:.3f} |")
+        print(f"| {zoo_name} | {res} | {batch} | {a:.2f} | {base_name} | {b:.2f} | {a / b:.3f} | "
+              f"{round_ratio_spread(zoo_t, base_t)} |")
+
+
+def round_ratio_spread(zoo_times: List[float], base_times: List[float]) -> str:
+    """The zoo / baseline ratio of each round (baseline seconds over zoo seconds), as median [lower, upper
+    quartile]: the two forwards of a round ran seconds apart, so a load change that lasts a round cancels in its
+    ratio, and the quartiles show how far the VM's noise moves the table's ratio."""
+    ratios = sorted(b / z for z, b in zip(zoo_times, base_times))
+    if len(ratios) < 2:
+        return f"{ratios[0]:.3f}"
+    lower, _, upper = statistics.quantiles(ratios, n=4, method="inclusive")
+    return f"{statistics.median(ratios):.3f} [{lower:.3f}, {upper:.3f}]"
 
 
 def run_table(pairs: List[Tuple[str, str, int, int]], thread_counts: List[int], rounds: int) -> None:
