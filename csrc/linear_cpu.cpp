@@ -165,11 +165,13 @@ TileChoice pick_tile(int64_t N) {
   return choice<WideTile>(&wide_tiles);
 }
 
-// One panel: out[k * cols + j] = src[j * K + k] for the panel's rows j < rows, zero for rows up to cols.
-ZOO_INLINE void pack_panel_scalar(const float* src, int64_t rows, int64_t K, int64_t cols, float* out) {
+// One panel: out[k * cols + j] = src[j * K + k] for the panel's rows j < rows, zero for rows up to cols. From row
+// j0 on (pack_panel_avx2 has written the rows before it).
+ZOO_INLINE void pack_panel_scalar(const float* src, int64_t rows, int64_t K, int64_t cols, float* out,
+                                  int64_t j0 = 0) {
   for (int64_t k = 0; k < K; ++k) {
     float* row = out + k * cols;
-    for (int64_t j = 0; j < rows; ++j) row[j] = src[j * K + k];
+    for (int64_t j = j0; j < rows; ++j) row[j] = src[j * K + k];
     for (int64_t j = rows; j < cols; ++j) row[j] = 0.0f;
   }
 }
@@ -206,11 +208,7 @@ ZOO_TARGET_AVX2 void pack_panel_avx2(const float* src, int64_t rows, int64_t K, 
     for (int64_t k = 0; k < K8; k += 8) transpose_8x8(src + j * K + k, K, out + k * cols + j, cols);
   for (int64_t k = K8; k < K; ++k)
     for (int64_t j = 0; j < rows8; ++j) out[k * cols + j] = src[j * K + k];
-  for (int64_t k = 0; k < K; ++k) {
-    float* row = out + k * cols;
-    for (int64_t j = rows8; j < rows; ++j) row[j] = src[j * K + k];
-    for (int64_t j = rows; j < cols; ++j) row[j] = 0.0f;
-  }
+  pack_panel_scalar(src, rows, K, cols, out, rows8);
 }
 #endif
 
@@ -223,14 +221,22 @@ at::Tensor pack_panels(const at::Tensor& weight, int64_t cols) {
   auto packed = at::empty({groups, panels, K, cols}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
-  auto pack_panel = &pack_panel_scalar;
+  bool avx2 = false;
 #if ZOO_INTRINSICS
-  if (zoo_vec::avx2_kernels()) pack_panel = &pack_panel_avx2;
+  avx2 = zoo_vec::avx2_kernels();
 #endif
   at::parallel_for(0, groups * panels, zoo_vec::grain_for(K * cols), [&](int64_t begin, int64_t end) {
     for (int64_t gp = begin; gp < end; ++gp) {
-      const int64_t g = gp / panels, n0 = (gp % panels) * cols;
-      pack_panel(src + (g * N + n0) * K, std::min(cols, N - n0), K, cols, dst + gp * K * cols);
+      const int64_t g = gp / panels, n0 = (gp % panels) * cols, rows = std::min(cols, N - n0);
+      const float* panel_src = src + (g * N + n0) * K;
+      float* out = dst + gp * K * cols;
+#if ZOO_INTRINSICS
+      if (avx2) {
+        pack_panel_avx2(panel_src, rows, K, cols, out);
+        continue;
+      }
+#endif
+      pack_panel_scalar(panel_src, rows, K, cols, out);
     }
   });
   return packed;
