@@ -11,6 +11,10 @@ quartiles). fp32, ``torch.inference_mode``, random weights and inputs. Runs once
     python benchmarks/bench_cpu.py --only vmamba --threads 1       # VMamba-T vs ConvNeXt-T
     python benchmarks/bench_cpu.py --pair vmamba_v0_tiny,convnext_tiny --threads 1 --rounds 3
     python benchmarks/bench_cpu.py --threads 1 --as-avx2   # on an AVX-512 CPU: everything as on an AVX2 one
+    python benchmarks/bench_cpu.py --threads 1 --only vim_tiny --batch 1 --compile  # latency, torch.compile'd
+
+``--compile`` times every model (zoo and baseline alike) through ``torch.compile`` (inductor, static shapes; the
+warm-up forward compiles, ~1 minute a model), ``--batch`` replaces every pair's batch size (1: latency).
 
 ``--as-avx2`` builds the zoo kernels as an AVX2 CPU runs them and caps torch's own libraries (ATen, oneDNN,
 MKL) at AVX2 too (benchmarks/cpu_isa_cap.py), so one AVX-512 machine also gives issue 12's AVX2 table.
@@ -80,9 +84,10 @@ def kernel_threads() -> str:
     return str(cpu_parallel_threads())
 
 
-def build(name: str, res: int) -> torch.nn.Module:
+def build(name: str, res: int, compile: bool = False) -> torch.nn.Module:
     kwargs = {"img_size": res} if res != 224 else {}
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    return torch.compile(model, dynamic=False) if compile else model
 
 
 def time_rounds(workloads: Dict[str, Tuple[torch.nn.Module, torch.Tensor]], rounds: int) -> Dict[str, List[float]]:
@@ -100,18 +105,19 @@ def time_rounds(workloads: Dict[str, Tuple[torch.nn.Module, torch.Tensor]], roun
     return times
 
 
-def run(pairs: List[Tuple[str, str, int, int]], threads: int, rounds: int) -> None:
+def run(pairs: List[Tuple[str, str, int, int]], threads: int, rounds: int, compile: bool = False) -> None:
     torch.set_num_threads(threads)
     workloads = {}
     for zoo_name, base_name, batch, res in pairs:
         for name in (zoo_name, base_name):
             key = (name, batch, res)
             if key not in workloads:
-                workloads[key] = (build(name, res), torch.randn(batch, 3, res, res))
+                workloads[key] = (build(name, res, compile), torch.randn(batch, 3, res, res))
     times = time_rounds(workloads, rounds)
     ips = {key: key[1] / statistics.median(t) for key, t in times.items()}
-    print(f"\n{threads} thread(s) (the zoo kernels' parallel loops use {kernel_threads()}), fp32, median of {rounds} "
-          "interleaved rounds")
+    mode = "torch.compile" if compile else "eager"
+    print(f"\n{threads} thread(s) (the zoo kernels' parallel loops use {kernel_threads()}), fp32, {mode}, median of "
+          f"{rounds} interleaved rounds")
     print("| zoo model | res | batch | img/s | baseline | img/s | ratio | per round: median [quartiles] |")
     print("|---|---|---|---|---|---|---|---|")
     for zoo_name, base_name, batch, res in pairs:
@@ -132,7 +138,8 @@ def round_ratio_spread(zoo_times: List[float], base_times: List[float]) -> str:
     return f"{statistics.median(ratios):.3f} [{lower:.3f}, {upper:.3f}]"
 
 
-def run_table(pairs: List[Tuple[str, str, int, int]], thread_counts: List[int], rounds: int) -> None:
+def run_table(pairs: List[Tuple[str, str, int, int]], thread_counts: List[int], rounds: int,
+              compile: bool = False) -> None:
     """The header line, then one table per thread count."""
     print(f"torch {torch.__version__}, timm {timm.__version__}, CPU: {cpu_name()} ({os.cpu_count()} cores), "
           f"ATen ISA: {torch.backends.cpu.get_cpu_capability()}, zoo kernels: {kernel_isa()}, "
@@ -140,7 +147,7 @@ def run_table(pairs: List[Tuple[str, str, int, int]], thread_counts: List[int], 
           f"oneDNN ISA cap: {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}, "
           f"MKL cap: {os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'none')}", flush=True)
     for threads in sorted(set(thread_counts)):
-        run(pairs, threads, rounds)
+        run(pairs, threads, rounds, compile)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,7 +163,11 @@ def main() -> None:
                    help="time this pair (batch 8, 224 px) instead of the table; repeatable")
     p.add_argument("--as-avx2", action="store_true",
                    help="run everything as on an AVX2 CPU (zoo kernels and torch's libraries; see the docstring)")
+    p.add_argument("--batch", type=int, default=0, help="every pair's batch size instead of the table's (1: latency)")
+    p.add_argument("--compile", action="store_true", help="time every model through torch.compile (inductor)")
     args = p.parse_args()
+    if args.batch < 0:
+        p.error(f"--batch takes a positive batch size (0 keeps the table's), got {args.batch}")
     if args.as_avx2:
         cpu_isa_cap.reexec_as_avx2()
         cpu_isa_cap.load_zoo_kernels_as_avx2()
@@ -169,7 +180,9 @@ def main() -> None:
         pairs = [(zoo_name, base_name, 8, 224) for zoo_name, base_name in names]
     if not pairs:
         p.error(f"--only {args.only!r} matches no pair; names: {sorted({n for pr in PAIRS for n in pr[:2]})}")
-    run_table(pairs, [int(t) for t in args.threads.split(",")], args.rounds)
+    if args.batch:
+        pairs = [(zoo_name, base_name, args.batch, res) for zoo_name, base_name, _, res in pairs]
+    run_table(pairs, [int(t) for t in args.threads.split(",")], args.rounds, args.compile)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,18 @@ def test_table_prints_a_row_per_pair_with_its_round_ratios(capsys):
     median, quartiles = cells[7].split(" ", 1)
     lower, upper = (float(v) for v in quartiles.strip("[]").split(","))
     assert lower <= float(median) <= upper
+
+
+def test_compile_mode_times_compiled_models_and_says_so(capsys):
+    import torch
+
+    bench = _bench_cpu()
+    model = bench.build("test_vim", 32, compile=True)
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():  # what the table times computes what the eager model does
+        torch.testing.assert_close(model(x), model._orig_mod(x), rtol=1e-5, atol=1e-5)
+    bench.run([("test_vim", "test_vit", 1, 32)], threads=1, rounds=1, compile=True)
+    out = capsys.readouterr().out
+    assert "fp32, torch.compile, median of 1" in out
+    assert len([line for line in out.splitlines() if line.startswith("| test_vim | 32 | 1 |")]) == 1
