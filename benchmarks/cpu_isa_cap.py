@@ -8,8 +8,10 @@ those of this machine: the mode shows what the code does on AVX2, not how fast a
 """
 from __future__ import annotations
 
+import getpass
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -32,7 +34,12 @@ def reexec_as_avx2() -> None:
         return
     if not host_has_avx2():
         sys.exit("--as-avx2 needs a CPU with AVX2 + FMA (x86-64-v3); this one has not")
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+    env = {**os.environ, **AVX2_ENV}
+    # torch.compile's on-disk cache does not key its C++ kernels on ATEN_CPU_CAPABILITY: code generated for 16-lane
+    # AVX-512 vectors, reloaded and built for AVX2's 8, wrote half its outputs (garbage indices in --compile runs)
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                   os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_as_avx2"))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def load_zoo_kernels_as_avx2() -> None:
