@@ -37,8 +37,9 @@ def reexec_as_avx2() -> None:
     env = {**os.environ, **AVX2_ENV}
     # torch.compile's on-disk cache does not key its C++ kernels on ATEN_CPU_CAPABILITY: code generated for 16-lane
     # AVX-512 vectors, reloaded and built for AVX2's 8, wrote half its outputs (garbage indices in --compile runs)
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                   os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_as_avx2"))
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                      f"torchinductor_{getpass.getuser()}")
+    env["TORCHINDUCTOR_CACHE_DIR"] = cache.rstrip("/") + "_as_avx2"
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
