@@ -51,6 +51,17 @@ def test_grouped_linear_adds_the_bias(M, K, N):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * K ** 0.5 * 4)
 
 
+@pytest.mark.parametrize("M", [1365, 1366])
+def test_grouped_linear_both_task_orders(M):
+    """x of up to 256 KiB a group runs panel by panel (each task packs its own panel), larger x by row blocks over
+    the weight packed whole: 1365 x 48 floats is the last size of the one, 1366 x 48 the first of the other."""
+    g = torch.Generator().manual_seed(M)
+    x, weight, bias = torch.randn(2, M, 48, generator=g), torch.randn(2, 44, 48, generator=g), torch.randn(2, 44, generator=g)
+    got = torch.ops.zoo_scan.grouped_linear(x, weight, bias)
+    ref = _reference(x, weight) + bias.double()[:, None, :]
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * 48 ** 0.5 * 4)
+
+
 def test_grouped_linear_reads_strided_rows_in_place():
     """x as the models pass it: a column slice (row stride > K) and a group stride that is not M * K."""
     base = torch.randn(3, 40, 100)
