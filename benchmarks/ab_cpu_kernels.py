@@ -11,6 +11,7 @@ over rounds of its summed time, the ratio head / base, and the largest output di
     python benchmarks/ab_cpu_kernels.py --base HEAD                  # working tree against HEAD
     python benchmarks/ab_cpu_kernels.py --base main~3 --models msvmamba_nano --rounds 21
     python benchmarks/ab_cpu_kernels.py --base HEAD --as-avx2   # both built as an AVX2 CPU runs them
+    python benchmarks/ab_cpu_kernels.py --base HEAD --tiles     # the GEMM tiles also where MKL runs the layers
     perf record -e cpu-clock python benchmarks/ab_cpu_kernels.py --replay --models msvmamba_tiny
 """
 from __future__ import annotations
@@ -173,8 +174,14 @@ def main() -> None:
     p.add_argument("--as-avx2", action="store_true",
                    help="build both trees (with --replay: the package) as an AVX2 CPU runs them "
                         "(zoo.ops._build.AS_AVX2_CFLAGS)")
+    p.add_argument("--tiles", action="store_true",
+                   help="record the forwards with every linear layer on grouped_linear's tiles, also on a CPU "
+                        "where the models leave them to the BLAS (zoo.ops.mixer._tiles_beat_blas_gemm)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tiles:  # the answers' caches, filled before the models ask
+        from zoo.ops import mixer
+        mixer._tiles_faster[:], mixer._blas_faster[:] = [True], [False]
     if args.replay and args.as_avx2:  # the package's kernels, as an AVX2 CPU runs them
         _build.load_cpu_variant(_build.AS_AVX2_CFLAGS)
     ok, why = compiled.kernels_available("cpu")

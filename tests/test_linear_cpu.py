@@ -62,6 +62,19 @@ def test_grouped_linear_both_task_orders(M):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * 48 ** 0.5 * 4)
 
 
+@pytest.mark.parametrize("K,N", [(1024, 341), (8200, 149)])
+def test_grouped_linear_weight_in_column_chunks(K, N):
+    """Row blocks sweep the packed weight in chunks of at most 1 MiB, each chunk over every row block (M 70: a
+    short last block) before the next, in both groups: at K 1024 several panels a chunk and a short last chunk
+    (22 portable 16-wide panels in chunks of 16, or 11 AVX-512 32-wide ones in chunks of 8); at K 8200 one panel
+    a chunk, a panel alone being about as large or larger."""
+    g = torch.Generator().manual_seed(K)
+    x, weight, bias = torch.randn(2, 70, K, generator=g), torch.randn(2, N, K, generator=g), torch.randn(2, N, generator=g)
+    got = torch.ops.zoo_scan.grouped_linear(x, weight, bias)
+    ref = _reference(x, weight) + bias.double()[:, None, :]
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * K ** 0.5 * 4)
+
+
 def test_grouped_linear_reads_strided_rows_in_place():
     """x as the models pass it: a column slice (row stride > K) and a group stride that is not M * K."""
     base = torch.randn(3, 40, 100)
@@ -143,7 +156,7 @@ import torch
 from zoo.ops.mixer import cpu_intrinsics
 assert cpu_intrinsics() == "none"
 g = torch.Generator().manual_seed(3)
-for M, K, N in [(13, 97, 9), (61, 48, 20), (25, 384, 44), (7, 33, 81)]:
+for M, K, N in [(13, 97, 9), (61, 48, 20), (25, 384, 44), (7, 33, 81), (70, 1024, 341)]:
     x, w = torch.randn(2, M, K, generator=g), torch.randn(2, N, K, generator=g)
     ref = torch.bmm(x.double(), w.double().transpose(1, 2))
     torch.testing.assert_close(torch.ops.zoo_scan.grouped_linear(x, w).double(), ref, rtol=1e-5, atol=1e-4)
