@@ -307,7 +307,8 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const at::Tensor wp = panel_order ? at::Tensor() : pack_panels(w, t.cols);
   // (groups, N) -> (groups, panels, cols), zero past N
   const at::Tensor bp = bias ? at::constant_pad_nd(*bias, {0, panels * t.cols - N}).contiguous() : at::Tensor();
-  const int64_t chunk_panels = std::clamp<int64_t>(kWeightChunkBytes / (K * t.cols * int64_t(sizeof(float))), 1, panels);
+  const int64_t panel_bytes = K * t.cols * int64_t(sizeof(float));
+  const int64_t chunk_panels = std::clamp<int64_t>(kWeightChunkBytes / panel_bytes, 1, panels);
   const int64_t chunks = (panels + chunk_panels - 1) / chunk_panels;
   LinearArgs a{groups, M, K, N, panels, chunk_panels, xs.data_ptr<float>(), xs.stride(0), xs.stride(1),
                panel_order ? nullptr : wp.data_ptr<float>(), bias ? bp.data_ptr<float>() : nullptr,

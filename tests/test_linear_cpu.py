@@ -69,7 +69,8 @@ def test_grouped_linear_weight_in_column_chunks(K, N):
     (22 portable 16-wide panels in chunks of 16, or 11 AVX-512 32-wide ones in chunks of 8); at K 8200 one panel
     a chunk, a panel alone being about as large or larger."""
     g = torch.Generator().manual_seed(K)
-    x, weight, bias = torch.randn(2, 70, K, generator=g), torch.randn(2, N, K, generator=g), torch.randn(2, N, generator=g)
+    x, weight = torch.randn(2, 70, K, generator=g), torch.randn(2, N, K, generator=g)
+    bias = torch.randn(2, N, generator=g)
     got = torch.ops.zoo_scan.grouped_linear(x, weight, bias)
     ref = _reference(x, weight) + bias.double()[:, None, :]
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * K ** 0.5 * 4)
