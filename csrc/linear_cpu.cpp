@@ -46,7 +46,7 @@ using Avx512Tile48 = Tile<8, 3, 16>;
 
 struct LinearArgs {
   int64_t groups, M, K, N, panels;
-  int64_t chunk_panels;  // row-block order: the panels one task sweeps (a column chunk of the weight)
+  int64_t chunk_panels, chunks;  // row-block order: the panels one task sweeps (a column chunk), chunks a group
   const float* x;  // (groups, M, K), unit inner stride
   int64_t x_sg, x_sm;
   const float* wp;  // (groups, panels, K, cols): the packed weight, cols = the tile's columns
@@ -162,8 +162,8 @@ ZOO_INLINE void linear_tiles(const LinearArgs& a, int64_t begin, int64_t end) {
       }
       continue;
     }
-    const int64_t chunks = (a.panels + a.chunk_panels - 1) / a.chunk_panels, in_group = task % (chunks * blocks);
-    const int64_t g = task / (chunks * blocks), p0 = in_group / blocks * a.chunk_panels;
+    const int64_t g = task / (a.chunks * blocks), in_group = task % (a.chunks * blocks);
+    const int64_t p0 = in_group / blocks * a.chunk_panels;
     const int64_t r0 = (in_group % blocks) * R, rows = std::min(R, a.M - r0);
     const float* x = block_rows<R>(a, g, r0, rows, tail, lda);
     for (int64_t p = p0; p < std::min(a.panels, p0 + a.chunk_panels); ++p)
@@ -310,7 +310,7 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t panel_bytes = K * t.cols * int64_t(sizeof(float));
   const int64_t chunk_panels = std::clamp<int64_t>(kWeightChunkBytes / panel_bytes, 1, panels);
   const int64_t chunks = (panels + chunk_panels - 1) / chunk_panels;
-  LinearArgs a{groups, M, K, N, panels, chunk_panels, xs.data_ptr<float>(), xs.stride(0), xs.stride(1),
+  LinearArgs a{groups, M, K, N, panels, chunk_panels, chunks, xs.data_ptr<float>(), xs.stride(0), xs.stride(1),
                panel_order ? nullptr : wp.data_ptr<float>(), bias ? bp.data_ptr<float>() : nullptr,
                y.data_ptr<float>(), w.data_ptr<float>(), panel_order};
   const int64_t tasks = groups * (panel_order ? panels : chunks * ((M + t.rows - 1) / t.rows));

@@ -67,7 +67,7 @@ def test_grouped_linear_weight_in_column_chunks(K, N):
     """Row blocks sweep the packed weight in chunks of at most 1 MiB, each chunk over every row block (M 70: a
     short last block) before the next, in both groups: at K 1024 several panels a chunk and a short last chunk
     (22 portable 16-wide panels in chunks of 16, or 11 AVX-512 32-wide ones in chunks of 8); at K 8200 one panel
-    a chunk, a panel alone being about as large or larger."""
+    a chunk, two panels being larger than 1 MiB."""
     g = torch.Generator().manual_seed(K)
     x, weight = torch.randn(2, 70, K, generator=g), torch.randn(2, N, K, generator=g)
     bias = torch.randn(2, N, generator=g)
