@@ -220,6 +220,25 @@ def test_official_parity(fixture, scan_backend, monkeypatch):
 
 
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
+def test_older_official_key_names_map_to_the_same_weights():
+    """Older VMamba-codebase names (ln_1, self_attention, patch_embed.proj/norm, no classifier prefix)."""
+    meta, _, official_sd = load_fixture(FIXTURES[0])
+    model = from_official_kwargs(**meta["official_kwargs"])
+    expected = checkpoint_filter_fn(official_sd, model)
+    legacy = {}
+    for key, value in official_sd.items():
+        key = key.replace("patch_embed.0.", "patch_embed.proj.").replace("patch_embed.2.", "patch_embed.norm.")
+        if ".blocks." in key:
+            key = key.replace(".norm.", ".ln_1.").replace(".op.", ".self_attention.")
+        legacy[key.replace("classifier.", "")] = value
+    assert any(".ln_1." in k for k in legacy) and any(".self_attention." in k for k in legacy)
+    got = checkpoint_filter_fn(legacy, model)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    model.load_state_dict(got, strict=True)
+
+
+@pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
 def test_official_style_checkpoint_loads_through_timm(tmp_path):
     """An official-layout .pth (weights under 'model' next to a pickled config) via pretrained_cfg file."""
     meta, _, official_sd = load_fixture(FIXTURES[0])

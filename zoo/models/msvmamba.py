@@ -38,7 +38,7 @@ from ..layers.conv import StridedConv2d
 from ..layers.helpers import channels_last, leaf_function
 from ..layers.linear import Linear
 from ._hierarchical import (HierarchicalMixin, create_hierarchical, hierarchical_cfg, init_weights_trunc_normal,
-                           raise_official_problems, stage_widths)
+                           raise_official_problems, rename_vmamba_legacy, stage_widths)
 from ..layers.ssm import (ScanInputs, init_stacked_ssm_, scan, scan_multi_direction, ssm_parameters,
                           stacked_ssm_inputs)
 from ..ops.mixer import batched_linear, fused_mixer_enabled, in_image_chunks, linear, rows_projection
@@ -427,23 +427,13 @@ _BLOCK_RENAMES = (
     ("convFFN.dwc.", "ffn.dwconv."),
     ("norm2.", "norm2."),
 )
-# names used by older VMamba training code, renamed by the official loader too
-_LEGACY_RENAMES = (
-    (re.compile(r"^patch_embed\.proj\."), "patch_embed.0."),
-    (re.compile(r"^patch_embed\.norm\."), "patch_embed.2."),
-    (re.compile(r"^(layers\.\d+\.blocks\.\d+\.)ln_1\."), r"\1norm."),
-    (re.compile(r"^(layers\.\d+\.blocks\.\d+\.)self_attention\."), r"\1op."),
-    (re.compile(r"^norm\."), "classifier.norm."),
-    (re.compile(r"^head\."), "classifier.head."),
-)
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.*)$")
 _DOWNSAMPLE_KEY = re.compile(r"^layers\.(\d+)\.downsample\.(.*)$")
 
 
 def _map_official_key(key: str) -> str:
     """One official ``VSSM`` state-dict key -> this module's name (unknown keys are returned unchanged)."""
-    for pattern, repl in _LEGACY_RENAMES:
-        key = pattern.sub(repl, key)
+    key = rename_vmamba_legacy(key)
     if key.startswith("patch_embed.0."):
         return "patch_embed.proj." + key[len("patch_embed.0."):]
     if key.startswith("patch_embed.2."):
