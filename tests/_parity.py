@@ -72,6 +72,23 @@ def check_official_style_file(tmp_path: Path, model_name: str, official_sd: Dict
     assert model.get_classifier().out_features == 3
 
 
+def load_manifest_on_meta(manifest: Path, official_to_zoo: Dict[str, str], filter_fn: Callable) -> Tuple[Any, Dict[str, Any]]:
+    """A released checkpoint's key/shape manifest loaded strictly, through ``filter_fn``, into the registered
+    model it names, built on the meta device (shapes only: no memory for the full-size weights); the
+    parameter count must be the manifest's. Returns the model and the manifest."""
+    import timm
+    import torch
+
+    meta = json.loads(manifest.read_text())
+    with torch.device("meta"):
+        model = timm.create_model(official_to_zoo[meta["official_model_name"]])
+    official_sd = {k: torch.empty(shape, device="meta") for k, shape in meta["keys"].items()}
+    assert len(official_sd) == meta["num_state_dict_tensors"]
+    model.load_state_dict(filter_fn(official_sd, model), strict=True)
+    assert sum(p.numel() for p in model.parameters()) == meta["num_params"]
+    return model, meta
+
+
 def assert_matches_official(model: Any, meta: Dict[str, Any], tensors: Dict[str, Any]) -> None:
     """A hierarchical model (eval, official weights loaded) against its fixture, within the sidecar's
     tolerance: logits and pre-logits from ``forward_intermediates`` + ``forward_head``, and every stage."""

@@ -10,7 +10,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from _parity import assert_matches_official, fixture_id, load_fixture, parity_dir, parity_files
+from _parity import (assert_matches_official, fixture_id, load_fixture, load_manifest_on_meta, parity_dir,
+                     parity_files)
 import zoo
 from zoo.models.mambavision import (
     MambaVisionMixer,
@@ -102,14 +103,7 @@ def test_released_style_checkpoint_loads_through_timm(tmp_path):
 @pytest.mark.skipif(not MANIFESTS, reason=NO_FIXTURES)
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=fixture_id)
 def test_manifest_loads_strictly(manifest):
-    meta = json.loads(manifest.read_text())
-    name = OFFICIAL_TO_ZOO[meta["official_model_name"]]
-    with torch.device("meta"):  # shapes only: no memory for the full-size weights
-        model = timm.create_model(name)
-    official_sd = {k: torch.empty(shape, device="meta") for k, shape in meta["keys"].items()}
-    assert len(official_sd) == meta["num_state_dict_tensors"]
-    model.load_state_dict(checkpoint_filter_fn(official_sd, model), strict=True)
-    assert sum(p.numel() for p in model.parameters()) == meta["num_params"]
+    model, meta = load_manifest_on_meta(manifest, OFFICIAL_TO_ZOO, checkpoint_filter_fn)
     assert model.pretrained_cfg["url"] == meta["checkpoint_url"]
     assert model.pretrained_cfg["crop_pct"] == meta["pretrained_cfg"]["crop_pct"]
     attention = [[i for i, b in enumerate(s.blocks) if not isinstance(getattr(b, "mixer", None), MambaVisionMixer)]
@@ -118,7 +112,7 @@ def test_manifest_loads_strictly(manifest):
     # the recorded official constructor kwargs build the same architecture
     args = official_kwargs_to_model_args(**meta["constructor_kwargs_full_signature"])
     with torch.device("meta"):
-        again = timm.create_model(name, **args)
+        again = timm.create_model(OFFICIAL_TO_ZOO[meta["official_model_name"]], **args)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 

@@ -10,7 +10,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from _parity import assert_matches_official, check_official_style_file, fixture_id, load_fixture, parity_dir, parity_files
+from _parity import (assert_matches_official, check_official_style_file, fixture_id, load_fixture,
+                     load_manifest_on_meta, parity_dir, parity_files)
 import zoo  # noqa: F401  (registers the models)
 from zoo.layers.ssm import cross_merge_2d, cross_scan_2d
 from zoo.ops import scan_order_index, selective_scan_naive
@@ -188,14 +189,7 @@ def test_official_style_checkpoint_loads_through_timm(tmp_path):
 @pytest.mark.skipif(not MANIFESTS, reason=NO_FIXTURES)
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=fixture_id)
 def test_manifest_loads_strictly(manifest):
-    meta = json.loads(manifest.read_text())
-    name = OFFICIAL_TO_ZOO[meta["official_model_name"]]
-    with torch.device("meta"):  # shapes only: skips allocating and initialising the full-size weights
-        model = timm.create_model(name)
-    official_sd = {k: torch.empty(shape, device="meta") for k, shape in meta["keys"].items()}
-    assert len(official_sd) == meta["num_state_dict_tensors"]
-    model.load_state_dict(checkpoint_filter_fn(official_sd, model), strict=True)
-    assert sum(p.numel() for p in model.parameters()) == meta["num_params"]
+    model, meta = load_manifest_on_meta(manifest, OFFICIAL_TO_ZOO, checkpoint_filter_fn)
     assert model.dims == meta["stage_dims"]
     # the recorded official constructor kwargs describe the registered architecture
     args = official_kwargs_to_model_args(**meta["constructor_kwargs"])
@@ -205,7 +199,7 @@ def test_manifest_loads_strictly(manifest):
     assert (registered["d_state"], registered["gate"], registered["force_fp32"]) == (
         mixer.d_state, mixer.gate, mixer.force_fp32)
     # the release URL is the one the official README gives for this checkpoint
-    assert timm.models.get_pretrained_cfg(name).url == meta["readme"]["ckpt"]
+    assert model.pretrained_cfg["url"] == meta["readme"]["ckpt"]
 
 
 # --- the timm interface on the test-sized variant ------------------------------------------------------
