@@ -3,7 +3,6 @@ construction, and the timm / VLM interfaces on the test-sized variant."""
 from __future__ import annotations
 
 import importlib
-import json
 
 import pytest
 import timm
