@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from _train_data import as_flags, load_script, tiny_images, tiny_run_config, write_imagefolder
@@ -16,12 +15,7 @@ from _train_data import as_flags, load_script, tiny_images, tiny_run_config, wri
 datasets = pytest.importorskip("datasets")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png(img) -> bytes:

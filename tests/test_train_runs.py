@@ -19,17 +19,7 @@ from _train_data import KILL_SCRIPT, as_flags, subprocess_env, tiny_run_config, 
 from zoo.train import ConfigError, make_config, run
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core runner, OpenMP's spinning barriers make multi-threaded
-    small kernels up to tens of times slower; the subprocesses get OMP_NUM_THREADS=1 for the same reason."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

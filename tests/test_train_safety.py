@@ -18,12 +18,7 @@ from _train_data import PYTHON, as_flags, load_script, subprocess_env, tiny_run_
 from zoo.train import ConfigError, NonFiniteLossError, make_config, run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
