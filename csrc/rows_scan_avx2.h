@@ -25,16 +25,20 @@ namespace zoo_scan {
 constexpr int64_t kAvx2Lanes = 16;  // two registers a state: two independent exp chains
 
 #if ZOO_INTRINSICS
+// 2^(k + f) from f in [-1/2, 1/2] and k in the low bits of k_bits: kExp2Poly in its order, then k << 23 added
+// into the exponent field (as zoo_vec::times_pow2; higher bits of k_bits shift out)
+ZOO_TARGET_AVX2 inline __m256 exp2_reduced_avx2(__m256 f, __m256i k_bits) {
+  const float* c = zoo_vec::kExp2Poly;
+  __m256 p = _mm256_set1_ps(c[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c[i]));
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(k_bits, 23)));
+}
+
 // 2^x for x <= 0, equal to zoo_vec::exp2_nonpositive
 ZOO_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(kExp2Floor), x);  // this operand order keeps a NaN
   const __m256 k = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, k);
-  const float* c = zoo_vec::kExp2Poly;
-  __m256 p = _mm256_set1_ps(c[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c[i]));
-  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(k), 23);
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
+  return exp2_reduced_avx2(_mm256_sub_ps(x, k), _mm256_cvtps_epi32(k));
 }
 
 // The largest of n time scales (0 if none is larger), n a multiple of 8; a NaN is skipped (its lanes come out NaN
@@ -61,11 +65,7 @@ ZOO_TARGET_AVX2 inline __m256 exp2_product_avx2(__m256 d, __m256 a) {
   const __m256 shifter = _mm256_set1_ps(zoo_vec::kShifter);
   const __m256 t = _mm256_fmadd_ps(d, a, shifter);
   const __m256 f = _mm256_fmsub_ps(d, a, _mm256_sub_ps(t, shifter));
-  const float* c = zoo_vec::kExp2Poly;
-  __m256 p = _mm256_set1_ps(c[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c[i]));
-  const __m256i scale = _mm256_slli_epi32(_mm256_castps_si256(t), 23);  // as zoo_vec::times_pow2
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
+  return exp2_reduced_avx2(f, _mm256_castps_si256(t));
 }
 
 // one state of one 8-lane register: h = 2^(dt * At) * h + du * b, y += h * c
