@@ -72,6 +72,18 @@ def check_official_style_file(tmp_path: Path, model_name: str, official_sd: Dict
     assert model.get_classifier().out_features == 3
 
 
+def older_vmamba_codebase_names(official_sd: Dict[str, Any]) -> Dict[str, Any]:
+    """The same weights under the names older VMamba-codebase checkpoints (VMamba, MSVMamba) use: ln_1 and
+    self_attention in the blocks, patch_embed.proj / norm, and no classifier prefix."""
+    out = {}
+    for key, value in official_sd.items():
+        key = key.replace("patch_embed.0.", "patch_embed.proj.").replace("patch_embed.2.", "patch_embed.norm.")
+        if ".blocks." in key:
+            key = key.replace(".norm.", ".ln_1.").replace(".op.", ".self_attention.")
+        out[key.replace("classifier.", "")] = value
+    return out
+
+
 def load_manifest_on_meta(manifest: Path, official_to_zoo: Dict[str, str], filter_fn: Callable) -> Tuple[Any, Dict[str, Any]]:
     """A released checkpoint's key/shape manifest loaded strictly, through ``filter_fn``, into the registered
     model it names, built on the meta device (shapes only: no memory for the full-size weights); the

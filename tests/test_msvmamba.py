@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from _parity import (assert_matches_official, check_official_style_file, fixture_id, load_fixture,
-                     load_manifest_on_meta, parity_dir, parity_files)
+                     load_manifest_on_meta, older_vmamba_codebase_names, parity_dir, parity_files)
 import zoo  # noqa: F401  (registers the models)
 from zoo.ops import selective_scan_naive
 from zoo.ops.multi_direction import (
@@ -224,12 +224,7 @@ def test_older_official_key_names_map_to_the_same_weights():
     meta, _, official_sd = load_fixture(FIXTURES[0])
     model = from_official_kwargs(**meta["official_kwargs"])
     expected = checkpoint_filter_fn(official_sd, model)
-    legacy = {}
-    for key, value in official_sd.items():
-        key = key.replace("patch_embed.0.", "patch_embed.proj.").replace("patch_embed.2.", "patch_embed.norm.")
-        if ".blocks." in key:
-            key = key.replace(".norm.", ".ln_1.").replace(".op.", ".self_attention.")
-        legacy[key.replace("classifier.", "")] = value
+    legacy = older_vmamba_codebase_names(official_sd)
     assert any(".ln_1." in k for k in legacy) and any(".self_attention." in k for k in legacy)
     got = checkpoint_filter_fn(legacy, model)
     assert got.keys() == expected.keys()

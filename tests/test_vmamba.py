@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from _parity import (assert_matches_official, check_official_style_file, fixture_id, load_fixture,
-                     load_manifest_on_meta, parity_dir, parity_files)
+                     load_manifest_on_meta, older_vmamba_codebase_names, parity_dir, parity_files)
 import zoo  # noqa: F401  (registers the models)
 from zoo.layers.ssm import cross_merge_2d, cross_scan_2d
 from zoo.ops import scan_order_index, selective_scan_naive
@@ -129,15 +129,9 @@ def test_official_parity(fixture, scan_backend, monkeypatch):
 
 def _legacy_layout(official_sd):
     """The names older official checkpoints use, and Linear2d weights saved as 1x1 convs."""
-    out = {}
-    for key, value in official_sd.items():
-        key = key.replace("patch_embed.0.", "patch_embed.proj.").replace("patch_embed.2.", "patch_embed.norm.")
-        key = key.replace(".norm.", ".ln_1.").replace(".op.", ".self_attention.") if ".blocks." in key else key
-        key = key.replace("classifier.", "")
-        if key.endswith(("in_proj.weight", "out_proj.weight", "fc1.weight", "fc2.weight")):
-            value = value[:, :, None, None]
-        out[key] = value
-    return out
+    conv_shaped = ("in_proj.weight", "out_proj.weight", "fc1.weight", "fc2.weight")
+    return {key: value[:, :, None, None] if key.endswith(conv_shaped) else value
+            for key, value in older_vmamba_codebase_names(official_sd).items()}
 
 
 @pytest.mark.skipif(not FIXTURES, reason=NO_FIXTURES)
